@@ -1,0 +1,3 @@
+from stn_deploy.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One module per CLI command. Modules import only click at the top, so ``--help`` is instant."""

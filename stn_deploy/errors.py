@@ -1,0 +1,19 @@
+"""One exception type for everything a user can cause.
+
+The CLI turns it into one line on stderr and exit code 1; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class StnDeployError(Exception):
+    """A failure the user can act on (bad file, missing package, wrong option)."""
+
+
+class MissingDependencyError(StnDeployError):
+    """An optional package is not installed; the message says what to install."""
+
+    def __init__(self, module: str, install: str, cause: BaseException | None = None) -> None:
+        detail = f" ({cause})" if cause is not None else ""
+        super().__init__(f"{module} is not available{detail}; install it with: {install}")
+        self.module = module
+        self.install = install
