@@ -9,7 +9,6 @@ the CIFAR-10 JPEG copy and users' own images) and ``fashion-mnist`` (gzipped IDX
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import pickle
 import struct
@@ -233,10 +232,11 @@ def resize(images: Tensor, size: int) -> Tensor:
 def rts_thetas(n: int, seed: int) -> Tensor:
     """Per-sample sampling thetas for the STN paper's rotated, translated, scaled distortion:
     rotation in +-45 degrees, scale 0.5-0.85 of the frame, shift up to a quarter of it."""
-    g = torch.Generator().manual_seed(seed)
-    angle = (torch.rand(n, generator=g) * 2 - 1) * math.pi / 4
-    scale = 0.5 + torch.rand(n, generator=g) * 0.35
-    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.25
+    # One row of draws per sample: sample i's transform is the same whatever n is.
+    u = torch.rand(n, 4, generator=torch.Generator().manual_seed(seed))
+    angle = (u[:, 0] * 2 - 1) * math.pi / 4
+    scale = 0.5 + u[:, 1] * 0.35
+    shift = (u[:, 2:] * 2 - 1) * 0.25
     cos, sin = torch.cos(angle), torch.sin(angle)
     # Forward map p = s R q + t; sampling needs its inverse q = R^T (p - t) / s.
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)

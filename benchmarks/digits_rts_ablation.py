@@ -1,0 +1,76 @@
+"""STN vs no-STN on RTS-distorted digits (the STN paper's setting, on the embedded digits).
+
+Trains both with the same recipe, seeds and epochs, one after the other in one run, and writes
+benchmarks/results/digits_rts_ablation.{json,md}.
+Usage: python benchmarks/digits_rts_ablation.py [--epochs 30] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summarize_training import cpu_name  # noqa: E402
+
+from stn_deploy.data import load_dataset  # noqa: E402
+from stn_deploy.train import TrainOptions, train  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--recipe", default="seed")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for use_stn in (True, False):
+        for seed in seeds:
+            bundle = load_dataset("digits", distort="rts", seed=seed, use_stn=use_stn)
+            with tempfile.TemporaryDirectory() as tmp:
+                opts = TrainOptions.from_recipe(args.recipe, epochs=args.epochs, seed=seed,
+                                                quiet=True, device="cpu")
+                result = train(bundle, tmp, opts)
+            last = result.history[-1]
+            rows.append({"use_stn": use_stn, "seed": seed, "parameters": result.parameters,
+                         "test_acc": last["test_acc"],
+                         "epoch_seconds": statistics.median(h["seconds"] for h in result.history)})
+            print(f"stn={use_stn} seed={seed}: {100 * last['test_acc']:.2f}%", flush=True)
+    summary = {}
+    for use_stn in (True, False):
+        accs = [r["test_acc"] for r in rows if r["use_stn"] == use_stn]
+        summary["stn" if use_stn else "no_stn"] = {
+            "mean_test_acc": statistics.mean(accs), "min": min(accs), "max": max(accs),
+            "epoch_seconds": statistics.median(r["epoch_seconds"] for r in rows
+                                               if r["use_stn"] == use_stn),
+        }
+    doc = {"date": datetime.date.today().isoformat(),
+           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+           "dataset": "scikit-learn digits (1,347 train / 450 test), 32x32, RTS-distorted",
+           "recipe": args.recipe, "epochs": args.epochs, "seeds": seeds, "runs": rows,
+           "summary": summary}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "digits_rts_ablation.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = ["| model | parameters | test accuracy (mean of seeds) | min | max | s/epoch |",
+          "|---|---|---|---|---|---|"]
+    for key, label in (("stn", "STN + classifier"), ("no_stn", "classifier only (--no-stn)")):
+        s = summary[key]
+        params = next(r["parameters"] for r in rows if r["use_stn"] == (key == "stn"))
+        md.append(f"| {label} | {params:,} | {100 * s['mean_test_acc']:.2f}% | "
+                  f"{100 * s['min']:.2f}% | {100 * s['max']:.2f}% | {s['epoch_seconds']:.1f} |")
+    (RESULTS / "digits_rts_ablation.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

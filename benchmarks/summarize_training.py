@@ -1,0 +1,57 @@
+"""Summarise a training run's metrics.json into a results file: final and best test accuracy,
+wall time per epoch, with the date and machine."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("metrics")
+    ap.add_argument("out")
+    ap.add_argument("--dataset", default="")
+    args = ap.parse_args()
+    doc = json.loads(Path(args.metrics).read_text())
+    hist = doc["history"]
+    secs = [h["seconds"] for h in hist]
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "dataset": args.dataset or doc["config"]["dataset"],
+        "distort": doc["config"]["distort"],
+        "use_stn": doc["config"]["use_stn"],
+        "recipe": doc["options"]["recipe"],
+        "options": doc["options"],
+        "parameters": doc["parameters"],
+        "epochs": len(hist),
+        "final_test_acc": hist[-1]["test_acc"],
+        "best_test_acc": max(h["test_acc"] for h in hist),
+        "median_epoch_seconds": statistics.median(secs),
+        "total_minutes": round(sum(secs) / 60, 1),
+        "history": hist,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{summary['dataset']} {summary['recipe']}: {100 * summary['final_test_acc']:.2f}% "
+          f"after {summary['epochs']} epochs, {summary['median_epoch_seconds']:.0f} s/epoch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""``stn-deploy demo``: the whole job end to end on the embedded digits, no download."""
+
+from __future__ import annotations
+
+import click
+
+
+def _step(title: str, args: list[str]) -> None:
+    from stn_deploy.cli import cli
+
+    click.secho(f"\n== {title}: stn-deploy {' '.join(args)}", bold=True)
+    cli.main(args, prog_name="stn-deploy", standalone_mode=False)
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="export/demo",
+              show_default=True, help="Folder for the checkpoint, exported models and reports.")
+@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--opset", type=click.IntRange(16), default=16, show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer epochs and iterations (a smoke run).")
+def demo(out_dir: str, epochs: int, opset: int, quick: bool) -> None:
+    """Train on RTS-distorted digits, export verified FP32 and INT8 ONNX at --opset, and
+    benchmark every installed backend against PyTorch."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if quick:
+        epochs = min(epochs, 2)
+    ckpt = out / "train" / "last.pt"
+    _step("train", ["train", "--dataset", "digits", "--distort", "rts", "--recipe", "seed",
+                    "--epochs", str(epochs), "--out", str(out / "train"), "--quiet"])
+    fp32 = out / f"stn-opset{opset}-fp32.onnx"
+    int8 = out / f"stn-opset{opset}-int8.onnx"
+    _step("export FP32", ["export", str(ckpt), "--opset", str(opset), "--with-theta",
+                          "--out", str(fp32)])
+    _step("export INT8", ["export", str(ckpt), "--opset", str(opset), "--precision", "int8",
+                          "--out", str(int8)])
+    iterations = "20" if quick else "200"
+    _step("bench", ["bench", str(ckpt), str(fp32), str(int8), "--backend", "all",
+                    "--batch-sizes", "1,64", "--iterations", iterations,
+                    "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
+                    "--plot", str(out / "bench.png"), "--quiet"])
+    click.secho(f"\nDone. Pictures: {out / 'train' / 'transforms.png'}, "
+                f"{out / 'train' / 'curves.png'}; report: {out / 'bench.md'}", bold=True)

@@ -1,0 +1,66 @@
+"""``stn-deploy train``."""
+
+from __future__ import annotations
+
+import click
+
+from stn_deploy.commands.options import dataset_options
+
+
+@click.command()
+@dataset_options
+@click.option("--distort", type=click.Choice(["none", "rts"]), default="none", show_default=True,
+              help="rts: the STN paper's rotated, translated, scaled distortion (seeded).")
+@click.option("--image-size", type=click.IntRange(22, 1024), default=None,
+              help="Model input size [default: 32 for digits and CIFAR-10, 28 for Fashion-MNIST,"
+                   " the images' own for imagefolder].")
+@click.option("--no-stn", is_flag=True, help="The same classifier without the STN (ablation).")
+@click.option("--align-corners", is_flag=True, help="grid_sample/affine_grid align_corners=True.")
+@click.option("--recipe", type=click.Choice(["seed", "improved"]), default="seed",
+              show_default=True,
+              help="seed: SGD + one-cycle, no augmentation. improved: + crop/flip, label "
+                   "smoothing, nesterov, STN at 1/10 LR.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 64]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="One-cycle peak learning rate [default: 0.05].")
+@click.option("--augment/--no-augment", default=None,
+              help="Random crop and flip [default: by recipe].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train",
+              show_default=True, help="Folder for last.pt, metrics.json and the pictures.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--stop-after", type=click.IntRange(1), default=None,
+              help="End this run after that epoch of the schedule (continue with --resume).")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def train(dataset: str, data_dir: str | None, download: bool, distort: str,
+          image_size: int | None, no_stn: bool, align_corners: bool, recipe: str, epochs: int,
+          batch_size: int | None, lr: float | None, augment: bool | None, seed: int,
+          device: str, out_dir: str, resume: bool, stop_after: int | None, quiet: bool) -> None:
+    """Train the STN classifier and write a checkpoint each epoch (atomically)."""
+    from pathlib import Path
+
+    from stn_deploy.data import load_dataset
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.train import TrainOptions
+    from stn_deploy.train import train as run_training
+
+    opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+                                    augment=augment, seed=seed, device=device, quiet=quiet,
+                                    stop_after=stop_after)
+    resume_from = Path(out_dir) / "last.pt" if resume else None
+    if resume_from is not None and not resume_from.is_file():
+        raise StnDeployError(f"--resume: no checkpoint at {resume_from}")
+    bundle = load_dataset(dataset, data_dir, download=download, image_size=image_size,
+                          distort=distort, seed=seed, use_stn=not no_stn,
+                          align_corners=align_corners)
+    if not quiet:
+        click.echo(f"{dataset}: {len(bundle.train)} train, {len(bundle.test)} test images, "
+                   f"input {'x'.join(map(str, bundle.config.input_shape))}, "
+                   f"{bundle.config.num_classes} classes")
+    result = run_training(bundle, out_dir, opts, resume=resume_from)
+    if result.history and not quiet:
+        last = result.history[-1]
+        click.echo(f"{result.parameters:,} parameters; test accuracy {100 * last['test_acc']:.2f}%"
+                   f" after {last['epoch']} epochs; checkpoint {result.checkpoint}")

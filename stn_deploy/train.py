@@ -1,0 +1,271 @@
+"""Training: SGD with a one-cycle schedule on in-memory tensors, a checkpoint each epoch.
+
+Each epoch reseeds from (seed, epoch), so a run resumed from epoch k draws the same batches,
+augmentations and dropout masks as one that never stopped. Under ``torchrun`` the same code
+runs DistributedDataParallel (gloo on the CPU, nccl on GPUs); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stn_deploy.config import ModelConfig
+from stn_deploy.data import DataBundle, ImageSet, normalize
+from stn_deploy.errors import StnDeployError
+from stn_deploy.fileio import write_text_atomic
+from stn_deploy.model import STNClassifier, build_model, count_parameters
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The seed design: SGD + one-cycle, no augmentation.
+    "seed": dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, label_smoothing=0.0,
+                 augment=False, stn_lr_scale=1.0, batch_size=64),
+    # Same model, a stronger recipe: crop+flip, label smoothing, a calmer STN.
+    "improved": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                     label_smoothing=0.1, augment=True, stn_lr_scale=0.1, batch_size=64),
+}
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05  # one-cycle peak
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool = False  # random crop (pad 4) and horizontal flip
+    stn_lr_scale: float = 1.0  # the STN's LR relative to the rest
+    seed: int = 0
+    device: str = "auto"
+    recipe: str = "seed"
+    quiet: bool = False
+    stop_after: int | None = None  # end this run after that epoch; --resume finishes the schedule
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides: Any) -> "TrainOptions":
+        if recipe not in RECIPES:
+            raise StnDeployError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(recipe=recipe, **values)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StnDeployError(f"device {name!r} asked for, but no CUDA device is available")
+        if "LOCAL_RANK" in os.environ and name == "cuda":
+            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    elif name != "cpu":
+        raise StnDeployError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def augment_batch(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop with 4-pixel zero padding and horizontal flip, per sample, on uint8."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, c, h, w + 8)
+    out = torch.gather(padded, 2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, c, h, w)
+    out = torch.gather(out, 3, cols)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, config: ModelConfig, device: torch.device,
+             batch_size: int = 500, dist_info: _Dist | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) on ``data``; under DDP each rank takes a shard and they sum."""
+    model.eval()
+    d = dist_info or _Dist()
+    idx = torch.arange(d.rank, len(data), d.world)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, len(idx), batch_size):
+        sel = idx[start:start + batch_size]
+        x = normalize(data.images[sel].to(device), config)
+        y = data.labels[sel].to(device)
+        logits = model(x)
+        totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        totals[1] += (logits.argmax(1) == y).sum().double()
+        totals[2] += len(sel)
+    if d.world > 1:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _param_groups(model: STNClassifier, opts: TrainOptions) -> list[dict[str, Any]]:
+    stn = list(model.stn.parameters()) if model.stn is not None else []
+    stn_ids = {id(p) for p in stn}
+    rest = [p for p in model.parameters() if id(p) not in stn_ids]
+    groups = [{"params": rest, "lr": opts.lr}]
+    if stn:
+        groups.append({"params": stn, "lr": opts.lr * opts.stn_lr_scale})
+    return groups
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    parameters: int = 0
+
+
+def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
+          resume: str | Path | None = None) -> TrainResult:
+    """Train on ``bundle`` and write last.pt, metrics.json, transforms.png and curves.png."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    device = resolve_device(opts.device)
+    d = _init_distributed(device)
+    config = bundle.config
+    start_epoch, history = 1, []
+    state: Checkpoint | None = None
+    if resume is not None:
+        state = load_checkpoint(resume)
+        if state.config != config:
+            raise StnDeployError(f"{resume} was trained with another model/data config; "
+                                 "resume with the same --dataset, --distort and --no-stn")
+        if state.train_args.get("epochs", opts.epochs) != opts.epochs:
+            raise StnDeployError(f"{resume} follows a {state.train_args['epochs']}-epoch schedule;"
+                                 " resume with the same --epochs")
+        if state.epoch >= opts.epochs:
+            raise StnDeployError(f"{resume} already has {state.epoch} epochs; pass --epochs "
+                                 f"above {state.epoch} to train further")
+        start_epoch, history = state.epoch + 1, list(state.history)
+
+    torch.manual_seed(opts.seed)
+    model = build_model(config).to(device)
+    if state is not None:
+        model.load_state_dict(state.state_dict)
+    net: nn.Module = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    n_train = len(bundle.train)
+    per_rank = math.ceil(n_train / d.world)
+    steps = math.ceil(per_rank / opts.batch_size)
+    optimizer = torch.optim.SGD(_param_groups(model, opts), lr=opts.lr, momentum=opts.momentum,
+                                nesterov=opts.nesterov, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+        epochs=opts.epochs, steps_per_epoch=steps)
+    if state is not None and state.optimizer is not None and state.scheduler is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+    criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+    ckpt_path = out / "last.pt"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    last_epoch = min(opts.epochs, opts.stop_after or opts.epochs)
+    for epoch in range(start_epoch, last_epoch + 1):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(opts.seed * 100_003 + epoch)
+        torch.manual_seed(opts.seed * 100_003 + epoch + d.rank)
+        order = torch.randperm(n_train, generator=g)
+        order = torch.cat([order, order[: per_rank * d.world - n_train]])  # equal shards
+        mine = order[d.rank::d.world]
+        net.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct, seen = 0, 0
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{opts.epochs}", unit="batch",
+                   disable=opts.quiet or not d.main, leave=False, dynamic_ncols=True)
+        for step in bar:
+            sel = mine[step * opts.batch_size:(step + 1) * opts.batch_size]
+            xb = bundle.train.images[sel]
+            if opts.augment:
+                xb = augment_batch(xb, g)
+            x = normalize(xb.to(device, non_blocking=True), config)
+            y = bundle.train.labels[sel].to(device, non_blocking=True)
+            logits = net(x)
+            loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().double().cpu() * len(sel)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(sel)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.close()
+        train_stats = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64,
+                                   device=device)
+        if d.world > 1:
+            dist.all_reduce(train_stats)
+        test_loss, test_acc = evaluate(model, bundle.test, config, device, dist_info=d)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(float(train_stats[0] / train_stats[2]), 5),
+            "train_acc": round(float(train_stats[1] / train_stats[2]), 5),
+            "test_loss": round(test_loss, 5),
+            "test_acc": round(test_acc, 5),
+            "lr": round(scheduler.get_last_lr()[0], 6),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        history.append(row)
+        if d.main:
+            save_checkpoint(ckpt_path, Checkpoint(
+                config=config, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                epoch=epoch, history=history, train_args=asdict(opts),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
+            write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),
+                          d.world)
+            if not opts.quiet:
+                tqdm.write(f"epoch {epoch}/{opts.epochs}  loss {row['train_loss']:.4f}  "
+                           f"train {100 * row['train_acc']:.2f}%  test {100 * test_acc:.2f}%  "
+                           f"({row['seconds']:.1f}s)")
+    if d.main:
+        from stn_deploy.viz import save_curves, save_transforms
+
+        save_transforms(model, bundle.test, out / "transforms.png")
+        save_curves(history, out / "curves.png")
+    if d.world > 1:
+        dist.barrier()
+    return TrainResult(ckpt_path, history, count_parameters(model))
+
+
+def write_metrics(path: Path, config: ModelConfig, opts: TrainOptions,
+                  history: list[dict[str, float]], parameters: int, world: int) -> None:
+    doc = {"config": config.to_dict(), "options": asdict(opts), "parameters": parameters,
+           "world_size": world, "torch": torch.__version__, "history": history}
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")

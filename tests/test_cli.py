@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stn_deploy.cli import COMMANDS, cli
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stn_deploy", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_and_help_pull_in_no_heavy_modules() -> None:
+    code = ("import sys; from stn_deploy.cli import cli; "
+            "from click.testing import CliRunner; r = CliRunner().invoke(cli, ['--help']); "
+            "assert r.exit_code == 0, r.output; "
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'openvino', 'tensorrt') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [[]] + [[name] for name in COMMANDS])
+def test_every_help(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_every_registered_command_exists() -> None:
+    missing = [name for name in COMMANDS if cli.get_command(None, name) is None]  # type: ignore[arg-type]
+    assert missing == []
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines, "expected an error line"
+    return lines[-1]
+
+
+def test_train_bad_inputs(tmp_path: Path) -> None:
+    proc = run("train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope"),
+               "--out", str(tmp_path / "o"))
+    assert proc.returncode == 1
+    assert "data folder not found" in _one_error_line(proc)
+    proc = run("train", "--dataset", "mnist-bogus")
+    assert proc.returncode == 2 and "Invalid value" in proc.stderr
+    proc = run("train", "--resume", "--out", str(tmp_path / "empty"))
+    assert proc.returncode == 1 and "no checkpoint" in _one_error_line(proc)
+    proc = run("train", "--epochs", "0")
+    assert proc.returncode == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_on_digits(tmp_path: Path) -> None:
+    proc = run("train", "--epochs", "1", "--out", str(tmp_path), "--quiet", "--no-stn")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "curves.png", "last.pt", "metrics.json", "transforms.png"]
+
+
+def test_checkpoint_bad_files(tmp_path: Path, digits_checkpoint: Path) -> None:
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.errors import StnDeployError
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(digits_checkpoint.read_bytes()[:5000])
+    for bad in (junk, truncated, tmp_path / "missing.pt"):
+        with pytest.raises(StnDeployError):
+            load_checkpoint(bad)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stn_deploy.checkpoint import load_checkpoint
+from stn_deploy.errors import StnDeployError
+from stn_deploy.train import TrainOptions, augment_batch, evaluate, train
+
+
+def test_short_training_beats_chance(digits_checkpoint: Path, digits_bundle) -> None:
+    ckpt = load_checkpoint(digits_checkpoint)
+    assert ckpt.epoch == 3 and len(ckpt.history) == 3
+    # Ten classes: chance is 10%. Three epochs on the real digits reach far above it.
+    _, acc = evaluate(ckpt.model(), digits_bundle.test, ckpt.config, torch.device("cpu"))
+    assert acc > 0.6
+    assert acc == pytest.approx(ckpt.history[-1]["test_acc"], abs=1e-4)
+    assert ckpt.history[-1]["train_loss"] < ckpt.history[0]["train_loss"]
+    out = digits_checkpoint.parent
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["parameters"] == 144_528 and len(doc["history"]) == 3
+    for picture in ("transforms.png", "curves.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resume_continues_exactly(digits_checkpoint: Path, digits_bundle, tmp_path: Path) -> None:
+    """Stopping after epoch 2 and resuming gives the same weights as never stopping."""
+    train(digits_bundle, tmp_path, TrainOptions(epochs=3, stop_after=2, quiet=True, device="cpu"))
+    assert load_checkpoint(tmp_path / "last.pt").epoch == 2
+    train(digits_bundle, tmp_path, TrainOptions(epochs=3, quiet=True, device="cpu"),
+          resume=tmp_path / "last.pt")
+    resumed, straight = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(digits_checkpoint)
+    assert resumed.epoch == 3 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for k, v in straight.state_dict.items():
+        assert torch.equal(v, resumed.state_dict[k]), k
+    with pytest.raises(StnDeployError, match="already has 3 epochs"):
+        train(digits_bundle, tmp_path, TrainOptions(epochs=3, quiet=True),
+              resume=tmp_path / "last.pt")
+    with pytest.raises(StnDeployError, match="same --epochs"):
+        train(digits_bundle, tmp_path, TrainOptions(epochs=5, quiet=True),
+              resume=tmp_path / "last.pt")
+
+
+def test_augment_is_a_crop_and_flip() -> None:
+    x = torch.arange(2 * 3 * 8 * 8).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(x, g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    # Every output pixel is either padding or a pixel of the same image and channel.
+    for i in range(2):
+        for c in range(3):
+            vals = set(out[i, c].flatten().tolist()) - {0}
+            assert vals <= set(x[i, c].flatten().tolist())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found beside the Python interpreter")
+    cmd = [torchrun, "--nproc-per-node", "2", "-m", "stn_deploy", "train", "--dataset", "digits",
+           "--epochs", "2", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["world_size"] == 2 and doc["history"][-1]["test_acc"] > 0.3
+    assert load_checkpoint(tmp_path / "last.pt").epoch == 2
