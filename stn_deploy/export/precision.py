@@ -1,0 +1,176 @@
+"""FP16 and INT8 (QDQ) variants of a verified FP32 ONNX graph.
+
+The STN path (every node feeding GridSample's grid input, and GridSample) stays FP32 in both:
+theta decides where every output pixel samples from, so a small theta error moves the whole
+image, and FACTS.md measured both better accuracy and more speed with it left in float.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from stn_deploy.config import ModelConfig
+from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.fileio import atomic_path
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Block lists work by node name; the exporters leave some empty."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def stn_path_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of GridSample nodes and every node upstream of their grid input."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    keep: list[str] = []
+    seen: set[str] = set()
+    stack = [n.input[1] for n in model.graph.node if n.op_type == "GridSample"]
+    keep.extend(n.name for n in model.graph.node if n.op_type == "GridSample")
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        keep.append(node.name)
+        stack.extend(i for i in node.input if i)
+    return keep
+
+
+def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, precision: str) -> None:
+    meta = {p.key: p.value for p in src.metadata_props}
+    meta["precision"] = precision
+    del dst.metadata_props[:]
+    for k, v in sorted(meta.items()):
+        dst.metadata_props.add(key=k, value=v)
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """FP16 graph with float32 inputs/outputs and the STN path in FP32."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError as e:
+        raise MissingDependencyError("onnxconverter-common", "pip install onnxconverter-common",
+                                     e) from None
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    block = stn_path_nodes(model)
+    # Stale intermediate types confuse the converter at the FP32/FP16 borders; re-infer after.
+    del model.graph.value_info[:]
+    io_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block)
+    _fix_blocked_casts(half, set(block))
+    for out in half.graph.output:  # keep_io_types: every output stays as it was
+        out.type.tensor_type.elem_type = io_types[out.name]
+    del half.graph.value_info[:]
+    half = onnx.shape_inference.infer_shapes(half, check_type=True, strict_mode=True)
+    _copy_metadata(model, half, "fp16")
+    onnx.checker.check_model(half, full_check=True)
+    with atomic_path(dst) as tmp:
+        onnx.save(half, str(tmp))
+    return Path(dst)
+
+
+def _fix_blocked_casts(model: onnx.ModelProto, blocked: set[str]) -> None:
+    """Undo two converter slips at FP32 nodes (onnxconverter-common 1.14-1.16): it casts a
+    graph output made by a blocked node to FP16 (the load failure FACTS.md saw, with
+    ``--with-theta``), and round-trips blocked constants through FP16 (losing grid precision).
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    outputs = {o.name for o in model.graph.output}
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def to(node: onnx.NodeProto) -> onnx.AttributeProto:
+        return next(a for a in node.attribute if a.name == "to")
+
+    def from_blocked(name: str) -> bool:
+        src = producer.get(name)
+        return src is not None and src.name in blocked
+
+    for node in model.graph.node:
+        if node.op_type != "Cast":
+            continue
+        if node.output[0] in outputs and to(node).i == fp16 and from_blocked(node.input[0]):
+            to(node).i = fp32
+        first = producer.get(node.input[0])
+        if (to(node).i == fp32 and first is not None and first.op_type == "Cast"
+                and to(first).i == fp16 and from_blocked(first.input[0])):
+            node.op_type = "Identity"
+            node.input[0] = first.input[0]
+            del node.attribute[:]
+    used = {i for n in model.graph.node for i in n.input} | outputs
+    dead = [n for n in model.graph.node if n.op_type == "Cast" and n.output[0] not in used]
+    for n in dead:
+        model.graph.node.remove(n)
+
+
+def _input_is_uint8(model: onnx.ModelProto) -> bool:
+    return model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: ModelConfig, *,
+                  per_channel: bool = True, keep_stn_float: bool = True) -> Path:
+    """Static QDQ INT8, calibrated on real images; symmetric (zero point 0) as TensorRT needs.
+
+    ``calib_images`` are uint8 NCHW; a graph with embedded preprocessing gets them as uint8
+    NHWC, otherwise normalised exactly as in training."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    from stn_deploy.data import normalize
+
+    if calib_images.dtype != torch.uint8 or calib_images.dim() != 4:
+        raise StnDeployError("calibration images must be uint8 NCHW")
+    if len(calib_images) == 0:
+        raise StnDeployError("no calibration images")
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    exclude = stn_path_nodes(model) if keep_stn_float else []
+    embed = _input_is_uint8(model)
+    input_name = model.graph.input[0].name
+    static = model.graph.input[0].type.tensor_type.shape.dim[0]
+    step = static.dim_value if static.HasField("dim_value") else 32
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, len(calib_images) - step + 1 if static.HasField(
+                "dim_value") else len(calib_images), step))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            chunk = calib_images[start:start + step]
+            x = chunk.permute(0, 2, 3, 1).contiguous() if embed else normalize(chunk, config)
+            return {input_name: x.numpy()}
+
+    with tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp:
+        named = Path(work) / "named.onnx"
+        onnx.save(model, str(named))
+        quantize_static(
+            str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=exclude,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        q = onnx.load(str(tmp))
+        _copy_metadata(model, q, "int8")
+        onnx.save(q, str(tmp))
+    return Path(dst)
+
+
+def count_qdq(path: str | os.PathLike[str]) -> int:
+    model = onnx.load(str(path))
+    return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")

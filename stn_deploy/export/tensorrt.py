@@ -1,0 +1,220 @@
+"""TensorRT engines from the verified ONNX, with a JSON sidecar that says what a plan is for.
+
+A plan only runs on the TensorRT version and GPU that built it, so every plan gets
+``<plan>.json`` (TensorRT version, GPU, compute capability, precision, batch profile, ONNX hash,
+model config, and the flat keys the C++ runtime reads) and loading checks it first.
+
+TensorRT 10 builds a weakly typed network with builder flags (FP16 / INT8 for the QDQ graph);
+TensorRT 11 removed those flags: networks are strongly typed, the precision comes from the
+FP16 / QDQ ONNX itself. Everything here except ``build_engine`` and ``import_tensorrt`` is plain
+Python and tested without TensorRT; those two are written against NVIDIA's documented Python
+API and have NOT run on this project's machines (no GPU, no TensorRT wheel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
+
+INSTALL = ("pip install 'stn-deploy[trt]' (NVIDIA's tensorrt wheels, from pypi.nvidia.com) "
+           "on a machine with an NVIDIA GPU and driver")
+SUPPORTED_MAJORS = (10, 11)
+SIDECAR_KEYS = ("config", "input_name", "output_names", "precision", "tensorrt_version",
+                "gpu_name", "compute_capability", "profile", "onnx_sha256", "embed_preprocess")
+
+
+def import_tensorrt() -> ModuleType:
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise MissingDependencyError("tensorrt", INSTALL, e) from None
+    return tensorrt
+
+
+def trt_major(trt_module: Any) -> int:
+    """Major version from ``tensorrt.__version__`` ("10.13.0.35" -> 10)."""
+    version = str(getattr(trt_module, "__version__", ""))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise StnDeployError(f"cannot read the TensorRT version from {version!r}") from None
+    if major not in SUPPORTED_MAJORS:
+        raise StnDeployError(f"TensorRT {version} is not supported; stn-deploy builds with "
+                             f"TensorRT {' or '.join(map(str, SUPPORTED_MAJORS))}")
+    return major
+
+
+def cuda_device() -> tuple[str, str]:
+    """(GPU name, compute capability "8.9") of CUDA device 0, or StnDeployError."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StnDeployError("no CUDA device: TensorRT engines need an NVIDIA GPU with its "
+                             "driver (torch.cuda.is_available() is False)")
+    major, minor = torch.cuda.get_device_capability(0)
+    return torch.cuda.get_device_name(0), f"{major}.{minor}"
+
+
+def sidecar_path(plan: Path) -> Path:
+    plan = Path(plan)
+    return plan.with_name(plan.name + ".json")
+
+
+def profile_shapes(input_shape: tuple[int, ...], profile: tuple[int, int, int],
+                   static_batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """min/opt/max input shapes for the batch profile; ``input_shape`` excludes the batch."""
+    lo, opt, hi = (int(v) for v in profile)
+    if not 1 <= lo <= opt <= hi:
+        raise StnDeployError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
+                             f"{lo}/{opt}/{hi}")
+    if static_batch is not None and (lo, opt, hi) != (static_batch,) * 3:
+        raise StnDeployError(f"the ONNX has a static batch of {static_batch}; use "
+                             f"--min-batch/--opt-batch/--max-batch {static_batch}")
+    return {name: (b, *input_shape) for name, b in (("min", lo), ("opt", opt), ("max", hi))}
+
+
+def build_settings(major: int, precision: str) -> dict[str, Any]:
+    """How to build for a TensorRT major and precision: the ONNX carries the types (FP16
+    graph, QDQ graph) in both; TensorRT 10 also needs the flag that allows those kernels."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise StnDeployError(f"unknown precision {precision!r}")
+    if major >= 11:
+        return {"strongly_typed": True, "flags": []}
+    flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8"]}[precision]
+    return {"strongly_typed": False, "flags": flags}
+
+
+def make_sidecar(*, config: Any, input_name: str, output_names: list[str], precision: str,
+                 tensorrt_version: str, gpu_name: str, compute_capability: str,
+                 profile: tuple[int, int, int], onnx_sha256: str, embed_preprocess: bool,
+                 onnx_metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    from stn_deploy.config import flat_metadata
+
+    lo, opt, hi = profile
+    side: dict[str, Any] = {
+        "format": "stn-deploy-engine/1",
+        "config": config.to_dict(),
+        "input_name": input_name,
+        "output_names": list(output_names),
+        "precision": precision,
+        "tensorrt_version": tensorrt_version,
+        "gpu_name": gpu_name,
+        "compute_capability": compute_capability,
+        "profile": {"min": lo, "opt": opt, "max": hi},
+        "onnx_sha256": onnx_sha256,
+        "embed_preprocess": bool(embed_preprocess),
+    }
+    # Flat string keys for the C++ runtime, as in the ONNX metadata_props.
+    side.update(flat_metadata(config))
+    side["input_layout"] = "NHWC" if embed_preprocess else "NCHW"
+    side["input_dtype"] = "uint8" if embed_preprocess else "float32"
+    for key in ("source_sha256", "opset", "exporter", "verification"):
+        if onnx_metadata and key in onnx_metadata:
+            side[key] = onnx_metadata[key]
+    return side
+
+
+def read_sidecar(plan: Path) -> dict[str, Any]:
+    path = sidecar_path(plan)
+    if not path.is_file():
+        raise StnDeployError(f"{plan} has no sidecar {path.name}; rebuild it with "
+                             "stn-deploy export --format engine")
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StnDeployError(f"{path} is not valid JSON ({e})") from None
+    missing = [k for k in SIDECAR_KEYS if not isinstance(side, dict) or k not in side]
+    if missing:
+        raise StnDeployError(f"{path} lacks {', '.join(missing)}")
+    return side
+
+
+def check_plan_compatible(plan: Path, trt_module: Any, gpu_name: str,
+                          compute_capability: str) -> dict[str, Any]:
+    """The sidecar, if the plan was built by this TensorRT for this GPU; else a clear error
+    (TensorRT itself would fail with a deserialization message or, worse, crash)."""
+    side = read_sidecar(plan)
+    have = str(getattr(trt_module, "__version__", ""))
+    if side["tensorrt_version"] != have:
+        raise StnDeployError(f"{plan} was built with TensorRT {side['tensorrt_version']}, this "
+                             f"is TensorRT {have}; rebuild it with stn-deploy export "
+                             "--format engine")
+    if side["compute_capability"] != compute_capability or side["gpu_name"] != gpu_name:
+        raise StnDeployError(f"{plan} was built for {side['gpu_name']} (compute capability "
+                             f"{side['compute_capability']}), this GPU is {gpu_name} "
+                             f"({compute_capability}); rebuild it here")
+    return side
+
+
+def build_engine(onnx_path: Path, plan_path: Path, precision: str,
+                 profile: tuple[int, int, int], workspace_mb: int,
+                 timing_cache: Path | None) -> dict[str, Any]:
+    """Parse the ONNX with TensorRT's parser, build, write plan + sidecar; return the sidecar.
+
+    Written against the TensorRT 10/11 Python API documentation; not run here (no GPU)."""
+    import onnx
+
+    from stn_deploy.export.onnx_export import config_from_onnx, read_metadata
+
+    trt = import_tensorrt()
+    major = trt_major(trt)
+    gpu_name, capability = cuda_device()
+    if workspace_mb < 1:
+        raise StnDeployError(f"workspace must be at least 1 MB, got {workspace_mb}")
+    config = config_from_onnx(onnx_path)
+    meta = read_metadata(onnx_path)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    inp = proto.graph.input[0]
+    dims = inp.type.tensor_type.shape.dim
+    static = dims[0].dim_value if dims[0].HasField("dim_value") else None
+    shapes = profile_shapes(tuple(d.dim_value for d in dims[1:]), profile, static)
+    settings = build_settings(major, precision)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if settings["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise StnDeployError(f"TensorRT's ONNX parser rejected {onnx_path}: "
+                             f"{errors[0] if errors else 'no error message'}")
+    bconfig = builder.create_builder_config()
+    bconfig.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    for flag in settings["flags"]:
+        bconfig.set_flag(getattr(trt.BuilderFlag, flag))
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
+    bconfig.add_optimization_profile(opt_profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = bconfig.create_timing_cache(cache_bytes)
+    bconfig.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, bconfig)
+    if serialized is None:
+        raise StnDeployError("TensorRT failed to build the engine (see its log above)")
+    side = make_sidecar(
+        config=config, input_name=inp.name, output_names=[o.name for o in proto.graph.output],
+        precision=precision, tensorrt_version=str(trt.__version__), gpu_name=gpu_name,
+        compute_capability=capability, profile=profile, onnx_sha256=sha256_file(onnx_path),
+        embed_preprocess=meta.get("input_dtype") == "uint8", onnx_metadata=meta,
+    )
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+        write_text_atomic(sidecar_path(plan_path), json.dumps(side, indent=2, sort_keys=True))
+    if timing_cache is not None:
+        write_bytes_atomic(timing_cache, bytes(cache.serialize()))
+    return side
+
+
+def plan_files(plan: str | os.PathLike[str]) -> list[Path]:
+    p = Path(plan)
+    return [p, sidecar_path(p)]
