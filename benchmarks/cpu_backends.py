@@ -1,0 +1,280 @@
+"""The issue's CPU comparison in one run: PyTorch eager vs ONNX Runtime vs OpenVINO, FP32 and
+INT8 (QDQ), at batch 1 and 256, plus the harness-overhead check and the FP32 peak.
+
+    python benchmarks/cpu_backends.py --checkpoint runs/cifar/last.pt \\
+        --data-dir ~/.cache/stn-deploy/cifar10-jpeg          # the real numbers (quiet machine)
+    python benchmarks/cpu_backends.py --quick                 # proves the script works
+
+Without --checkpoint it trains a one-epoch digits model first (accuracy then means little).
+Writes benchmarks/results/cpu_backends.json (the bench JSON schema plus "targets", "peak" and
+"overhead") and cpu_backends.md. Every figure comes from the one harness (stn_deploy/harness.py);
+throughput = batch / mean end-to-end latency.
+
+FP32 peak = cores x GHz x FLOP/cycle. Defaults: the CPUs this process may use, 2.6 GHz, and 64
+FP32 FLOP per cycle (two 512-bit FMA units: 2 x 16 lanes x 2 FLOP); override with --ghz and
+--flop-per-cycle for another CPU. FLOP per image is counted on the model itself
+(torch.utils.flop_counter: convolutions and matmuls, 2 FLOP per multiply-add; grid_sample and
+elementwise ops are not counted, so the bound is slightly optimistic for the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's own")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--eval-samples", type=int, default=None, help="default: whole test split")
+    p.add_argument("--calib-samples", type=int, default=500,
+                   help="training images for INT8 calibration")
+    p.add_argument("--batch-sizes", default="1,256")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--threads", type=int, default=None, help="default: all available CPUs")
+    p.add_argument("--ghz", type=float, default=2.6)
+    p.add_argument("--flop-per-cycle", type=float, default=64.0)
+    p.add_argument("--overhead-rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true",
+                   help="20 iterations, 256 eval images, 64 calibration images")
+    p.add_argument("--out", type=Path, default=RESULTS / "cpu_backends.json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.iterations, a.warmup = 20, 3
+        a.eval_samples = a.eval_samples or 256
+        a.calib_samples = min(a.calib_samples, 64)
+        a.overhead_rounds = 1
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def quick_checkpoint(work: Path) -> Path:
+    from stn_deploy.data import load_dataset
+    from stn_deploy.train import TrainOptions, train
+
+    log("no --checkpoint: training a one-epoch digits model")
+    return Path(train(load_dataset("digits"), work / "digits",
+                      TrainOptions(epochs=1, quiet=True, device="cpu")).checkpoint)
+
+
+def mflop_per_image(checkpoint: Path) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stn_deploy.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.model()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *ckpt.config.input_shape))
+    return counter.get_total_flops() / 1e6
+
+
+def bare_ort_p50(path: Path, x: np.ndarray, threads: int, iterations: int, warmup: int) -> float:
+    """The reference loop the harness must stay within 10% of: session.run on one input."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    feed = {name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = np.empty(iterations, dtype=np.int64)
+    clock = time.perf_counter_ns
+    for i in range(iterations):
+        t0 = clock()
+        sess.run(None, feed)
+        times[i] = clock() - t0
+    return float(np.percentile(times / 1e6, 50))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from stn_deploy import __version__, report as rep
+    from stn_deploy.backends import create_runner
+    from stn_deploy.backends.base import available_cpus
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.commands.bench import load_eval_data
+    from stn_deploy.data import load_split, prepare
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+    from stn_deploy.export.precision import quantize_int8
+    from stn_deploy.harness import (BenchSettings, Reference, bench_runner, compare_outputs,
+                                    input_pool, measure_latency, run_batched, system_info)
+
+    batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    threads = args.threads or available_cpus()
+    settings = BenchSettings(batch_sizes=batch_sizes, iterations=args.iterations,
+                             warmup=args.warmup, threads=threads, compute_only=False,
+                             eval_batch=256)
+    with tempfile.TemporaryDirectory(prefix="stn-cpu-bench-") as tmp:
+        work = Path(tmp)
+        ckpt_path = args.checkpoint or quick_checkpoint(work)
+        ckpt = load_checkpoint(ckpt_path)
+        config = ckpt.config
+        fp32 = export_onnx(ckpt.model(), work / "fp32.onnx", OnnxOptions(opset=17, with_theta=True))
+        data, why = load_eval_data(config, args.dataset, args.data_dir, args.eval_samples)
+        if data is None:
+            log(f"accuracy not measured: {why}")
+        name = args.dataset or config.dataset
+        log(f"INT8 calibration on {args.calib_samples} {name} training images")
+        train = load_split(name, "train", args.data_dir,
+                           classes=tuple(config.class_names) if name == "imagefolder" else None,
+                           image_size=config.image_size)
+        train = prepare(train, config.image_size, config.distort, 0)
+        g = np.random.default_rng(0)
+        idx = g.choice(len(train), size=min(args.calib_samples, len(train)), replace=False)
+        int8 = quantize_int8(fp32, work / "int8.onnx", train.images[np.sort(idx)], config)
+
+        reference = None
+        if data is not None:
+            with create_runner("torch", ckpt_path, threads=threads) as r:
+                outs = run_batched(r, data.images, 256)
+            reference = Reference(str(ckpt_path), "torch", "fp32", outs,
+                                  compare_outputs(outs, data.labels).accuracy_pct,
+                                  "the PyTorch checkpoint")
+
+        plan = [("torch", ckpt_path, {}, "checkpoint"),
+                ("onnxruntime", fp32, {}, "onnx"),
+                ("openvino", fp32, {"hint": "latency"}, "onnx"),
+                ("openvino", fp32, {"hint": "throughput"}, "onnx"),
+                ("onnxruntime", int8, {}, "onnx"),
+                ("openvino", int8, {"hint": "latency"}, "onnx"),
+                ("openvino", int8, {"hint": "throughput"}, "onnx")]
+        results = []
+        for backend, path, opts, kind in plan:
+            log(f"{backend} {path.name} {opts or ''}")
+            row = rep.new_result(str(path), kind, backend, size_mb=path.stat().st_size / 1e6)
+            runner = create_runner(backend, path, threads=threads, **opts)
+            bench_runner(runner, row, settings, data, reference)
+            if opts:
+                row["notes"].append(f"OpenVINO hint {opts['hint']}")
+            results.append(row)
+
+        log("harness overhead: bare session.run loop vs harness p50 at batch 1")
+        bare, harnessed = [], []
+        with create_runner("onnxruntime", fp32, threads=threads) as r:
+            x = input_pool(r, 1, data.images if data is not None else None, pool=1)[0]
+            for _ in range(args.overhead_rounds):
+                bare.append(bare_ort_p50(fp32, x, threads, args.iterations, args.warmup))
+                harnessed.append(measure_latency(r, 1, iterations=args.iterations,
+                                                 warmup=args.warmup,
+                                                 sample=data.images if data else None).p50_ms)
+
+    mflop = mflop_per_image(ckpt_path)
+    peak_gflops = threads * args.ghz * args.flop_per_cycle
+    peak_ips = peak_gflops * 1e3 / mflop
+
+    def e2e(row: dict[str, Any], b: int) -> dict[str, Any] | None:
+        return rep.latency_at(row, b)
+
+    def best(rows: list[dict[str, Any]], b: int, key: str, low: bool) -> dict[str, Any] | None:
+        cands = [(e2e(r, b)[key], r) for r in rows if e2e(r, b)]  # type: ignore[index]
+        return (min if low else max)(cands, key=lambda c: c[0])[1] if cands else None
+
+    small, large = min(batch_sizes), max(batch_sizes)
+    eager = next(r for r in results if r["backend"] == "torch")
+    fp32_rows = [r for r in results if r["precision"] == "fp32" and r["backend"] != "torch"]
+    int8_rows = [r for r in results if r["precision"] == "int8"]
+    b1 = best(fp32_rows, small, "p50_ms", True)
+    tp32 = best(fp32_rows, large, "throughput_ips", False)
+    tp8 = best(int8_rows, large, "throughput_ips", False)
+
+    def tag(r: dict[str, Any] | None) -> str | None:
+        return None if r is None else f"{r['backend']} {r['precision']} {' '.join(r['notes'])}".strip()
+
+    bare_p50, harness_p50 = float(np.median(bare)), float(np.median(harnessed))
+    acc32 = (eager.get("eval") or {}).get("accuracy_pct")
+    acc8 = (tp8.get("eval") or {}).get("accuracy_pct") if tp8 else None
+    targets = {
+        "fp32_batch1_speedup_vs_eager": {
+            "value": e2e(eager, small)["p50_ms"] / e2e(b1, small)["p50_ms"] if b1 else None,
+            "target": ">= 5", "best": tag(b1), "batch_size": small},
+        "fp32_throughput_over_peak": {
+            "value": e2e(tp32, large)["throughput_ips"] / peak_ips if tp32 else None,
+            "target": ">= 0.80", "best": tag(tp32), "batch_size": large},
+        "int8_over_fp32_throughput": {
+            "value": (e2e(tp8, large)["throughput_ips"] / e2e(tp32, large)["throughput_ips"])
+            if tp8 and tp32 else None, "target": ">= 1.5", "best": tag(tp8), "batch_size": large},
+        "int8_accuracy_drop_points": {
+            "value": (acc32 - acc8) if acc32 is not None and acc8 is not None else None,
+            "target": "<= 0.5", "best": tag(tp8), "note": "vs PyTorch FP32 accuracy"},
+        "harness_overhead": {
+            "value": harness_p50 / bare_p50 - 1.0, "target": "<= 0.10",
+            "bare_p50_ms": bare, "harness_p50_ms": harnessed,
+            "note": "median over rounds; ONNX Runtime FP32, batch 1, same session options"},
+    }
+    sysinfo = system_info()
+    doc = {
+        "schema_version": rep.SCHEMA_VERSION, "tool": "stn-deploy", "tool_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "system": sysinfo, "settings": {**settings.to_dict(), "eval_samples": args.eval_samples,
+                                        "dataset": data.dataset if data else None,
+                                        "calib_samples": args.calib_samples,
+                                        "quick": args.quick},
+        "reference": reference.to_dict() if reference else None,
+        "eval_data": {"dataset": data.dataset, "split": data.split, "n": len(data.images)}
+        if data else None,
+        "skipped_backends": {}, "results": results, "gate": {"passed": True, "failures": []},
+        "peak": {"cores": threads, "ghz": args.ghz, "flop_per_cycle": args.flop_per_cycle,
+                 "gflops": peak_gflops, "mflop_per_image": mflop, "images_per_s": peak_ips,
+                 "derivation": f"{threads} cores x {args.ghz} GHz x {args.flop_per_cycle:g} "
+                               f"FLOP/cycle = {peak_gflops:.1f} GFLOP/s; / {mflop:.2f} MFLOP "
+                               f"per image = {peak_ips:,.0f} images/s"},
+        "targets": targets, "checkpoint": str(ckpt_path),
+    }
+    from stn_deploy.fileio import write_text_atomic
+
+    rep.write_json(doc, args.out)
+    md = [f"# CPU backends ({doc['created'][:10]})", "",
+          f"Machine: {sysinfo['cpu']}, {sysinfo['cpus_available']} CPUs available, "
+          f"{threads} threads per runtime. Checkpoint: `{ckpt_path}`."
+          + (" **Quick run: timings prove the script only.**" if args.quick else ""), "",
+          "| Backend | Precision | Setting | Accuracy | Agreement | "
+          + " | ".join(f"p50 ms b{b}" for b in batch_sizes) + " | "
+          + " | ".join(f"img/s b{b}" for b in batch_sizes) + " |",
+          "|---|---|---|---:|---:|" + "---:|" * (2 * len(batch_sizes))]
+    for r in results:
+        ev = r.get("eval") or {}
+        cells = [r["backend"], r["precision"], " ".join(r["notes"]) or "-",
+                 rep._fmt(ev.get("accuracy_pct"), ".2f", "%"),
+                 rep._fmt(ev.get("agreement_pct"), ".2f", "%")]
+        cells += [rep._fmt((e2e(r, b) or {}).get("p50_ms"), ".3f") for b in batch_sizes]
+        cells += [rep._fmt((e2e(r, b) or {}).get("throughput_ips"), ",.0f") for b in batch_sizes]
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", f"FP32 peak: {doc['peak']['derivation']}.", "", "| Target | Value | Goal | Best |",
+           "|---|---:|---|---|"]
+    for k, t in targets.items():
+        md.append(f"| {k} | {rep._fmt(t['value'], '.3f')} | {t['target']} | {t.get('best') or '-'} |")
+    md += ["", "Latency is end-to-end (host numpy in, host numpy out), p50 after warm-up; "
+           "throughput = batch / mean latency. OpenVINO runs with INFERENCE_PRECISION_HINT=f32 "
+           "(its default on this AVX512_BF16 CPU would be bf16)."]
+    write_text_atomic(args.out.with_suffix(".md"), "\n".join(md) + "\n")
+    log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    for k, t in targets.items():
+        print(f"{k}: {rep._fmt(t['value'], '.3f')} (target {t['target']}; {t.get('best')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

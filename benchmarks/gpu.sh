@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The comparison on a GPU host: TensorRT FP32/FP16/INT8 plans, ONNX Runtime CUDA (and its
+# TensorRT provider when present), PyTorch CUDA, written as the same JSON/CSV/markdown/PNG as
+# `stn-deploy bench` (schema in stn_deploy/report.py).
+#
+# NOT RUN: it was written on a 2-core CPU machine without a GPU or TensorRT. It needs an NVIDIA
+# GPU with its driver, `pip install -e .[trt,gpu]` (tensorrt, onnxruntime-gpu) and the data.
+#
+#   benchmarks/gpu.sh CHECKPOINT [DATA_DIR]     # DATA_DIR: imagefolder (e.g. the CIFAR-10 JPEG copy)
+#
+# Environment: OUT (default benchmarks/results/gpu), BATCH_SIZES (1,8,64,256),
+# ITERATIONS (500), WARMUP (50), DATASET (imagefolder when DATA_DIR is given).
+set -euo pipefail
+
+CKPT=${1:?usage: benchmarks/gpu.sh CHECKPOINT [DATA_DIR]}
+DATA_DIR=${2:-}
+OUT=${OUT:-benchmarks/results/gpu}
+BATCH_SIZES=${BATCH_SIZES:-1,8,64,256}
+ITERATIONS=${ITERATIONS:-500}
+WARMUP=${WARMUP:-50}
+mkdir -p "$OUT"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    || { echo "gpu.sh: no NVIDIA GPU (nvidia-smi failed)" >&2; exit 1; }
+python -c "import tensorrt" 2>/dev/null \
+    || { echo "gpu.sh: tensorrt is not installed (pip install tensorrt)" >&2; exit 1; }
+
+DATA_ARGS=()
+if [[ -n "$DATA_DIR" ]]; then
+    DATA_ARGS=(--dataset "${DATASET:-imagefolder}" --data-dir "$DATA_DIR")
+fi
+
+# TensorRT plans (the INT8 plan is built from the calibrated QDQ graph; calibration images
+# come from the training split of DATA_DIR; digits needs none).
+for p in fp32 fp16 int8; do
+    stn-deploy export "$CKPT" --format engine --precision "$p" --with-theta \
+        ${DATA_DIR:+--data-dir "$DATA_DIR"} --max-batch 256 --out "$OUT/model-$p.plan"
+done
+
+BACKENDS=torch,onnxruntime-cuda,trt
+if python -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+    BACKENDS=$BACKENDS,onnxruntime-trt
+fi
+
+# The checkpoint first: PyTorch (CUDA) is the reference for agreement. ONNX Runtime's CUDA/TRT
+# providers run the checkpoint through bench's own temporary opset-17 ONNX export (with theta).
+stn-deploy bench "$CKPT" "$OUT"/model-{fp32,fp16,int8}.plan \
+    --backend "$BACKENDS" --device cuda:0 \
+    --batch-sizes "$BATCH_SIZES" --iterations "$ITERATIONS" --warmup "$WARMUP" \
+    "${DATA_ARGS[@]}" \
+    --json "$OUT/gpu.json" --csv "$OUT/gpu.csv" --markdown "$OUT/gpu.md" --plot "$OUT/gpu.png"

@@ -1,0 +1,125 @@
+"""PyTorch runners: eager (the reference) and ``torch.compile``, on the CPU or a CUDA device."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from stn_deploy.backends.base import Runner, cpu_name
+from stn_deploy.config import ModelConfig
+from stn_deploy.errors import StnDeployError
+
+
+class TorchRunner(Runner):
+    """Eager PyTorch on a checkpoint; always returns theta (``forward_with_theta``)."""
+
+    name = "torch"
+    supports_compute_only = True
+
+    def __init__(self, model_path: str | os.PathLike[str], **opts: Any) -> None:
+        import torch
+
+        super().__init__(model_path, **opts)
+        self.device = self.device or "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise StnDeployError(f"{self.name} on {self.device}: no CUDA device is visible")
+        if self.precision not in ("fp32", "fp16"):
+            raise StnDeployError(f"{self.name} runs fp32 (or fp16 on CUDA), not {self.precision}")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise StnDeployError(f"{self.name} fp16 needs a CUDA device")
+        self.output_names = ("logits", "theta")
+        self._model: Any = None
+        self._bound: Any = None
+
+    def load_config(self) -> ModelConfig:
+        from stn_deploy.checkpoint import load_checkpoint
+
+        self._checkpoint = load_checkpoint(self.model_path)
+        return self._checkpoint.config
+
+    @property
+    def version(self) -> str:
+        import torch
+
+        return str(torch.__version__)
+
+    @property
+    def device_name(self) -> str:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return str(torch.cuda.get_device_name(torch.device(self.device)))
+        return cpu_name()
+
+    def describe(self) -> dict[str, Any]:
+        return {"threads": self.threads, "device": self.device}
+
+    def _forward(self, model: Any) -> Any:
+        return model.forward_with_theta
+
+    def activate_impl(self) -> None:
+        import torch
+
+        if not self.device.startswith("cuda"):
+            torch.set_num_threads(self.threads)
+        model = self._checkpoint.model().to(self.device)
+        if self.precision == "fp16":
+            model = model.half()
+        self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        self._model = self._forward(model)
+        self._torch = torch
+
+    def _run(self, t: Any) -> Any:
+        with self._torch.inference_mode():
+            return self._model(t)
+
+    def infer_impl(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        t = self._torch.from_numpy(x).to(self.device, self._dtype)
+        logits, theta = self._run(t)
+        return {"logits": logits.float().cpu().numpy(), "theta": theta.float().cpu().numpy()}
+
+    def bind_impl(self, x: np.ndarray) -> None:
+        self._bound = self._torch.from_numpy(x).to(self.device, self._dtype).clone()
+
+    def infer_bound_impl(self) -> None:
+        self._outputs = self._run(self._bound)
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            self._torch.cuda.synchronize(self.device)
+
+    def deactivate_impl(self) -> None:
+        self._model = self._bound = None
+        self._outputs = None
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+
+class TorchCompileRunner(TorchRunner):
+    """``torch.compile`` (inductor); compilation happens during the harness's warm-up runs."""
+
+    name = "torch-compile"
+
+    def _forward(self, model: Any) -> Any:
+        import torch
+
+        try:
+            return torch.compile(model.forward_with_theta,
+                                 mode=self.options.get("compile_mode") or "default")
+        except Exception as e:  # torch.compile raises many types (backend, platform)
+            raise StnDeployError(f"torch.compile is not usable here: {first_line(e)}") from None
+
+    def _run(self, t: Any) -> Any:
+        try:
+            return super()._run(t)
+        except StnDeployError:
+            raise
+        except Exception as e:  # compilation errors surface on the first call
+            raise StnDeployError(f"torch.compile failed: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

@@ -1,0 +1,189 @@
+"""``stn-deploy predict``: classify image files with any backend.
+
+Preprocessing comes from the model's stored config: convert the image to the model's channel
+count, resize to its input size (PIL bilinear, as the imagefolder loader does), then normalise
+with its mean/std (or hand uint8 NHWC to a graph with embedded preprocessing).
+
+Image modes: a conversion happens only when it loses nothing. Grayscale (L, 1) and palette (P)
+images expand to RGB for a 3-channel model; RGBA/LA/PA are accepted when every pixel is opaque.
+A 1-channel model accepts an image whose colour channels are all equal. Anything else (colour
+for a grayscale model, transparency, CMYK, 16-bit or float images) is refused with one line for
+that file, so a prediction never rests on a conversion the user did not ask for.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+ACCEPTED_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA")
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--backend", default=None,
+              help="Backend [default: torch for a checkpoint, onnxruntime for .onnx, trt for a "
+                   "plan].")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("--save-warped", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write what the STN made of each image (PNG) into this folder; needs the "
+                   "theta output (checkpoints have it; ONNX: export with --with-theta).")
+@click.option("--save-ppm", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write each preprocessed (resized) input as PPM/PGM into this folder, for the "
+                   "C++ runtime.")
+@click.option("--device", default=None, help="torch device (cpu, cuda:0) [default: cpu].")
+def predict(model: Path, images: tuple[Path, ...], backend: str | None, top_k: int,
+            as_json: bool, save_warped: Path | None, save_ppm: Path | None,
+            device: str | None) -> None:
+    """Classify IMAGE... (PNG, JPEG, ...) with MODEL (checkpoint, .onnx or TensorRT plan)."""
+    import json
+
+    import numpy as np
+
+    from stn_deploy.backends import BACKENDS, DEFAULT_BACKENDS, create_runner
+    from stn_deploy.backends.base import model_kind
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.harness import to_runner_input
+
+    kind = model_kind(model)
+    name = backend or DEFAULT_BACKENDS[kind][0]
+    if name not in BACKENDS:
+        raise click.BadParameter(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}",
+                                 param_hint="--backend")
+    opts: dict[str, Any] = {"device": device} if name.startswith("torch") else {}
+    runner = create_runner(name, model, **opts)
+    config = runner.config
+    results: list[dict[str, Any]] = []
+    loaded: list[tuple[int, np.ndarray]] = []
+    for path in images:
+        try:
+            loaded.append((len(results), load_image(path, config.in_channels,
+                                                     config.image_size)))
+            results.append({"file": str(path), "ok": True})
+        except StnDeployError as e:
+            results.append({"file": str(path), "ok": False, "error": str(e)})
+    if loaded:
+        batch = np.stack([img for _, img in loaded]).transpose(0, 3, 1, 2)  # NCHW uint8
+        with runner:
+            if save_warped is not None and "theta" not in runner.output_names:
+                raise StnDeployError(f"--save-warped needs the theta output, which {model.name} "
+                                     "does not have (export it with --with-theta)")
+            static = runner.input_spec.static_batch
+            outs: dict[str, list[np.ndarray]] = {}
+            step = static or 64
+            for start in range(0, len(batch), step):
+                chunk = batch[start:start + step]
+                n = len(chunk)
+                if static is not None and n < static:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - n, axis=0)])
+                for k, v in runner.infer(to_runner_input(runner, chunk)).items():
+                    outs.setdefault(k, []).append(np.asarray(v)[:n])
+            out = {k: np.concatenate(v) for k, v in outs.items()}
+        k = min(top_k, config.num_classes)
+        logits = out["logits"].astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        theta = out.get("theta")
+        for j, (i, img) in enumerate(loaded):
+            order = np.argsort(-probs[j], kind="stable")[:k]
+            results[i]["top_k"] = [{"index": int(c), "class": config.class_names[c],
+                                    "probability": float(probs[j, c])} for c in order]
+            stem = f"{i:03d}-{Path(results[i]['file']).stem}"
+            if save_ppm is not None:
+                from stn_deploy.pnm import write_pnm
+
+                ext = ".pgm" if img.shape[2] == 1 else ".ppm"
+                results[i]["ppm"] = str(write_pnm(save_ppm / f"{stem}{ext}", img))
+            if save_warped is not None:
+                results[i]["warped"] = str(save_warped_png(save_warped / f"{stem}-warped.png",
+                                                           img, theta[j], config))
+                results[i]["theta"] = np.asarray(theta[j]).round(6).tolist()
+    failed = [r for r in results if not r["ok"]]
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "backend": name,
+                               "device": runner.device_name, "results": results}, indent=2))
+    else:
+        for r in results:
+            if r["ok"]:
+                top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%"
+                                for t in r["top_k"])
+                click.echo(f"{r['file']}: {top}")
+    for r in failed:
+        click.echo(f"Error: {r['file']}: {r['error']}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def load_image(path: Path, channels: int, size: int) -> Any:
+    """uint8 HWC at the model's size and channel count; StnDeployError names the file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from stn_deploy.errors import StnDeployError
+
+    if not path.exists():
+        raise StnDeployError("file not found")
+    if not path.is_file():
+        raise StnDeployError("not a file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode not in ACCEPTED_MODES:
+                raise StnDeployError(f"image mode {mode} is not supported (8-bit grayscale, "
+                                     "palette, RGB or RGBA only); convert it first")
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise StnDeployError("not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt files
+        raise StnDeployError(f"cannot decode the image ({e})") from None
+    if (rgba[:, :, 3] != 255).any():
+        raise StnDeployError(f"{mode} image with transparency: remove the alpha channel first")
+    rgb = rgba[:, :, :3]
+    if channels == 1:
+        if not ((rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all()):
+            raise StnDeployError(f"{mode} colour image, but the model takes 1-channel "
+                                 "(grayscale) input; convert it to grayscale first")
+        arr = rgb[:, :, :1]
+    elif channels == 3:
+        arr = rgb
+    else:
+        raise StnDeployError(f"the model takes {channels} channels; predict reads 1 or 3")
+    if arr.shape[0] != size or arr.shape[1] != size:
+        img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr,
+                              mode="L" if channels == 1 else "RGB")
+        arr = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return np.ascontiguousarray(arr)
+
+
+def save_warped_png(path: Path, image_hwc: Any, theta: Any, config: Any) -> Path:
+    """Warp the normalised image with theta, as the model does, then undo the normalisation
+    for display (the model's zero padding is the dataset mean colour)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from stn_deploy.data import normalize
+    from stn_deploy.fileio import atomic_path
+    from stn_deploy.model import AffineGrid
+
+    x = normalize(torch.from_numpy(image_hwc).permute(2, 0, 1)[None].contiguous(), config)
+    t = torch.as_tensor(np.asarray(theta, dtype=np.float32)).reshape(1, 2, 3)
+    grid = AffineGrid(config.image_size, config.image_size, config.align_corners)(t)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                      align_corners=config.align_corners)
+    mean = torch.tensor(config.mean).view(1, -1, 1, 1)
+    std = torch.tensor(config.std).view(1, -1, 1, 1)
+    pixels = ((y * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)[0]
+    arr = pixels.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path

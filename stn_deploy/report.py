@@ -1,0 +1,310 @@
+"""Bench results: the gate, the terminal table, and the JSON / CSV / markdown / PNG outputs.
+
+JSON schema (``schema_version`` 1; keys are only ever added, a removal or a change of meaning
+bumps the version)::
+
+    {
+      "schema_version": 1,
+      "tool": "stn-deploy", "tool_version": str, "created": ISO-8601 UTC time,
+      "system": {"cpu", "cpus_available", "cpu_count", "gpu" (null), "platform", "python",
+                 "libraries": {package: version}},
+      "settings": {"batch_sizes": [int], "iterations": int|null, "duration_s": float|null,
+                   "warmup": int, "threads": int|null, "compute_only": bool,
+                   "eval_samples": int|null, "dataset": str|null,
+                   "min_agreement_pct": float|null, "max_accuracy_drop_pct": float|null,
+                   "throughput_definition": "batch_size / mean latency"},
+      "reference": {"model", "backend", "precision", "accuracy_pct"|null, "note"} | null,
+      "eval_data": {"dataset", "split", "n"} | null,
+      "skipped_backends": {backend: reason},
+      "results": [{
+          "model": str, "model_kind": "checkpoint"|"onnx"|"plan", "source_model": str|null
+          (the checkpoint an ONNX was exported from for this row), "backend": str,
+          "precision": "fp32"|"fp16"|"int8"|..., "status": "ok"|"skipped"|"error"|"failed",
+          "reason": str|null, "device": str|null, "library_version": str|null,
+          "runtime": {threads, provider/hint/streams/...}, "input": {name, shape, dtype, layout},
+          "size_mb": float|null (size of the model file this row ran),
+          "peak_rss_mb": float|null (peak resident memory over the RSS before the runner was
+          created; null = not measurable),
+          "eval": {"n", "accuracy_pct", "agreement_pct", "max_abs_logit_diff",
+                   "mean_abs_theta_diff", "accuracy_drop_pct"} | null,
+          "latency": [{"batch_size", "mode": "end_to_end"|"compute_only", "iterations",
+                       "warmup", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms",
+                       "throughput_ips"}],
+          "gate_failures": [str], "notes": [str],
+          "requested": bool (named in --backend, so a skip or error fails the command)}],
+      "gate": {"passed": bool, "failures": [str]}
+    }
+
+CSV: one line per (result, batch size, latency mode) with the columns in ``CSV_COLUMNS``;
+a result without latency (skipped, error) has one line with empty latency columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+from stn_deploy.fileio import atomic_path, write_text_atomic
+
+SCHEMA_VERSION = 1
+
+CSV_COLUMNS = (
+    "schema_version", "model", "model_kind", "backend", "precision", "status", "reason",
+    "device", "library_version", "threads", "size_mb", "peak_rss_mb", "eval_n", "accuracy_pct",
+    "agreement_pct", "accuracy_drop_pct", "max_abs_logit_diff", "mean_abs_theta_diff",
+    "batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+    "min_ms", "max_ms", "throughput_ips",
+)
+LATENCY_KEYS = ("batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms",
+                "mean_ms", "min_ms", "max_ms", "throughput_ips")
+EVAL_KEYS = ("accuracy_pct", "agreement_pct", "accuracy_drop_pct", "max_abs_logit_diff",
+             "mean_abs_theta_diff")
+
+
+def new_result(model: str, model_kind: str, backend: str, precision: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """A result row with every key of the schema present."""
+    row: dict[str, Any] = {
+        "model": model, "model_kind": model_kind, "source_model": None, "backend": backend,
+        "precision": precision, "status": "ok", "reason": None, "device": None,
+        "library_version": None, "runtime": {}, "input": None, "size_mb": None,
+        "peak_rss_mb": None, "eval": None, "latency": [], "gate_failures": [], "notes": [],
+    }
+    row.update(extra)
+    return row
+
+
+def label(row: dict[str, Any]) -> str:
+    precision = f" {row['precision']}" if row.get("precision") else ""
+    return f"{row['backend']}{precision} ({os.path.basename(row['model'])})"
+
+
+# ---------------------------------------------------------------------------------- gate
+
+def apply_gate(results: list[dict[str, Any]], min_agreement_pct: float | None,
+               max_accuracy_drop_pct: float | None) -> list[str]:
+    """Marks failing rows ``failed`` and returns one line per failure."""
+    lines: list[str] = []
+    if min_agreement_pct is None and max_accuracy_drop_pct is None:
+        return lines
+    for row in results:
+        if row["status"] != "ok":
+            continue
+        ev = row.get("eval") or {}
+        fails = []
+        agree = ev.get("agreement_pct")
+        if min_agreement_pct is not None:
+            if agree is None:
+                fails.append("agreement not measured")
+            elif agree < min_agreement_pct:
+                fails.append(f"top-1 agreement {agree:.2f}% < {min_agreement_pct:g}%")
+        drop = ev.get("accuracy_drop_pct")
+        if max_accuracy_drop_pct is not None:
+            if drop is None:
+                fails.append("accuracy drop not measured")
+            elif drop > max_accuracy_drop_pct:
+                fails.append(f"accuracy drop {drop:.2f} points > {max_accuracy_drop_pct:g}")
+        if fails:
+            row["status"] = "failed"
+            row["gate_failures"] = fails
+            lines.append(f"FAILED {label(row)}: {'; '.join(fails)}")
+    return lines
+
+
+# ------------------------------------------------------------------------------ summaries
+
+def latency_at(row: dict[str, Any], batch: int | None = None, mode: str = "end_to_end",
+               first: bool = True) -> dict[str, Any] | None:
+    rows = [r for r in row.get("latency") or [] if r["mode"] == mode]
+    if batch is not None:
+        rows = [r for r in rows if r["batch_size"] == batch]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: r["batch_size"])
+    return rows[0] if first else rows[-1]
+
+
+def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:{spec}}{suffix}"
+
+
+def status_text(row: dict[str, Any]) -> str:
+    if row["status"] == "ok":
+        return "ok"
+    if row["status"] == "failed":
+        return "FAILED gate"
+    return f"{row['status']}: {row.get('reason') or ''}".strip()
+
+
+def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The headline columns: p50 at the smallest batch, throughput at the largest."""
+    out = []
+    for row in report["results"]:
+        ev = row.get("eval") or {}
+        small = latency_at(row, first=True)
+        large = latency_at(row, first=False)
+        out.append({
+            "backend": row["backend"],
+            "model": os.path.basename(row["model"]),
+            "precision": row.get("precision") or "-",
+            "status": status_text(row),
+            "size_mb": _fmt(row.get("size_mb"), ".2f"),
+            "accuracy": _fmt(ev.get("accuracy_pct"), ".2f", "%"),
+            "agreement": _fmt(ev.get("agreement_pct"), ".2f", "%"),
+            "max_diff": _fmt(ev.get("max_abs_logit_diff"), ".2e"),
+            "p50": (_fmt(small["p50_ms"], ".3f") + f" (b{small['batch_size']})") if small else "-",
+            "throughput": (_fmt(large["throughput_ips"], ",.0f") + f" (b{large['batch_size']})")
+            if large else "-",
+        })
+    return out
+
+
+HEADERS = (("backend", "Backend"), ("model", "Model"), ("precision", "Precision"),
+           ("status", "Status"), ("size_mb", "Size (MB)"), ("accuracy", "Accuracy"),
+           ("agreement", "Agreement"), ("p50", "p50 ms e2e"), ("throughput", "img/s e2e"))
+
+
+def print_table(report: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console(stderr=False)
+        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+            console = Console(width=140)
+    table = Table(title="stn-deploy bench", title_justify="left")
+    for key, head in HEADERS:
+        justify = "left" if key in ("backend", "model", "precision", "status") else "right"
+        table.add_column(head, justify=justify, overflow="fold")
+    for r in summary_rows(report):
+        style = "red" if r["status"].startswith(("FAILED", "error")) else (
+            "dim" if r["status"].startswith("skipped") else None)
+        table.add_row(*(r[k] for k, _ in HEADERS), style=style)
+    console.print(table)
+    for line in footnotes(report):
+        console.print(line, highlight=False)
+
+
+def footnotes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    ref = report.get("reference")
+    if ref:
+        notes.append(f"Reference for agreement: {ref['backend']} {ref['precision']} on "
+                     f"{os.path.basename(ref['model'])}" + (f" ({ref['note']})" if ref.get("note")
+                                                            else ""))
+    data = report.get("eval_data")
+    if data:
+        notes.append(f"Accuracy on {data['dataset']} {data['split']} split, {data['n']} images.")
+    notes.append("p50: end-to-end (host input to host output) median latency at the smallest "
+                 "batch; img/s: batch / mean end-to-end latency at the largest batch.")
+    sysinfo = report.get("system") or {}
+    notes.append(f"Machine: {sysinfo.get('cpu')} ({sysinfo.get('cpus_available')} CPUs)"
+                 + (f", GPU {sysinfo['gpu']}" if sysinfo.get("gpu") else ""))
+    for name, reason in (report.get("skipped_backends") or {}).items():
+        notes.append(f"skipped {name}: {reason}")
+    return notes
+
+
+# --------------------------------------------------------------------------------- files
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False, allow_nan=False, default=str) + "\n"
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, to_json(report))
+
+
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for row in report["results"]:
+        ev = row.get("eval") or {}
+        base = {
+            "schema_version": report["schema_version"], "model": row["model"],
+            "model_kind": row["model_kind"], "backend": row["backend"],
+            "precision": row.get("precision"), "status": row["status"],
+            "reason": row.get("reason") or ("; ".join(row.get("gate_failures") or []) or None),
+            "device": row.get("device"), "library_version": row.get("library_version"),
+            "threads": (row.get("runtime") or {}).get("threads"),
+            "size_mb": row.get("size_mb"), "peak_rss_mb": row.get("peak_rss_mb"),
+            "eval_n": ev.get("n"),
+            **{k: ev.get(k) for k in EVAL_KEYS},
+        }
+        lats = row.get("latency") or [{}]
+        for lat in lats:
+            rows.append({**base, **{k: lat.get(k) for k in LATENCY_KEYS}})
+    return rows
+
+
+def to_csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for r in csv_rows(report):
+        writer.writerow({k: "" if v is None else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_csv(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, to_csv(report))
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(h for _, h in HEADERS) + " |",
+             "|" + "|".join("---" if k in ("backend", "model", "precision", "status") else "---:"
+                            for k, _ in HEADERS) + "|"]
+    for r in summary_rows(report):
+        lines.append("| " + " | ".join(r[k].replace("|", "\\|") for k, _ in HEADERS) + " |")
+    lines.append("")
+    lines.extend(f"- {n}" for n in footnotes(report))
+    lines.append(f"- Created {report.get('created')} with stn-deploy "
+                 f"{report.get('tool_version')}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, to_markdown(report))
+
+
+def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """p50 latency and throughput against batch size, one line per result (end-to-end solid,
+    compute-only dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row in report["results"]:
+        for mode, style in (("end_to_end", "-"), ("compute_only", "--")):
+            pts = sorted((r["batch_size"], r["p50_ms"], r["throughput_ips"])
+                         for r in row.get("latency") or [] if r["mode"] == mode)
+            if not pts:
+                continue
+            name = label(row) + ("" if mode == "end_to_end" else " compute-only")
+            bs = [p[0] for p in pts]
+            line, = ax_lat.plot(bs, [p[1] for p in pts], style, marker="o", label=name)
+            ax_tp.plot(bs, [p[2] for p in pts], style, marker="o", color=line.get_color())
+    for ax, title, ylabel in ((ax_lat, "p50 latency", "ms"),
+                              (ax_tp, "Throughput (batch / mean latency)", "images/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax_lat.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    system = report.get("system") or {}
+    fig.suptitle(f"stn-deploy bench on {system.get('gpu') or system.get('cpu')}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 + 0.03 * math.ceil(len(handles) / 2), 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""Runners on the real digits model: same answers everywhere, lifecycle, unavailable backends."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stn_deploy.backends import BACKENDS, available_backends, create_runner, unavailable_reason
+from stn_deploy.data import DataBundle
+from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.harness import run_batched, to_runner_input
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "digits.onnx"
+    return export_onnx(load_checkpoint(digits_checkpoint).model(), out,
+                       OnnxOptions(opset=17, with_theta=True))
+
+
+@pytest.fixture(scope="module")
+def digits_onnx_embedded(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "digits-u8.onnx"
+    return export_onnx(load_checkpoint(digits_checkpoint).model(), out,
+                       OnnxOptions(opset=17, embed_preprocess=True))
+
+
+def test_registry_reports_every_backend() -> None:
+    avail = available_backends()
+    assert set(avail) == set(BACKENDS)
+    assert avail["torch"] is None and avail["onnxruntime"] is None
+    for name, reason in avail.items():
+        assert reason is None or (isinstance(reason, str) and "\n" not in reason), name
+
+
+def test_gpu_backends_without_gpu_say_so() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    for name in ("trt", "onnxruntime-cuda", "onnxruntime-trt"):
+        assert "no CUDA GPU" in (unavailable_reason(name) or "")
+    with pytest.raises(StnDeployError, match="backend trt: no CUDA GPU"):
+        create_runner("trt", "model.plan")
+
+
+def test_missing_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    reason = unavailable_reason("openvino")
+    assert reason is not None and "pip install openvino" in reason
+    from stn_deploy.backends.ov import import_openvino
+
+    with pytest.raises(MissingDependencyError):
+        import_openvino()
+
+
+def test_unknown_backend_and_wrong_kind(digits_onnx: Path) -> None:
+    assert "unknown backend" in (unavailable_reason("nope") or "")
+    with pytest.raises(StnDeployError, match="cannot run onnx files"):
+        create_runner("torch", digits_onnx)
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_onnx_runners_match_torch(name: str, digits_checkpoint: Path, digits_onnx: Path,
+                                  digits_onnx_embedded: Path, digits_bundle: DataBundle) -> None:
+    if unavailable_reason(name):
+        pytest.skip(unavailable_reason(name))
+    images = digits_bundle.test.images[:40].numpy()
+    with create_runner("torch", digits_checkpoint) as ref_runner:
+        assert ref_runner.input_spec.layout == "NCHW"
+        ref = run_batched(ref_runner, images, 16)
+    with create_runner(name, digits_onnx) as r:
+        assert r.precision == "fp32" and r.output_names == ("logits", "theta")
+        assert r.input_spec.shape == (-1, 1, 32, 32) and r.version
+        out = run_batched(r, images, 16)
+        # Compute-only path gives the same work a home: bind, run, no host copies.
+        r.bind(to_runner_input(r, images[:3]))
+        r.infer_bound()
+    np.testing.assert_allclose(out["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out["theta"], ref["theta"], atol=1e-5)
+    with create_runner(name, digits_onnx_embedded) as r:
+        assert r.input_spec.dtype == "uint8" and r.input_spec.layout == "NHWC"
+        out = run_batched(r, images, 16)
+    np.testing.assert_allclose(out["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_openvino_is_really_fp32(digits_onnx: Path) -> None:
+    """On CPUs with AVX512_BF16 OpenVINO's default would be bf16; the runner pins f32."""
+    if unavailable_reason("openvino"):
+        pytest.skip(unavailable_reason("openvino"))
+    with create_runner("openvino", digits_onnx, hint="latency", threads=1) as r:
+        d = r.describe()
+    assert d["inference_precision"] == "f32" and d["threads"] == 1 and d["streams"] == 1
+    with pytest.raises(StnDeployError, match="hint"):
+        create_runner("openvino", digits_onnx, hint="fastest")
+
+
+def test_corrupt_model_files_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(StnDeployError, match="not a readable ONNX"):
+        create_runner("onnxruntime", bad)
+    ckpt = tmp_path / "bad.pt"
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(StnDeployError, match="checkpoint"):
+        create_runner("torch", ckpt)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(digits_checkpoint: Path, digits_bundle: DataBundle) -> None:
+    images = digits_bundle.test.images[:8].numpy()
+    with create_runner("torch", digits_checkpoint) as r:
+        ref = run_batched(r, images, 8)
+    try:
+        with create_runner("torch-compile", digits_checkpoint) as r:
+            out = run_batched(r, images, 8)
+    except StnDeployError as e:
+        pytest.skip(f"torch.compile not usable here: {e}")
+    np.testing.assert_allclose(out["logits"], ref["logits"], atol=1e-4)

@@ -1,0 +1,171 @@
+"""``stn-deploy bench`` end to end on the digits model: files, schemas, gate, skipped backends."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stn_deploy import report
+from stn_deploy.cli import cli
+
+FAST = ["--batch-sizes", "1,4", "--iterations", "3", "--warmup", "1", "--eval-samples", "64",
+        "--quiet"]
+RESULT_KEYS = {"model", "model_kind", "source_model", "backend", "precision", "status", "reason",
+               "device", "library_version", "runtime", "input", "size_mb", "peak_rss_mb", "eval",
+               "latency", "gate_failures", "notes", "requested"}
+LATENCY_KEYS = set(report.LATENCY_KEYS) | {"warmup"}
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("bench") / "digits.onnx"
+    return export_onnx(load_checkpoint(digits_checkpoint).model(), out,
+                       OnnxOptions(opset=17, with_theta=True))
+
+
+@pytest.fixture(scope="module")
+def untrained_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same config as the digits model, random weights: disagrees with it on most images."""
+    import torch
+
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.model import build_model
+
+    config = load_checkpoint(digits_checkpoint).config
+    torch.manual_seed(1)
+    model = build_model(config)
+    path = tmp_path_factory.mktemp("bench") / "untrained.onnx"
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+
+    return export_onnx(model.eval(), path, OnnxOptions(opset=17))
+
+
+def test_bench_writes_every_output_with_stable_schema(digits_checkpoint: Path, digits_onnx: Path,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, [
+        "bench", str(digits_checkpoint), str(digits_onnx), "--backend", "torch,onnxruntime",
+        *FAST, "--json", str(out / "b.json"), "--csv", str(out / "b.csv"),
+        "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "--min-agreement", "99",
+    ])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "b.json").read_text())
+    assert doc["schema_version"] == report.SCHEMA_VERSION == 1
+    assert {"tool", "tool_version", "created", "system", "settings", "reference", "eval_data",
+            "skipped_backends", "results", "gate"} <= set(doc)
+    assert doc["reference"]["backend"] == "torch" and doc["reference"]["model"] == str(digits_checkpoint)
+    assert doc["eval_data"]["n"] == 64 and doc["gate"]["passed"] is True
+    # checkpoint x {torch, onnxruntime (via a temporary export)}, onnx x onnxruntime only.
+    pairs = sorted((Path(r["model"]).suffix, r["backend"]) for r in doc["results"])
+    assert pairs == [(".onnx", "onnxruntime"), (".pt", "onnxruntime"), (".pt", "torch")]
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert len(ok) == 3
+    for r in doc["results"]:
+        assert set(r) == RESULT_KEYS
+    for r in ok:
+        assert r["eval"]["agreement_pct"] == 100.0 and r["eval"]["n"] == 64
+        assert r["eval"]["max_abs_logit_diff"] < 1e-3
+        assert r["eval"]["mean_abs_theta_diff"] is not None
+        assert r["size_mb"] > 0 and r["device"] and r["library_version"]
+        modes = {(lat["batch_size"], lat["mode"]) for lat in r["latency"]}
+        assert modes == {(1, "end_to_end"), (1, "compute_only"), (4, "end_to_end"),
+                         (4, "compute_only")}
+        for lat in r["latency"]:
+            assert set(lat) == LATENCY_KEYS and lat["iterations"] == 3
+            assert lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    with open(out / "b.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == report.CSV_COLUMNS
+        lines = list(reader)
+    assert len(lines) == 3 * 4  # one line per row, batch size and mode
+    md = (out / "b.md").read_text()
+    assert md.startswith("| Backend |") and "Reference for agreement" in md
+    assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_fails_with_one_line_per_backend(digits_checkpoint: Path,
+                                              untrained_onnx: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, [
+        "bench", str(digits_checkpoint), str(untrained_onnx), "--backend", "onnxruntime",
+        "--no-compute-only", *FAST, "--min-agreement", "90", "--max-accuracy-drop", "5",
+        "--json", str(tmp_path / "g.json"),
+    ])
+    assert res.exit_code == 1, res.output
+    failed = [ln for ln in res.output.splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 1 and "untrained.onnx" in failed[0] and "agreement" in failed[0]
+    doc = json.loads((tmp_path / "g.json").read_text())
+    statuses = {Path(r["model"]).name: r["status"] for r in doc["results"]}
+    assert statuses["untrained.onnx"] == "failed" and doc["gate"]["passed"] is False
+    assert statuses[digits_checkpoint.name] == "ok"
+
+
+def test_apply_gate_unit() -> None:
+    rows = [report.new_result("a.onnx", "onnx", "onnxruntime", "int8",
+                              eval={"agreement_pct": 98.0, "accuracy_drop_pct": 0.2}),
+            report.new_result("b.onnx", "onnx", "openvino", "fp32",
+                              eval={"agreement_pct": 100.0, "accuracy_drop_pct": 0.0}),
+            report.new_result("c.onnx", "onnx", "openvino", "fp32", status="skipped")]
+    lines = report.apply_gate(rows, 99.0, 0.5)
+    assert len(lines) == 1 and "98.00% < 99%" in lines[0]
+    assert [r["status"] for r in rows] == ["failed", "ok", "skipped"]
+    assert report.apply_gate(rows, None, None) == []
+
+
+def test_unavailable_backend_is_one_line_not_a_crash(digits_checkpoint: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    res = CliRunner().invoke(cli, ["bench", str(digits_checkpoint), "--backend",
+                                   "onnxruntime-cuda", *FAST])
+    assert res.exit_code == 1
+    assert "no CUDA GPU is visible" in res.output and "Traceback" not in res.output
+
+
+def test_backend_all_lists_skipped_with_reasons(digits_onnx: Path, tmp_path: Path) -> None:
+    from stn_deploy.backends import available_backends
+
+    res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "all",
+                                   "--no-compute-only", *FAST, "--json", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "a.json").read_text())
+    ran = {r["backend"] for r in doc["results"]}
+    expect = {n for n, reason in available_backends().items() if reason is None
+              and n in ("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-trt")}
+    assert ran == expect
+    for name, reason in available_backends().items():
+        if reason is not None:
+            assert doc["skipped_backends"][name] == reason
+    assert "torch" in doc["skipped_backends"]  # available, but no checkpoint was given
+
+
+def test_backend_that_fits_no_model_fails(digits_onnx: Path) -> None:
+    res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "onnxruntime,torch",
+                                   "--no-compute-only", *FAST])
+    assert res.exit_code == 1
+    assert "skipped torch: runs checkpoint files and none was given" in res.output
+
+
+def test_usage_errors_exit_2(digits_onnx: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args in (["--backend", "nope"], ["--batch-sizes", "1,x"], ["--batch-sizes", "0"],
+                 ["--iterations", "3", "--duration", "1"]):
+        res = runner.invoke(cli, ["bench", str(digits_onnx), *args])
+        assert res.exit_code == 2, (args, res.output)
+    res = runner.invoke(cli, ["bench", str(tmp_path / "missing.onnx")])
+    assert res.exit_code == 2
+
+
+def test_help_lists_options() -> None:
+    res = CliRunner().invoke(cli, ["bench", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--backend", "--batch-sizes", "--min-agreement", "--max-accuracy-drop", "--plot",
+                "--csv", "--markdown", "--quiet", "--duration"):
+        assert opt in res.output
