@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stn_deploy.backends.base import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 CPP = ROOT / "runtimes" / "cpp"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -179,7 +181,7 @@ def main() -> None:
 
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(),
                     "cpus_available": len(os.sched_getaffinity(0)),
                     "load_average_start": os.getloadavg()},
         "openvino": openvino.__version__, "model": str(model),
@@ -219,16 +221,6 @@ def main() -> None:
            "preprocessed input, inference call alone.", ""]
     write_text_atomic(args.out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

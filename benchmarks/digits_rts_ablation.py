@@ -11,17 +11,14 @@ import argparse
 import datetime
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summarize_training import cpu_name  # noqa: E402
-
-from stn_deploy.data import load_dataset  # noqa: E402
-from stn_deploy.train import TrainOptions, train  # noqa: E402
+from stn_deploy.backends.base import cpu_name
+from stn_deploy.data import load_dataset
+from stn_deploy.train import TrainOptions, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,19 +7,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from stn_deploy.backends.base import cpu_name
 
 
 def main() -> None:

@@ -8,8 +8,6 @@ never unpickled as code.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +70,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise StnDeployError(f"checkpoint not found: {p}")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, RuntimeError, ValueError,
-            OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad bytes
+        # First sentence only: torch's full text suggests weights_only=False, which we never do.
+        text = str(e).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
         raise StnDeployError(f"{p} is not a readable stn-deploy checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StnDeployError(f"{p} is not an stn-deploy checkpoint (no '{FORMAT}' marker)")
