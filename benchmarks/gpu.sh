@@ -49,3 +49,25 @@ stn-deploy bench "$CKPT" "$OUT"/model-{fp32,fp16,int8}.plan \
     --batch-sizes "$BATCH_SIZES" --iterations "$ITERATIONS" --warmup "$WARMUP" \
     "${DATA_ARGS[@]}" \
     --json "$OUT/gpu.json" --csv "$OUT/gpu.csv" --markdown "$OUT/gpu.md" --plot "$OUT/gpu.png"
+
+# The C++ TensorRT backend (runtimes/cpp): build it, classify real test images with the FP32
+# plan and time batch 1. Inputs are written as PPM/PGM from the checkpoint's own test split.
+PPM_DIR="$OUT/ppm"
+mkdir -p "$PPM_DIR"
+python - "$CKPT" "$PPM_DIR" ${DATA_DIR:+"$DATA_DIR"} <<'PY'
+import sys
+
+from stn_deploy.checkpoint import load_checkpoint
+from stn_deploy.data import load_dataset
+from stn_deploy.pnm import write_pnm
+
+config = load_checkpoint(sys.argv[1]).config
+data_dir = sys.argv[3] if len(sys.argv) > 3 else None
+test = load_dataset(config.dataset, data_dir, image_size=config.image_size,
+                    distort=config.distort).test
+ext = "pgm" if config.in_channels == 1 else "ppm"
+for i in range(8):
+    write_pnm(f"{sys.argv[2]}/{i}.{ext}", test.images[i].permute(1, 2, 0).numpy())
+PY
+# build_tensorrt.sh prints the top-3 of every image, then p50/p99 of 1,000 batch-1 runs.
+runtimes/cpp/build_tensorrt.sh "$OUT/model-fp32.plan" "$PPM_DIR"/* | tee "$OUT/cpp_tensorrt.txt"

@@ -33,7 +33,8 @@ def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: i
     std = torch.tensor(config.std).view(1, -1, 1, 1)
     warped = ((warped * std + mean) * 255.0).clamp(0, 255)
     nrow = 8
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.6))
+    rows = -(-len(images) // nrow)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 5.0 * rows / nrow))
     for ax, imgs, title in ((axes[0], images, "input"), (axes[1], warped, "STN output")):
         grid = _grid(imgs, nrow).permute(1, 2, 0).numpy()
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid,
