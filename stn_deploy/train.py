@@ -28,9 +28,11 @@ from stn_deploy.fileio import write_text_atomic
 from stn_deploy.model import STNClassifier, build_model, count_parameters
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # The seed design: SGD + one-cycle, no augmentation.
+    # The seed design: SGD + one-cycle, no augmentation. The STN learns at a tenth of the
+    # rate: at the full peak rate theta ran away on CIFAR-10 and on RTS digits (test accuracy
+    # fell to chance), a known STN instability.
     "seed": dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, label_smoothing=0.0,
-                 augment=False, stn_lr_scale=1.0, batch_size=64),
+                 augment=False, stn_lr_scale=0.1, batch_size=64),
     # Same model, a stronger recipe: crop+flip, label smoothing, a calmer STN.
     "improved": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                      label_smoothing=0.1, augment=True, stn_lr_scale=0.1, batch_size=64),
@@ -39,6 +41,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainOptions:
+    """Defaults are the seed recipe."""
+
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05  # one-cycle peak
@@ -47,7 +51,7 @@ class TrainOptions:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     augment: bool = False  # random crop (pad 4) and horizontal flip
-    stn_lr_scale: float = 1.0  # the STN's LR relative to the rest
+    stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
     seed: int = 0
     device: str = "auto"
     recipe: str = "seed"

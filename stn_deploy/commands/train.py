@@ -18,8 +18,8 @@ from stn_deploy.commands.options import dataset_options
 @click.option("--align-corners", is_flag=True, help="grid_sample/affine_grid align_corners=True.")
 @click.option("--recipe", type=click.Choice(["seed", "improved"]), default="seed",
               show_default=True,
-              help="seed: SGD + one-cycle, no augmentation. improved: + crop/flip, label "
-                   "smoothing, nesterov, STN at 1/10 LR.")
+              help="seed: SGD + one-cycle, no augmentation, STN at 1/10 LR. improved: + crop/flip,"
+                   " label smoothing, nesterov.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 64]")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
