@@ -1,7 +1,7 @@
 """STN vs no-STN on RTS-distorted digits (the STN paper's setting, on the embedded digits).
 
 Trains both with the same recipe, seeds and epochs, one after the other in one run, and writes
-benchmarks/results/digits_rts_ablation.{json,md}.
+benchmarks/results/digits_rts_ablation_<epochs>ep.{json,md}.
 Usage: python benchmarks/digits_rts_ablation.py [--epochs 30] [--seeds 0,1,2]
 """
 
@@ -57,7 +57,8 @@ def main() -> None:
            "recipe": args.recipe, "epochs": args.epochs, "seeds": seeds, "runs": rows,
            "summary": summary}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "digits_rts_ablation.json").write_text(json.dumps(doc, indent=2) + "\n")
+    stem = f"digits_rts_ablation_{args.epochs}ep"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = ["| model | parameters | test accuracy (mean of seeds) | min | max | s/epoch |",
           "|---|---|---|---|---|---|"]
     for key, label in (("stn", "STN + classifier"), ("no_stn", "classifier only (--no-stn)")):
@@ -65,7 +66,7 @@ def main() -> None:
         params = next(r["parameters"] for r in rows if r["use_stn"] == (key == "stn"))
         md.append(f"| {label} | {params:,} | {100 * s['mean_test_acc']:.2f}% | "
                   f"{100 * s['min']:.2f}% | {100 * s['max']:.2f}% | {s['epoch_seconds']:.1f} |")
-    (RESULTS / "digits_rts_ablation.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
