@@ -31,6 +31,17 @@ def digits_checkpoint(digits_bundle: DataBundle, tmp_path_factory: pytest.TempPa
     return result.checkpoint
 
 
+@pytest.fixture(scope="session")
+def digits_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits checkpoint as ONNX (opset 17, with the theta output)."""
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "digits.onnx"
+    return export_onnx(load_checkpoint(digits_checkpoint).model(), out,
+                       OnnxOptions(opset=17, with_theta=True))
+
+
 @pytest.fixture
 def random_model() -> STNClassifier:
     torch.manual_seed(0)

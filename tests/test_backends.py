@@ -15,16 +15,6 @@ from stn_deploy.harness import run_batched, to_runner_input
 
 
 @pytest.fixture(scope="module")
-def digits_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stn_deploy.checkpoint import load_checkpoint
-    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "digits.onnx"
-    return export_onnx(load_checkpoint(digits_checkpoint).model(), out,
-                       OnnxOptions(opset=17, with_theta=True))
-
-
-@pytest.fixture(scope="module")
 def digits_onnx_embedded(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stn_deploy.checkpoint import load_checkpoint
     from stn_deploy.export.onnx_export import OnnxOptions, export_onnx

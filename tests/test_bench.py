@@ -21,16 +21,6 @@ LATENCY_KEYS = set(report.LATENCY_KEYS) | {"warmup"}
 
 
 @pytest.fixture(scope="module")
-def digits_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stn_deploy.checkpoint import load_checkpoint
-    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
-
-    out = tmp_path_factory.mktemp("bench") / "digits.onnx"
-    return export_onnx(load_checkpoint(digits_checkpoint).model(), out,
-                       OnnxOptions(opset=17, with_theta=True))
-
-
-@pytest.fixture(scope="module")
 def untrained_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same config as the digits model, random weights: disagrees with it on most images."""
     import torch
