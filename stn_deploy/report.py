@@ -281,7 +281,10 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for row in report["results"]:
+    # One colour per result (the default cycle repeats after 10); its two modes share it.
+    cmap = plt.get_cmap("tab20" if len(report["results"]) > 10 else "tab10")
+    for i, row in enumerate(report["results"]):
+        color = cmap(i % cmap.N)
         for mode, style in (("end_to_end", "-"), ("compute_only", "--")):
             pts = sorted((r["batch_size"], r["p50_ms"], r["throughput_ips"])
                          for r in row.get("latency") or [] if r["mode"] == mode)
@@ -289,8 +292,8 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
                 continue
             name = label(row) + ("" if mode == "end_to_end" else " compute-only")
             bs = [p[0] for p in pts]
-            line, = ax_lat.plot(bs, [p[1] for p in pts], style, marker="o", label=name)
-            ax_tp.plot(bs, [p[2] for p in pts], style, marker="o", color=line.get_color())
+            ax_lat.plot(bs, [p[1] for p in pts], style, marker="o", color=color, label=name)
+            ax_tp.plot(bs, [p[2] for p in pts], style, marker="o", color=color)
     for ax, title, ylabel in ((ax_lat, "p50 latency", "ms"),
                               (ax_tp, "Throughput (batch / mean latency)", "images/s")):
         ax.set_xscale("log", base=2)

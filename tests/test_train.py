@@ -67,10 +67,11 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     if torchrun is None:
         pytest.skip("torchrun not found beside the Python interpreter")
     cmd = [torchrun, "--nproc-per-node", "2", "-m", "stn_deploy", "train", "--dataset", "digits",
-           "--epochs", "2", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+           "--epochs", "6", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "metrics.json").read_text())
-    assert doc["world_size"] == 2 and doc["history"][-1]["test_acc"] > 0.3
-    assert load_checkpoint(tmp_path / "last.pt").epoch == 2
+    # Each rank sees half the data: 6 epochs are 66 steps, enough to learn (1 epoch: chance).
+    assert doc["world_size"] == 2 and doc["history"][-1]["test_acc"] > 0.5
+    assert load_checkpoint(tmp_path / "last.pt").epoch == 6
