@@ -1,8 +1,12 @@
-"""One exception type for everything a user can cause.
+"""One exception type for everything a user can cause, and one way to import an optional
+package.
 
 The CLI turns it into one line on stderr and exit code 1; anything else is a bug and keeps
 its traceback.
 """
+
+import importlib
+from types import ModuleType
 
 
 class StnDeployError(Exception):
@@ -17,3 +21,11 @@ class MissingDependencyError(StnDeployError):
         super().__init__(f"{module} is not available{detail}; install it with: {install}")
         self.module = module
         self.install = install
+
+
+def require(module: str, install: str, package: str | None = None) -> ModuleType:
+    """Import an optional module, or fail with one line naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(package or module, install, e) from None

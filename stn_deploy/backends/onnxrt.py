@@ -11,15 +11,11 @@ import numpy as np
 
 from stn_deploy.backends.base import Runner, cpu_name, cuda_device_name, onnx_precision, spec_for
 from stn_deploy.config import ModelConfig
-from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.errors import StnDeployError, require
 
 
 def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise MissingDependencyError("onnxruntime", "pip install onnxruntime", e) from None
-    return onnxruntime
+    return require("onnxruntime", "pip install onnxruntime")
 
 
 class OnnxRuntimeRunner(Runner):

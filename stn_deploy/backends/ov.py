@@ -17,17 +17,13 @@ import numpy as np
 
 from stn_deploy.backends.base import spec_for
 from stn_deploy.backends.onnxrt import OnnxRuntimeRunner
-from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.errors import StnDeployError, require
 
 HINTS = ("latency", "throughput")
 
 
 def import_openvino() -> Any:
-    try:
-        import openvino
-    except ImportError as e:
-        raise MissingDependencyError("openvino", "pip install openvino", e) from None
-    return openvino
+    return require("openvino", "pip install openvino")
 
 
 class OpenVinoRunner(OnnxRuntimeRunner):

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from stn_deploy.config import ModelConfig
-from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -58,11 +58,8 @@ def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, precision: str) -
 
 def convert_fp16(src: Path, dst: Path) -> Path:
     """FP16 graph with float32 inputs/outputs and the STN path in FP32."""
-    try:
-        from onnxconverter_common import float16
-    except ImportError as e:
-        raise MissingDependencyError("onnxconverter-common", "pip install onnxconverter-common",
-                                     e) from None
+    float16 = require("onnxconverter_common.float16", "pip install onnxconverter-common",
+                      package="onnxconverter-common")
     model = onnx.load(str(src))
     _name_nodes(model)
     block = stn_path_nodes(model)

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 
 INSTALL = ("pip install 'stn-deploy[trt]' (NVIDIA's tensorrt wheels, from pypi.nvidia.com) "
@@ -30,11 +30,7 @@ SIDECAR_KEYS = ("config", "input_name", "output_names", "precision", "tensorrt_v
 
 
 def import_tensorrt() -> ModuleType:
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise MissingDependencyError("tensorrt", INSTALL, e) from None
-    return tensorrt
+    return require("tensorrt", INSTALL)
 
 
 def trt_major(trt_module: Any) -> int:
