@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,22 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
 from stn_deploy.model import STNClassifier, build_model, count_parameters
 
+# NHWC activations: oneDNN's convolutions (forward and backward) run about 1.3x faster in it
+# on the CPU than in NCHW; the weights are the same numbers, saved contiguous.
+_LAYOUT = torch.channels_last
+
 RECIPES: dict[str, dict[str, Any]] = {
     # The seed design: SGD + one-cycle, no augmentation. The STN learns at a tenth of the
     # rate: at the full peak rate theta ran away on CIFAR-10 and on RTS digits (test accuracy
     # fell to chance), a known STN instability.
     "seed": dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, label_smoothing=0.0,
-                 augment=False, stn_lr_scale=0.1, batch_size=64),
-    # Same model, a stronger recipe: crop+flip, label smoothing, a calmer STN.
+                 augment=False, stn_lr_scale=0.1, batch_size=64, dropout=0.05),
+    # Same model, a stronger recipe: crop+flip and label smoothing instead of dropout. The
+    # 145k-parameter model underfits once augmented (train accuracy below test accuracy with
+    # dropout 0.05), and on the CPU dropout's random masks cost a third of each step.
     "improved": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                     label_smoothing=0.1, augment=True, stn_lr_scale=0.1, batch_size=64),
+                     label_smoothing=0.1, augment=True, stn_lr_scale=0.1, batch_size=64,
+                     dropout=0.0),
 }
 
 
@@ -52,6 +59,7 @@ class TrainOptions:
     label_smoothing: float = 0.0
     augment: bool = False  # random crop (pad 4) and horizontal flip
     stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
+    dropout: float = 0.05  # after every 3x3 block; saved in the checkpoint's ModelConfig
     seed: int = 0
     device: str = "auto"
     recipe: str = "seed"
@@ -123,7 +131,7 @@ def evaluate(model: nn.Module, data: ImageSet, config: ModelConfig, device: torc
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, len(idx), batch_size):
         sel = idx[start:start + batch_size]
-        x = normalize(data.images[sel].to(device), config)
+        x = normalize(data.images[sel].to(device), config).contiguous(memory_format=_LAYOUT)
         y = data.labels[sel].to(device)
         logits = model(x)
         totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
@@ -159,7 +167,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     out = Path(out_dir)
     device = resolve_device(opts.device)
     d = _init_distributed(device)
-    config = bundle.config
+    config = replace(bundle.config, dropout=opts.dropout)
     start_epoch, history = 1, []
     state: Checkpoint | None = None
     if resume is not None:
@@ -176,7 +184,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         start_epoch, history = state.epoch + 1, list(state.history)
 
     torch.manual_seed(opts.seed)
-    model = build_model(config).to(device)
+    model = build_model(config).to(device, memory_format=_LAYOUT)
     if state is not None:
         model.load_state_dict(state.state_dict)
     net: nn.Module = model
@@ -218,7 +226,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             xb = bundle.train.images[sel]
             if opts.augment:
                 xb = augment_batch(xb, g)
-            x = normalize(xb.to(device, non_blocking=True), config)
+            x = normalize(xb.to(device, non_blocking=True), config).contiguous(
+                memory_format=_LAYOUT)
             y = bundle.train.labels[sel].to(device, non_blocking=True)
             logits = net(x)
             loss = criterion(logits, y)
@@ -249,7 +258,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         history.append(row)
         if d.main:
             save_checkpoint(ckpt_path, Checkpoint(
-                config=config, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                config=config, state_dict={k: v.detach().cpu().contiguous()
+                                           for k, v in model.state_dict().items()},
                 epoch=epoch, history=history, train_args=asdict(opts),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
             write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),

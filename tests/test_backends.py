@@ -11,7 +11,7 @@ import pytest
 from stn_deploy.backends import BACKENDS, available_backends, create_runner, unavailable_reason
 from stn_deploy.data import DataBundle
 from stn_deploy.errors import MissingDependencyError, StnDeployError
-from stn_deploy.harness import run_batched, to_runner_input
+from stn_deploy.harness import normalize_np, run_batched, to_runner_input
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,58 @@ def test_openvino_is_really_fp32(digits_onnx: Path) -> None:
         create_runner("openvino", digits_onnx, hint="fastest")
 
 
+def test_openvino_throughput_splits_a_batch_and_keeps_order(digits_onnx: Path,
+                                                          digits_bundle: DataBundle) -> None:
+    """THROUGHPUT runs slices of a batch concurrently; the joined outputs equal one request's."""
+    if unavailable_reason("openvino"):
+        pytest.skip(unavailable_reason("openvino"))
+    images = normalize_np(digits_bundle.test.images[:37].numpy(), digits_bundle.config)
+    with create_runner("openvino", digits_onnx, hint="latency", threads=2) as r:
+        one = r.infer(images)
+        assert r.describe()["requests"] == 1
+    with create_runner("openvino", digits_onnx, hint="throughput", threads=2) as r:
+        d = r.describe()
+        assert d["requests"] == d["streams"] == len(r._requests)
+        many = r.infer(images)
+        single = r.infer(images[:1])  # fewer images than requests
+        r.bind(images)
+        r.infer_bound()
+    for name in ("logits", "theta"):
+        assert many[name].shape == one[name].shape
+        np.testing.assert_allclose(many[name], one[name], atol=1e-5)
+    np.testing.assert_allclose(single["logits"], one["logits"][:1], atol=1e-5)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def test_openvino_bf16_is_labelled_and_close(digits_onnx: Path, digits_bundle: DataBundle) -> None:
+    """bf16 is a row of its own: labelled bf16, computed in bf16, close to f32, or refused."""
+    if unavailable_reason("openvino"):
+        pytest.skip(unavailable_reason("openvino"))
+    images = normalize_np(digits_bundle.test.images[:64].numpy(), digits_bundle.config)
+    with create_runner("openvino", digits_onnx, threads=2) as r:
+        f32 = r.infer(images)["logits"]
+    runner = create_runner("openvino", digits_onnx, threads=2, precision="bf16")
+    if not (sys.platform == "linux" and _cpu_has_bf16()):
+        with pytest.raises(StnDeployError, match="no bf16 support"):
+            runner.activate()
+        return
+    with runner as r:
+        assert r.precision == "bf16" and r.describe()["inference_precision"] == "bf16"
+        bf16 = r.infer(images)["logits"]
+    diff = np.abs(bf16 - f32).max()
+    assert 0 < diff < 0.5  # bf16 keeps 8 bits of mantissa: different, but not far
+    assert (bf16.argmax(1) == f32.argmax(1)).mean() >= 0.95
+    with pytest.raises(StnDeployError, match="not as int8"):
+        create_runner("openvino", digits_onnx, precision="int8")
+
+
 def test_corrupt_model_files_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage")
@@ -103,6 +155,22 @@ def test_corrupt_model_files_one_line(tmp_path: Path) -> None:
     ckpt.write_bytes(b"garbage")
     with pytest.raises(StnDeployError, match="checkpoint"):
         create_runner("torch", ckpt)
+
+
+def test_torch_memory_formats_agree(digits_checkpoint: Path, digits_bundle: DataBundle) -> None:
+    """channels_last (the default) is a layout, not a different model."""
+    images = digits_bundle.test.images[:40].numpy()
+    with create_runner("torch", digits_checkpoint) as r:
+        assert r.describe()["memory_format"] == "channels_last"
+        nhwc = run_batched(r, images, 16)
+    with create_runner("torch", digits_checkpoint, memory_format="contiguous") as r:
+        nchw = run_batched(r, images, 16)
+        r.bind(normalize_np(images[:3], r.config))
+        r.infer_bound()
+    np.testing.assert_allclose(nhwc["logits"], nchw["logits"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(nhwc["theta"], nchw["theta"], atol=1e-5)
+    with pytest.raises(StnDeployError, match="memory_format"):
+        create_runner("torch", digits_checkpoint, memory_format="nhwc")
 
 
 @pytest.mark.slow

@@ -136,6 +136,23 @@ def test_backend_all_lists_skipped_with_reasons(digits_onnx: Path, tmp_path: Pat
     assert "torch" in doc["skipped_backends"]  # available, but no checkpoint was given
 
 
+def test_openvino_bf16_row_is_labelled(digits_onnx: Path, tmp_path: Path) -> None:
+    from stn_deploy.backends import unavailable_reason
+
+    if unavailable_reason("openvino"):
+        pytest.skip(unavailable_reason("openvino"))
+    res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "openvino",
+                                   "--ov-precision", "bf16", "--ov-hint", "throughput",
+                                   "--no-compute-only", *FAST, "--json", str(tmp_path / "b.json")])
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    if row["status"] == "ok":
+        assert row["precision"] == "bf16" and row["runtime"]["inference_precision"] == "bf16"
+        assert row["runtime"]["requests"] == row["runtime"]["streams"]
+        assert row["eval"]["agreement_pct"] >= 95
+    else:  # a CPU without bf16: one line saying so, not a mislabelled f32 row
+        assert "no bf16 support" in row["reason"] and res.exit_code == 1
+
+
 def test_backend_that_fits_no_model_fails(digits_onnx: Path) -> None:
     res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "onnxruntime,torch",
                                    "--no-compute-only", *FAST])
@@ -157,5 +174,5 @@ def test_help_lists_options() -> None:
     res = CliRunner().invoke(cli, ["bench", "--help"])
     assert res.exit_code == 0
     for opt in ("--backend", "--batch-sizes", "--min-agreement", "--max-accuracy-drop", "--plot",
-                "--csv", "--markdown", "--quiet", "--duration"):
+                "--csv", "--markdown", "--quiet", "--duration", "--ov-precision"):
         assert opt in res.output

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from stn_deploy.cli import COMMANDS, cli
@@ -60,10 +61,28 @@ def test_train_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_train_cli_on_digits(tmp_path: Path) -> None:
+    from stn_deploy.checkpoint import load_checkpoint
+
     proc = run("train", "--epochs", "1", "--out", str(tmp_path), "--quiet", "--no-stn")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "curves.png", "last.pt", "metrics.json", "transforms.png"]
+    assert load_checkpoint(tmp_path / "last.pt").config.dropout == 0.05  # the seed's
+
+
+@pytest.mark.parametrize(("flags", "dropout"), [(["--recipe", "improved"], 0.0),
+                                                (["--recipe", "improved", "--dropout", "0.2"], 0.2)])
+def test_recipe_dropout_travels_in_the_checkpoint(tmp_path: Path, flags: list[str],
+                                                  dropout: float) -> None:
+    from stn_deploy.checkpoint import load_checkpoint
+
+    result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path), "--quiet",
+                                      "--no-stn", *flags])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt.config.dropout == dropout and ckpt.train_args["dropout"] == dropout
+    # The checkpoint's own config rebuilds a model with that dropout.
+    assert {m.p for m in ckpt.model().modules() if isinstance(m, torch.nn.Dropout)} == {dropout}
 
 
 def test_checkpoint_bad_files(tmp_path: Path, digits_checkpoint: Path) -> None:

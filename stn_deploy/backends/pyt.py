@@ -12,8 +12,16 @@ from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
 
 
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
 class TorchRunner(Runner):
-    """Eager PyTorch on a checkpoint; always returns theta (``forward_with_theta``)."""
+    """Eager PyTorch on a checkpoint; always returns theta (``forward_with_theta``).
+
+    Activations default to channels_last (NHWC): oneDNN's convolutions are about 1.5x faster
+    in it on the CPU, so the PyTorch baseline is PyTorch at its plain best, not a straw man.
+    ``memory_format="contiguous"`` gives the NCHW default of a freshly built model.
+    """
 
     name = "torch"
     supports_compute_only = True
@@ -29,6 +37,10 @@ class TorchRunner(Runner):
             raise StnDeployError(f"{self.name} runs fp32 (or fp16 on CUDA), not {self.precision}")
         if self.precision == "fp16" and not self.device.startswith("cuda"):
             raise StnDeployError(f"{self.name} fp16 needs a CUDA device")
+        self.memory_format = self.options.get("memory_format") or "channels_last"
+        if self.memory_format not in MEMORY_FORMATS:
+            raise StnDeployError(f"{self.name} memory_format must be one of "
+                                 f"{', '.join(MEMORY_FORMATS)}, not {self.memory_format!r}")
         self.output_names = ("logits", "theta")
         self._model: Any = None
         self._bound: Any = None
@@ -54,7 +66,8 @@ class TorchRunner(Runner):
         return cpu_name()
 
     def describe(self) -> dict[str, Any]:
-        return {"threads": self.threads, "device": self.device}
+        return {"threads": self.threads, "device": self.device,
+                "memory_format": self.memory_format}
 
     def _forward(self, model: Any) -> Any:
         return model.forward_with_theta
@@ -64,7 +77,9 @@ class TorchRunner(Runner):
 
         if not self.device.startswith("cuda"):
             torch.set_num_threads(self.threads)
-        model = self._checkpoint.model().to(self.device)
+        self._format = {"channels_last": torch.channels_last,
+                        "contiguous": torch.contiguous_format}[self.memory_format]
+        model = self._checkpoint.model().to(self.device, memory_format=self._format)
         if self.precision == "fp16":
             model = model.half()
         self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
@@ -75,13 +90,16 @@ class TorchRunner(Runner):
         with self._torch.inference_mode():
             return self._model(t)
 
-    def infer_impl(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _tensor(self, x: np.ndarray) -> Any:
         t = self._torch.from_numpy(x).to(self.device, self._dtype)
-        logits, theta = self._run(t)
+        return t.contiguous(memory_format=self._format)
+
+    def infer_impl(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        logits, theta = self._run(self._tensor(x))
         return {"logits": logits.float().cpu().numpy(), "theta": theta.float().cpu().numpy()}
 
     def bind_impl(self, x: np.ndarray) -> None:
-        self._bound = self._torch.from_numpy(x).to(self.device, self._dtype).clone()
+        self._bound = self._tensor(x).clone(memory_format=self._format)
 
     def infer_bound_impl(self) -> None:
         self._outputs = self._run(self._bound)

@@ -61,7 +61,11 @@ def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads per runtime [default: all CPUs this process may use].")
 @click.option("--ov-hint", type=click.Choice(["latency", "throughput"]), default="latency",
-              show_default=True, help="OpenVINO performance hint.")
+              show_default=True, help="OpenVINO performance hint (throughput: a batch is "
+              "split across concurrent requests).")
+@click.option("--ov-precision", type=click.Choice(["f32", "bf16"]), default="f32",
+              show_default=True, help="OpenVINO compute precision for FP32 files. bf16 is "
+              "OpenVINO's own default on CPUs with AVX512_BF16 or AMX; its row is labelled bf16.")
 @click.option("--device", default=None, help="torch device (cpu, cuda:0) [default: cpu].")
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
               help="Evaluation data [default: the model's own dataset].")
@@ -88,7 +92,7 @@ def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               "gate still work).")
 def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
           iterations: int | None, duration: float | None, warmup: int, compute_only: bool,
-          threads: int | None, ov_hint: str, device: str | None, dataset: str | None,
+          threads: int | None, ov_hint: str, ov_precision: str, device: str | None, dataset: str | None,
           data_dir: str | None, eval_samples: int | None, min_agreement: float | None,
           max_accuracy_drop: float | None, json_path: Path | None, csv_path: Path | None,
           md_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
@@ -109,7 +113,8 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
         raise click.UsageError("--min-agreement/--max-accuracy-drop need evaluation "
                                "(--eval-samples is 0)")
     report = run_bench(list(models), backends, settings, dataset=dataset, data_dir=data_dir,
-                       eval_samples=eval_samples, device=device, ov_hint=ov_hint, quiet=quiet)
+                       eval_samples=eval_samples, device=device, ov_hint=ov_hint,
+                       ov_precision=ov_precision, quiet=quiet)
     from stn_deploy import report as rep
 
     if gate_asked and report["eval_data"] is None:
@@ -206,7 +211,7 @@ def load_eval_data(config: Any, dataset: str | None, data_dir: str | None,
 def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str | None = None,
               data_dir: str | None = None, eval_samples: int | None = None,
               device: str | None = None, ov_hint: str = "latency",
-              quiet: bool = False) -> dict[str, Any]:
+              ov_precision: str = "f32", quiet: bool = False) -> dict[str, Any]:
     """Run every (model, backend) pair; returns the report (schema in report.py)."""
     import datetime
     import tempfile
@@ -216,7 +221,7 @@ def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str 
     from stn_deploy import __version__
     from stn_deploy import report as rep
     from stn_deploy.backends import create_runner, unavailable_reason
-    from stn_deploy.backends.base import model_kind
+    from stn_deploy.backends.base import model_kind, onnx_precision
     from stn_deploy.errors import StnDeployError
     from stn_deploy.harness import bench_runner, system_info
 
@@ -280,6 +285,8 @@ def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str 
                     opts["device"] = device
                 if name == "openvino":
                     opts["hint"] = ov_hint
+                    if ov_precision == "bf16" and onnx_precision(path) == "fp32":
+                        opts["precision"] = "bf16"
                 runner = create_runner(name, path, **opts)
                 bench_runner(runner, row, settings, data, reference,
                              progress=lambda _s: bar.update(1))
