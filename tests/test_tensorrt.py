@@ -36,9 +36,17 @@ def test_version_detection_and_settings() -> None:
         trt_mod.trt_major(SimpleNamespace(__version__="8.6.1"))
     with pytest.raises(StnDeployError, match="cannot read"):
         trt_mod.trt_major(SimpleNamespace(__version__="dev"))
-    assert trt_mod.build_settings(10, "fp16") == {"strongly_typed": False, "flags": ["FP16"]}
-    assert trt_mod.build_settings(10, "int8")["flags"] == ["INT8"]
-    assert trt_mod.build_settings(11, "int8") == {"strongly_typed": True, "flags": []}
+    # FP16 is strongly typed on both, so the FP16 graph's FP32 STN path stays FP32.
+    for major in (10, 11):
+        assert trt_mod.build_settings(major, "fp16") == {
+            "strongly_typed": True, "flags": [], "clear": ["TF32"]}
+    assert trt_mod.build_settings(10, "int8") == {
+        "strongly_typed": False, "flags": ["INT8"], "clear": ["TF32"]}
+    assert trt_mod.build_settings(10, "fp32")["flags"] == []
+    assert trt_mod.build_settings(11, "int8") == {
+        "strongly_typed": True, "flags": [], "clear": ["TF32"]}
+    with pytest.raises(StnDeployError, match="unknown precision"):
+        trt_mod.build_settings(10, "bf16")
 
 
 def _sidecar(tmp_path: Path) -> Path:

@@ -4,9 +4,11 @@ A plan only runs on the TensorRT version and GPU that built it, so every plan ge
 ``<plan>.json`` (TensorRT version, GPU, compute capability, precision, batch profile, ONNX hash,
 model config, and the flat keys the C++ runtime reads) and loading checks it first.
 
-TensorRT 10 builds a weakly typed network with builder flags (FP16 / INT8 for the QDQ graph);
-TensorRT 11 removed those flags: networks are strongly typed, the precision comes from the
-FP16 / QDQ ONNX itself. Everything here except ``build_engine`` and ``import_tensorrt`` is plain
+FP16 builds a strongly typed network on TensorRT 10 and 11: the precision comes from the FP16
+ONNX itself, whose STN path is FP32 (the weakly typed FP16 flag would let TensorRT 10 pick FP16
+kernels for theta and the grid too). INT8 on TensorRT 10 is the QDQ graph with the INT8 flag;
+TensorRT 11 removed the flags and reads the QDQ nodes in strongly typed mode. TF32 is turned
+off in every build, so FP32 layers compute in FP32, as the verification tolerances assume. Everything here except ``build_engine`` and ``import_tensorrt`` is plain
 Python and tested without TensorRT; those two are written against NVIDIA's documented Python
 API and have NOT run on this project's machines (no GPU, no TensorRT wheel).
 """
@@ -76,14 +78,14 @@ def profile_shapes(input_shape: tuple[int, ...], profile: tuple[int, int, int],
 
 
 def build_settings(major: int, precision: str) -> dict[str, Any]:
-    """How to build for a TensorRT major and precision: the ONNX carries the types (FP16
-    graph, QDQ graph) in both; TensorRT 10 also needs the flag that allows those kernels."""
+    """Network typing, builder flags to set and flags to clear, per TensorRT major/precision
+    (see the module docstring for why)."""
     if precision not in ("fp32", "fp16", "int8"):
         raise StnDeployError(f"unknown precision {precision!r}")
-    if major >= 11:
-        return {"strongly_typed": True, "flags": []}
-    flags = {"fp32": [], "fp16": ["FP16"], "int8": ["INT8"]}[precision]
-    return {"strongly_typed": False, "flags": flags}
+    if major >= 11 or precision == "fp16":
+        return {"strongly_typed": True, "flags": [], "clear": ["TF32"]}
+    flags = {"fp32": [], "int8": ["INT8"]}[precision]
+    return {"strongly_typed": False, "flags": flags, "clear": ["TF32"]}
 
 
 def make_sidecar(*, config: Any, input_name: str, output_names: list[str], precision: str,
@@ -187,6 +189,9 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str,
     bconfig.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     for flag in settings["flags"]:
         bconfig.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in settings["clear"]:
+        if hasattr(trt.BuilderFlag, flag):
+            bconfig.clear_flag(getattr(trt.BuilderFlag, flag))
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
     bconfig.add_optimization_profile(opt_profile)
