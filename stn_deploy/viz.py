@@ -27,7 +27,8 @@ def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: i
 
     config = model.config
     model = model.eval().cpu()
-    images = data.images[:n]
+    # Evenly spaced: test sets sorted by class (imagefolder) would otherwise show one class.
+    images = data.images[torch.linspace(0, len(data.images) - 1, min(n, len(data.images))).long()]
     warped = model.warp(normalize(images, config))
     mean = torch.tensor(config.mean).view(1, -1, 1, 1)
     std = torch.tensor(config.std).view(1, -1, 1, 1)
@@ -42,7 +43,8 @@ def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: i
         ax.set_title(title)
         ax.axis("off")
     stn = "STN" if config.use_stn else "no STN (identity)"
-    fig.suptitle(f"{config.dataset} ({config.distort} distortion), {stn}")
+    distort = "no distortion" if config.distort == "none" else f"{config.distort} distortion"
+    fig.suptitle(f"{config.dataset}, {distort}: {stn}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
