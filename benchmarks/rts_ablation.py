@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipe", default="seed")
+    ap.add_argument("--stn-lr-scale", type=float, default=None,
+                    help="the STN's LR relative to the rest [default: the recipe's, 0.1]")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
@@ -44,7 +46,8 @@ def main() -> None:
                                   use_stn=use_stn)
             with tempfile.TemporaryDirectory() as tmp:
                 opts = TrainOptions.from_recipe(args.recipe, epochs=args.epochs, seed=seed,
-                                                quiet=True, device="cpu")
+                                                quiet=True, device="cpu",
+                                                stn_lr_scale=args.stn_lr_scale)
                 result = train(bundle, tmp, opts)
             last = result.history[-1]
             rows.append({"use_stn": use_stn, "seed": seed, "parameters": result.parameters,
@@ -62,10 +65,13 @@ def main() -> None:
     doc = {"date": datetime.date.today().isoformat(),
            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
            "dataset": f"{DESCRIBE[args.dataset]}, RTS-distorted",
-           "recipe": args.recipe, "epochs": args.epochs, "seeds": seeds, "runs": rows,
+           "recipe": args.recipe, "stn_lr_scale": opts.stn_lr_scale, "epochs": args.epochs,
+           "seeds": seeds, "runs": rows,
            "summary": summary}
     RESULTS.mkdir(exist_ok=True)
     stem = f"{args.dataset.replace('-', '_')}_rts_ablation_{args.epochs}ep"
+    if args.stn_lr_scale is not None:
+        stem += f"_stnlr{args.stn_lr_scale:g}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = ["| model | parameters | test accuracy (mean of seeds) | min | max | s/epoch |",
           "|---|---|---|---|---|---|"]

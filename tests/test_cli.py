@@ -70,17 +70,22 @@ def test_train_cli_on_digits(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "last.pt").config.dropout == 0.05  # the seed's
 
 
-@pytest.mark.parametrize(("flags", "dropout"), [(["--recipe", "improved"], 0.0),
-                                                (["--recipe", "improved", "--dropout", "0.2"], 0.2)])
+@pytest.mark.parametrize(("flags", "dropout", "stn_lr"), [
+    (["--recipe", "improved"], 0.0, 0.1),
+    (["--recipe", "improved", "--dropout", "0.2", "--stn-lr-scale", "0.3"], 0.2, 0.3)])
 def test_recipe_dropout_travels_in_the_checkpoint(tmp_path: Path, flags: list[str],
-                                                  dropout: float) -> None:
+                                                  dropout: float, stn_lr: float) -> None:
     from stn_deploy.checkpoint import load_checkpoint
 
     result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path), "--quiet",
-                                      "--no-stn", *flags])
+                                      *flags])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.config.dropout == dropout and ckpt.train_args["dropout"] == dropout
+    assert ckpt.train_args["stn_lr_scale"] == stn_lr
+    # The optimizer really ran the STN at that fraction of the rest's peak rate.
+    groups = ckpt.optimizer["param_groups"]
+    assert groups[1]["max_lr"] == pytest.approx(stn_lr * groups[0]["max_lr"])
     # The checkpoint's own config rebuilds a model with that dropout.
     assert {m.p for m in ckpt.model().modules() if isinstance(m, torch.nn.Dropout)} == {dropout}
 

@@ -28,6 +28,8 @@ from stn_deploy.commands.options import dataset_options
               help="Random crop and flip [default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
+@click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
+              help="The STN's learning rate relative to the rest [default: 0.1].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train",
@@ -38,7 +40,7 @@ from stn_deploy.commands.options import dataset_options
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           image_size: int | None, no_stn: bool, align_corners: bool, recipe: str, epochs: int,
-          batch_size: int | None, lr: float | None, augment: bool | None, dropout: float | None, seed: int,
+          batch_size: int | None, lr: float | None, augment: bool | None, dropout: float | None, stn_lr_scale: float | None, seed: int,
           device: str, out_dir: str, resume: bool, stop_after: int | None, quiet: bool) -> None:
     """Train the STN classifier and write a checkpoint each epoch (atomically)."""
     from pathlib import Path
@@ -49,7 +51,8 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
     from stn_deploy.train import train as run_training
 
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
-                                    augment=augment, dropout=dropout, seed=seed, device=device, quiet=quiet,
+                                    augment=augment, dropout=dropout,
+                                    stn_lr_scale=stn_lr_scale, seed=seed, device=device, quiet=quiet,
                                     stop_after=stop_after)
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
