@@ -15,6 +15,7 @@ import datetime
 import json
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,15 +40,15 @@ def main() -> None:
                     help="the STN's LR relative to the rest [default: the recipe's, 0.1]")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    base = TrainOptions.from_recipe(args.recipe, epochs=args.epochs, quiet=True, device="cpu",
+                                    stn_lr_scale=args.stn_lr_scale)
     rows = []
     for use_stn in (True, False):
         for seed in seeds:
             bundle = load_dataset(args.dataset, args.data_dir, distort="rts", seed=seed,
                                   use_stn=use_stn)
             with tempfile.TemporaryDirectory() as tmp:
-                opts = TrainOptions.from_recipe(args.recipe, epochs=args.epochs, seed=seed,
-                                                quiet=True, device="cpu",
-                                                stn_lr_scale=args.stn_lr_scale)
+                opts = replace(base, seed=seed)
                 result = train(bundle, tmp, opts)
             last = result.history[-1]
             rows.append({"use_stn": use_stn, "seed": seed, "parameters": result.parameters,
@@ -65,7 +66,7 @@ def main() -> None:
     doc = {"date": datetime.date.today().isoformat(),
            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
            "dataset": f"{DESCRIBE[args.dataset]}, RTS-distorted",
-           "recipe": args.recipe, "stn_lr_scale": opts.stn_lr_scale, "epochs": args.epochs,
+           "recipe": args.recipe, "stn_lr_scale": base.stn_lr_scale, "epochs": args.epochs,
            "seeds": seeds, "runs": rows,
            "summary": summary}
     RESULTS.mkdir(exist_ok=True)

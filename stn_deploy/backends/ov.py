@@ -121,10 +121,11 @@ class OpenVinoRunner(OnnxRuntimeRunner):
                 for i, name in enumerate(self.output_names)}
 
     def bind_impl(self, x: np.ndarray) -> None:
+        # Slices along the batch axis of a C-contiguous array are themselves contiguous.
         parts = self._slices(np.ascontiguousarray(x))
         self._bound = self._requests[:len(parts)]
         for request, part in zip(self._bound, parts):
-            request.set_input_tensor(self._ov.Tensor(np.ascontiguousarray(part)))
+            request.set_input_tensor(self._ov.Tensor(part))
 
     def infer_bound_impl(self) -> None:
         self._run_all(self._bound, None)

@@ -92,9 +92,9 @@ def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               "gate still work).")
 def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
           iterations: int | None, duration: float | None, warmup: int, compute_only: bool,
-          threads: int | None, ov_hint: str, ov_precision: str, device: str | None, dataset: str | None,
-          data_dir: str | None, eval_samples: int | None, min_agreement: float | None,
-          max_accuracy_drop: float | None, json_path: Path | None, csv_path: Path | None,
+          threads: int | None, ov_hint: str, ov_precision: str, device: str | None,
+          dataset: str | None, data_dir: str | None, eval_samples: int | None,
+          min_agreement: float | None, max_accuracy_drop: float | None, json_path: Path | None, csv_path: Path | None,
           md_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
     """Measure accuracy and speed of MODEL... (checkpoints, .onnx files, TensorRT plans) on
     each backend that can run them."""

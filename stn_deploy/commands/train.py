@@ -40,8 +40,9 @@ from stn_deploy.commands.options import dataset_options
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           image_size: int | None, no_stn: bool, align_corners: bool, recipe: str, epochs: int,
-          batch_size: int | None, lr: float | None, augment: bool | None, dropout: float | None, stn_lr_scale: float | None, seed: int,
-          device: str, out_dir: str, resume: bool, stop_after: int | None, quiet: bool) -> None:
+          batch_size: int | None, lr: float | None, augment: bool | None, dropout: float | None,
+          stn_lr_scale: float | None, seed: int, device: str, out_dir: str, resume: bool,
+          stop_after: int | None, quiet: bool) -> None:
     """Train the STN classifier and write a checkpoint each epoch (atomically)."""
     from pathlib import Path
 
@@ -52,8 +53,8 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
 
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                     augment=augment, dropout=dropout,
-                                    stn_lr_scale=stn_lr_scale, seed=seed, device=device, quiet=quiet,
-                                    stop_after=stop_after)
+                                    stn_lr_scale=stn_lr_scale, seed=seed, device=device,
+                                    quiet=quiet, stop_after=stop_after)
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
         raise StnDeployError(f"--resume: no checkpoint at {resume_from}")

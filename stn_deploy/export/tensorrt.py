@@ -8,8 +8,9 @@ FP16 builds a strongly typed network on TensorRT 10 and 11: the precision comes 
 ONNX itself, whose STN path is FP32 (the weakly typed FP16 flag would let TensorRT 10 pick FP16
 kernels for theta and the grid too). INT8 on TensorRT 10 is the QDQ graph with the INT8 flag;
 TensorRT 11 removed the flags and reads the QDQ nodes in strongly typed mode. TF32 is turned
-off in every build, so FP32 layers compute in FP32, as the verification tolerances assume. Everything here except ``build_engine`` and ``import_tensorrt`` is plain
-Python and tested without TensorRT; those two are written against NVIDIA's documented Python
+off in every build, so FP32 layers compute in FP32, as the verification tolerances assume.
+Everything here except ``build_engine`` and ``import_tensorrt`` is plain Python and tested
+without TensorRT; those two are written against NVIDIA's documented Python
 API and have NOT run on this project's machines (no GPU, no TensorRT wheel).
 """
 
