@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flop-per-cycle", type=float, default=None,
                    help="FP32 FLOP per cycle per core [default: from the CPU family]")
     p.add_argument("--overhead-rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternating rounds of the FP32 rows at the smallest batch size")
     p.add_argument("--quick", action="store_true",
                    help="20 iterations, 256 eval images, 64 calibration images")
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_backends.json")
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.iterations, a.warmup = 20, 3
         a.eval_samples = a.eval_samples or 256
         a.calib_samples = min(a.calib_samples, 64)
-        a.overhead_rounds = 1
+        a.overhead_rounds = a.rounds = 1
     return a
 
 
@@ -241,6 +243,21 @@ def main(argv: list[str] | None = None) -> int:
                 row["notes"].append(opts["memory_format"])
             results.append(row)
 
+        # The batch-1 target compares runtimes measured minutes apart in the table above; on a
+        # shared machine speed drifts by 20-30% in phases, so the target is judged on rounds
+        # that visit every FP32 row in turn (median of the rounds' p50s per row).
+        small = min(batch_sizes)
+        log(f"batch {small}, FP32 rows: {args.rounds} alternating rounds")
+        fp32_idx = [i for i, r in enumerate(results) if r["precision"] == "fp32"]
+        rounds: dict[int, list[float]] = {i: [] for i in fp32_idx}
+        for _ in range(args.rounds):
+            for i in fp32_idx:
+                backend, path, opts, _kind = plan[i]
+                with create_runner(backend, path, threads=threads, **opts) as r:
+                    rounds[i].append(measure_latency(
+                        r, small, iterations=args.iterations, warmup=args.warmup,
+                        sample=data.images if data is not None else None).p50_ms)
+
         log("harness overhead: bare session.run loop vs harness p50 at batch 1")
         bare, harnessed = [], []
         with create_runner("onnxruntime", fp32, threads=threads) as r:
@@ -260,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     peak_gflops = max(measured.values())
     peak_ips = peak_gflops * 1e3 / mflop
 
+    def tag(r: dict[str, Any] | None) -> str | None:
+        return None if r is None else f"{r['backend']} {r['precision']} {' '.join(r['notes'])}".strip()
+
     def e2e(row: dict[str, Any], b: int) -> dict[str, Any] | None:
         return rep.latency_at(row, b)
 
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         cands = [(e2e(r, b)[key], r) for r in rows if e2e(r, b)]  # type: ignore[index]
         return (min if low else max)(cands, key=lambda c: c[0])[1] if cands else None
 
-    small, large = min(batch_sizes), max(batch_sizes)
+    large = max(batch_sizes)
     # The baseline is the faster PyTorch layout at batch 1, so no target rests on a slow eager.
     eager = best([r for r in results if r["backend"] == "torch"], small, "p50_ms", True)
     assert eager is not None
@@ -275,13 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     bf16_rows = [r for r in results if r["precision"] == "bf16"]
     int8_rows = [r for r in results if r["precision"] == "int8"]
     b1 = best(fp32_rows, small, "p50_ms", True)
+    round_p50 = {i: float(np.median(v)) for i, v in rounds.items()}
+    torch_i = min((i for i in round_p50 if results[i]["backend"] == "torch"), key=round_p50.get)
+    best_i = min((i for i in round_p50 if results[i]["backend"] != "torch"), key=round_p50.get)
+    rounds_doc = [{"row": tag(results[i]), "p50_ms": rounds[i], "median_p50_ms": round_p50[i]}
+                  for i in fp32_idx]
     tp32 = best(fp32_rows, large, "throughput_ips", False)
     tp8 = best(int8_rows, large, "throughput_ips", False)
     b1_bf16 = best(bf16_rows, small, "p50_ms", True)
     tp_bf16 = best(bf16_rows, large, "throughput_ips", False)
-
-    def tag(r: dict[str, Any] | None) -> str | None:
-        return None if r is None else f"{r['backend']} {r['precision']} {' '.join(r['notes'])}".strip()
 
     def ips(r: dict[str, Any] | None) -> float | None:
         return e2e(r, large)["throughput_ips"] if r and e2e(r, large) else None
@@ -303,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {
         "fp32_batch1_speedup_vs_eager": {
-            "value": e2e(eager, small)["p50_ms"] / e2e(b1, small)["p50_ms"] if b1 else None,
-            "target": ">= 5", "best": tag(b1), "batch_size": small},
+            "value": round_p50[torch_i] / round_p50[best_i],
+            "target": ">= 5", "best": tag(results[best_i]), "eager": tag(results[torch_i]),
+            "batch_size": small, "rounds": rounds_doc,
+            "single_pass_value": (e2e(eager, small)["p50_ms"] / e2e(b1, small)["p50_ms"]
+                                  if b1 else None),
+            "note": f"median p50 over {args.rounds} rounds alternating every FP32 row"},
         "fp32_throughput_over_peak": {
             "value": ips(tp32) / peak_ips if tp32 else None,  # type: ignore[operator]
             "target": ">= 0.80", "best": tag(tp32), "batch_size": large,
@@ -369,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "| Target | Value | Goal | Best |", "|---|---:|---|---|"]
     for k, t in targets.items():
         md.append(f"| {k} | {rep._fmt(t['value'], '.3f')} | {t['target']} | {t.get('best') or '-'} |")
+    md += ["", f"Batch {small}, FP32, {args.rounds} rounds alternating the rows (p50 ms per round;"
+           " the batch-1 target uses each row's median):", "",
+           "| Row | Rounds | Median |", "|---|---|---:|"]
+    md += [f"| {d['row']} | {', '.join(f'{v:.3f}' for v in d['p50_ms'])} | "
+           f"{d['median_p50_ms']:.3f} |" for d in rounds_doc]
     md += ["", "bf16 (OpenVINO's own default on this CPU; not an FP32 figure): "
            + ", ".join(f"{k} {rep._fmt(v, '.3f')}" for k, v in bf16_figures.items()
                        if k != "best") + ".",

@@ -96,20 +96,28 @@ def test_openvino_is_really_fp32(digits_onnx: Path) -> None:
 
 def test_openvino_throughput_splits_a_batch_and_keeps_order(digits_onnx: Path,
                                                           digits_bundle: DataBundle) -> None:
-    """THROUGHPUT runs slices of a batch concurrently; the joined outputs equal one request's."""
+    """THROUGHPUT runs slices of a batch concurrently, reusing requests when there are more
+    slices than requests; the joined outputs equal one request's, in order."""
     if unavailable_reason("openvino"):
         pytest.skip(unavailable_reason("openvino"))
-    images = normalize_np(digits_bundle.test.images[:37].numpy(), digits_bundle.config)
+    from stn_deploy.backends.ov import REQUESTS_PER_STREAM, SLICE
+
+    # 7 slices on 2 x streams requests (4 with 2 threads): every request runs more than once.
+    n = 6 * SLICE + 5
+    images = normalize_np(digits_bundle.test.images[:n].numpy(), digits_bundle.config)
+    assert len(images) == n
     with create_runner("openvino", digits_onnx, hint="latency", threads=2) as r:
         one = r.infer(images)
         assert r.describe()["requests"] == 1
     with create_runner("openvino", digits_onnx, hint="throughput", threads=2) as r:
         d = r.describe()
-        assert d["requests"] == d["streams"] == len(r._requests)
+        assert d["requests"] == REQUESTS_PER_STREAM * d["streams"] == r._n_requests
+        assert d["slice"] == SLICE and len(r._slices(images)) == 7 > d["requests"]
         many = r.infer(images)
         single = r.infer(images[:1])  # fewer images than requests
         r.bind(images)
         r.infer_bound()
+        assert set(r._static) == {SLICE, 5, 1}  # one static compile per slice size seen
     for name in ("logits", "theta"):
         assert many[name].shape == one[name].shape
         np.testing.assert_allclose(many[name], one[name], atol=1e-5)
