@@ -91,25 +91,25 @@ class OpenVinoRunner(OnnxRuntimeRunner):
                                  f"{str(e).strip().splitlines()[0]}") from None
         # The file's own graph, compiled once: it validates the file and tells the input,
         # streams and precision; runs use static copies per batch size (_requests_for).
-        self._compiled = self._compile(self._model)
-        inp = self._compiled.inputs[0]
+        compiled = self._compile(self._model)
+        inp = compiled.inputs[0]
         pshape = inp.get_partial_shape()
         batch = pshape[0].get_length() if pshape[0].is_static else -1
         embedded = self._meta.get("preprocess") == "embedded" or inp.get_element_type() == ov.Type.u8
         self.input_spec = spec_for(self.config, name=inp.get_any_name(), embedded=embedded,
                                    batch=batch)
-        self.output_names = tuple(o.get_any_name() for o in self._compiled.outputs)
-        computed = _type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.output_names = tuple(o.get_any_name() for o in compiled.outputs)
+        computed = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         if COMPUTE[self.precision] == "bf16" and computed != "bf16":
             raise StnDeployError(f"openvino bf16: this CPU has no bf16 support (OpenVINO computes"
                                  f" in {computed}); run the file as fp32")
         # A static-batch graph cannot be sliced, so it keeps one request, as LATENCY does.
-        streams = int(self._compiled.get_property("NUM_STREAMS"))
+        streams = int(compiled.get_property("NUM_STREAMS"))
         n = 1 if self.hint == "latency" or batch != -1 else max(1, REQUESTS_PER_STREAM * streams)
         self._n_requests = n
         self._static: OrderedDict[int, list[Any]] = OrderedDict()
         if batch != -1:
-            self._static[batch] = [self._compiled.create_infer_request() for _ in range(n)]
+            self._static[batch] = [compiled.create_infer_request() for _ in range(n)]
         self._described = {
             "threads": self.threads, "hint": self.hint,
             "streams": streams, "requests": n, "slice": SLICE if n > 1 else None,
@@ -148,7 +148,7 @@ class OpenVinoRunner(OnnxRuntimeRunner):
         """Runs slice k on request k mod R of its shape's model, at most R in flight, oldest
         collected first; returns each slice's outputs in order (copied: a request's output
         buffers are overwritten by its next run)."""
-        if len(tensors) == 1:  # batch 1 and LATENCY: the synchronous call is ~10% faster
+        if len(tensors) == 1:  # LATENCY: the synchronous call beats start_async + wait
             request = self._requests_for(tensors[0].shape[0])[0]
             request.set_input_tensor(tensors[0])
             request.infer()
@@ -191,7 +191,7 @@ class OpenVinoRunner(OnnxRuntimeRunner):
         self._static.clear()
         self._bound = None
         self._bound_input = None
-        self._compiled = self._model = None
+        self._model = None
 
 
 def _type_name(t: Any) -> str:
