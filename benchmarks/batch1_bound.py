@@ -120,4 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stn_deploy.errors import StnDeployError
+
+    try:
+        sys.exit(main())
+    except StnDeployError as e:  # bad input: one line, no traceback
+        sys.exit(f"batch1_bound: {e}")
