@@ -295,12 +295,50 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+BUSY_WARN_PCT = 25.0  # others' CPU use before timing starts that makes latencies suspect
+
+
+def cpu_busy_pct(window_s: float = 0.3) -> float | None:
+    """Percent of all CPUs kept busy by other processes while this one sleeps ``window_s``.
+
+    A benchmark on a loaded machine is inflated, OpenVINO's most of all (its thread pool waits
+    for every worker); measured at the start, it goes in the report beside the numbers.
+    None where /proc/stat is not there (not Linux).
+    """
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = sum(fields[3:5])  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total (no guest double count)
+
+    first = sample()
+    time.sleep(window_s)
+    second = sample()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    return 100.0 * (second[0] - first[0]) / (second[1] - first[1])
+
+
+def busy_warning(busy_pct: float | None) -> str | None:
+    """The line to print when the machine was busy before timing, else None."""
+    if busy_pct is None or busy_pct < BUSY_WARN_PCT:
+        return None
+    return (f"warning: other processes kept {busy_pct:.0f}% of the CPUs busy before timing "
+            "started; latencies will be inflated (OpenVINO's most). Bench on an idle machine "
+            "or pass --threads below the CPU count.")
+
+
 def system_info() -> dict[str, Any]:
     from stn_deploy.backends.base import cuda_device_name
 
     return {
         "cpu": cpu_name(),
         "cpus_available": available_cpus(),
+        "cpu_busy_pct_at_start": cpu_busy_pct(),
         "cpu_count": os.cpu_count(),
         "gpu": cuda_device_name(),
         "platform": platform.platform(),

@@ -7,7 +7,8 @@ bumps the version)::
       "schema_version": 1,
       "tool": "stn-deploy", "tool_version": str, "created": ISO-8601 UTC time,
       "system": {"cpu", "cpus_available", "cpu_count", "gpu" (null), "platform", "python",
-                 "libraries": {package: version}},
+                 "libraries": {package: version}, "cpu_busy_pct_at_start": float|null
+                 (percent of all CPUs that other processes used just before the runs)},
       "settings": {"batch_sizes": [int], "iterations": int|null, "duration_s": float|null,
                    "warmup": int, "threads": int|null, "compute_only": bool,
                    "eval_samples": int|null, "dataset": str|null,
@@ -49,6 +50,7 @@ import os
 from typing import Any
 
 from stn_deploy.fileio import atomic_path, write_text_atomic
+from stn_deploy.harness import BUSY_WARN_PCT
 
 SCHEMA_VERSION = 1
 
@@ -206,6 +208,10 @@ def footnotes(report: dict[str, Any]) -> list[str]:
     sysinfo = report.get("system") or {}
     notes.append(f"Machine: {sysinfo.get('cpu')} ({sysinfo.get('cpus_available')} CPUs)"
                  + (f", GPU {sysinfo['gpu']}" if sysinfo.get("gpu") else ""))
+    busy = sysinfo.get("cpu_busy_pct_at_start")
+    if busy is not None and busy >= BUSY_WARN_PCT:
+        notes.append(f"The machine was busy when the runs started: other processes used "
+                     f"{busy:.0f}% of the CPUs; latencies are inflated.")
     for name, reason in (report.get("skipped_backends") or {}).items():
         notes.append(f"skipped {name}: {reason}")
     return notes

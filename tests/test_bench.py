@@ -176,3 +176,32 @@ def test_help_lists_options() -> None:
     for opt in ("--backend", "--batch-sizes", "--min-agreement", "--max-accuracy-drop", "--plot",
                 "--csv", "--markdown", "--quiet", "--duration", "--ov-precision"):
         assert opt in res.output
+
+
+def test_busy_machine_is_warned_and_recorded(digits_onnx: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from stn_deploy.backends.base import available_cpus
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(min(available_cpus(), 8))]
+    try:
+        time.sleep(0.3)
+        res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "onnxruntime",
+                                       "--batch-sizes", "1", "--iterations", "2", "--warmup", "0",
+                                       "--eval-samples", "0", "--quiet",
+                                       "--json", str(tmp_path / "b.json"),
+                                       "--markdown", str(tmp_path / "b.md")])
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert res.exit_code == 0, res.output
+    busy = json.loads((tmp_path / "b.json").read_text())["system"]["cpu_busy_pct_at_start"]
+    if busy is None:
+        pytest.skip("no /proc/stat on this system")
+    assert busy >= 25
+    assert f"other processes kept {busy:.0f}% of the CPUs busy" in res.output
+    assert f"other processes used {busy:.0f}% of the CPUs" in (tmp_path / "b.md").read_text()

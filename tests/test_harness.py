@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,34 @@ def test_system_info_names_cpu() -> None:
     info = H.system_info()
     assert info["cpu"] and info["cpus_available"] >= 1
     assert "numpy" in info["libraries"]
+
+
+def _spinners(n: int) -> list[Any]:
+    import subprocess
+    import sys
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_cpu_busy_pct_sees_other_processes() -> None:
+    from stn_deploy.backends.base import available_cpus
+
+    procs = _spinners(1)
+    try:
+        time.sleep(0.3)  # let it start spinning
+        busy = H.cpu_busy_pct()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    if busy is None:
+        pytest.skip("no /proc/stat on this system")
+    # One spinning process keeps one CPU of all of them busy (the machine may add more).
+    assert 0.6 * 100 / (os.cpu_count() or available_cpus()) <= busy <= 100
+
+
+def test_busy_warning_only_above_threshold() -> None:
+    assert H.busy_warning(None) is None
+    assert H.busy_warning(H.BUSY_WARN_PCT - 1) is None
+    line = H.busy_warning(80.0)
+    assert line is not None and "80%" in line and "\n" not in line

@@ -223,7 +223,7 @@ def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str 
     from stn_deploy.backends import create_runner, unavailable_reason
     from stn_deploy.backends.base import model_kind, onnx_precision
     from stn_deploy.errors import StnDeployError
-    from stn_deploy.harness import bench_runner, system_info
+    from stn_deploy.harness import bench_runner, busy_warning, system_info
 
     pairs, skipped = plan_rows(models, backends)
     if not pairs:
@@ -238,6 +238,9 @@ def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str 
         "reference": None, "eval_data": None, "skipped_backends": skipped, "results": [],
         "gate": {"passed": True, "failures": []},
     }
+    warning = busy_warning(report["system"]["cpu_busy_pct_at_start"])
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="stn-bench-") as tmp:
         exported: dict[Path, Path] = {}
 

@@ -4,6 +4,7 @@
 #include <openvino/openvino.hpp>
 
 #include <cctype>
+#include <list>
 
 #include "internal.hpp"
 
@@ -64,15 +65,19 @@ void check_onnx_structure(const std::string& path) {
 
 std::shared_ptr<ov::Model> read_model(ov::Core& core, const std::string& path, bool onnx);
 
+// A file with a dynamic batch axis is compiled once per batch size it runs at, as the Python
+// runner does: static shapes ran faster at batch 1 than the dynamic graph side by side. The
+// kKeepShapes most recently used sizes stay compiled.
 class OpenVinoClassifier final : public Classifier {
 public:
-    OpenVinoClassifier(ModelInfo info, ov::CompiledModel compiled, ov::element::Type in_type, std::string out_name)
-        : Classifier(std::move(info)), compiled_(std::move(compiled)), in_type_(in_type), out_name_(std::move(out_name)) {
-        try {
-            request_ = compiled_.create_infer_request();
-        } catch (const std::exception& e) {
-            throw Error(this->info().path + ": OpenVINO cannot create an inference request: " + first_line(e.what()));
-        }
+    static constexpr size_t kKeepShapes = 4;
+
+    OpenVinoClassifier(ModelInfo info, ov::Core core, std::shared_ptr<ov::Model> model, std::string device,
+                       ov::AnyMap config, ov::element::Type in_type, std::string out_name)
+        : Classifier(std::move(info)), core_(std::move(core)), model_(std::move(model)), device_(std::move(device)),
+          config_(std::move(config)), in_type_(in_type), out_name_(std::move(out_name)),
+          dynamic_batch_(model_->input().get_partial_shape()[0].is_dynamic()) {
+        compiled_for(1);  // compile errors surface when the model is opened, not at first use
     }
 
     // OpenVINO messages span several lines and carry source locations; keep the informative
@@ -106,9 +111,10 @@ protected:
         try {
             // Wraps the caller's memory: no copy. OpenVINO only reads an input tensor.
             ov::Tensor tensor(in_type_, shape, const_cast<void*>(input));
-            request_.set_input_tensor(tensor);
-            request_.infer();
-            const ov::Tensor out = request_.get_tensor(out_name_);
+            ov::InferRequest& request = compiled_for(batch).request;
+            request.set_input_tensor(tensor);
+            request.infer();
+            const ov::Tensor out = request.get_tensor(out_name_);
             if (out.get_element_type() != ov::element::f32)
                 throw Error(info().path + ": output '" + out_name_ + "' is " + out.get_element_type().get_type_name() + ", expected f32");
             const ov::Shape os = out.get_shape();
@@ -125,10 +131,46 @@ protected:
     }
 
 private:
-    ov::CompiledModel compiled_;
-    ov::InferRequest request_;
+    struct Compiled {
+        int batch;  // 0: the file's batch axis is static, one compiled model serves every call
+        ov::CompiledModel model;
+        ov::InferRequest request;
+    };
+
+    Compiled& compiled_for(int batch) {
+        const int key = dynamic_batch_ ? batch : 0;
+        for (auto it = compiled_.begin(); it != compiled_.end(); ++it) {
+            if (it->batch != key) continue;
+            compiled_.splice(compiled_.begin(), compiled_, it);  // most recently used first
+            return compiled_.front();
+        }
+        try {
+            std::shared_ptr<ov::Model> model = model_;
+            if (dynamic_batch_) {
+                model = model_->clone();
+                ov::PartialShape shape = model->input().get_partial_shape();
+                shape[0] = batch;
+                model->reshape(shape);
+            }
+            ov::CompiledModel compiled = core_.compile_model(model, device_, config_);
+            compiled_.push_front(Compiled{key, compiled, compiled.create_infer_request()});
+        } catch (const std::exception& e) {
+            throw Error(info().path + ": OpenVINO cannot compile the model for " + device_ +
+                        (dynamic_batch_ ? " at batch " + std::to_string(batch) : std::string()) + ": " +
+                        first_line(e.what()));
+        }
+        if (compiled_.size() > kKeepShapes) compiled_.pop_back();
+        return compiled_.front();
+    }
+
+    ov::Core core_;
+    std::shared_ptr<ov::Model> model_;
+    std::string device_;
+    ov::AnyMap config_;
     ov::element::Type in_type_;
     std::string out_name_;
+    bool dynamic_batch_;
+    std::list<Compiled> compiled_;
 };
 
 }  // namespace
@@ -210,14 +252,9 @@ std::unique_ptr<Classifier> open_openvino(const std::string& path, const OpenOpt
     ov::AnyMap config{ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY),
                       ov::hint::inference_precision(ov::element::f32)};
     if (options.num_threads > 0) config.emplace(ov::inference_num_threads(options.num_threads));
-    ov::CompiledModel compiled;
-    try {
-        compiled = core.compile_model(model, options.device.empty() ? "CPU" : options.device, config);
-    } catch (const std::exception& e) {
-        throw Error(path + ": OpenVINO cannot compile the model for " + options.device + ": " +
-                    OpenVinoClassifier::first_line(e.what()));
-    }
-    return std::make_unique<OpenVinoClassifier>(std::move(info), std::move(compiled), want_in, out_name);
+    return std::make_unique<OpenVinoClassifier>(std::move(info), std::move(core), std::move(model),
+                                                options.device.empty() ? "CPU" : options.device, std::move(config),
+                                                want_in, out_name);
 }
 
 }  // namespace stn::detail
