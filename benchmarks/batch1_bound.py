@@ -37,12 +37,13 @@ def ov_profile(path: Path, shape: tuple[int, ...], threads: int, iterations: int
     (OpenVINO reports the latest run only, and a single run is noisy)."""
     import openvino as ov
 
+    from stn_deploy.backends.ov import compile_config
+
     core = ov.Core()
     model = core.read_model(str(path))
     model.reshape({0: [1, *shape]})
     compiled = core.compile_model(model, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-        "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+        **compile_config("latency", threads, "fp32"), "PERF_COUNT": True})
     request = compiled.create_infer_request()
     request.set_input_tensor(ov.Tensor(np.zeros((1, *shape), np.float32)))
     runs: list[collections.Counter[str]] = []

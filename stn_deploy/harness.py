@@ -301,8 +301,9 @@ BUSY_WARN_PCT = 25.0  # others' CPU use before timing starts that makes latencie
 def cpu_busy_pct(window_s: float = 0.3) -> float | None:
     """Percent of all CPUs kept busy by other processes while this one sleeps ``window_s``.
 
-    A benchmark on a loaded machine is inflated, OpenVINO's most of all (its thread pool waits
-    for every worker); measured at the start, it goes in the report beside the numbers.
+    On a loaded machine the runtimes whose thread pools wait for every worker slow down many
+    times over (beside a training run here, PyTorch eager at batch 1 went from ~1.5 ms to
+    ~390 ms), so the figure goes in the report beside the numbers.
     None where /proc/stat is not there (not Linux).
     """
 
@@ -328,8 +329,8 @@ def busy_warning(busy_pct: float | None) -> str | None:
     if busy_pct is None or busy_pct < BUSY_WARN_PCT:
         return None
     return (f"warning: other processes kept {busy_pct:.0f}% of the CPUs busy before timing "
-            "started; latencies will be inflated (OpenVINO's most). Bench on an idle machine "
-            "or pass --threads below the CPU count.")
+            "started; latencies will be inflated, some many times over. Bench on an idle "
+            "machine or pass --threads below the CPU count.")
 
 
 def system_info() -> dict[str, Any]:

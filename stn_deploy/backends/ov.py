@@ -37,6 +37,17 @@ REQUESTS_PER_STREAM = 2
 KEEP_SHAPES = 4  # static compiles kept per runner
 
 
+def compile_config(hint: str, threads: int, precision: str) -> dict[str, Any]:
+    """The one spelling of how stn-deploy compiles for OpenVINO's CPU plugin (benchmarks that
+    profile OpenVINO add to it)."""
+    return {
+        "PERFORMANCE_HINT": hint.upper(),
+        "INFERENCE_NUM_THREADS": threads,
+        # fp16 models: OpenVINO decompresses FP16 weights; compute stays f32 on the CPU.
+        "INFERENCE_PRECISION_HINT": COMPUTE[precision],
+    }
+
+
 def import_openvino() -> Any:
     return require("openvino", "pip install openvino")
 
@@ -77,12 +88,7 @@ class OpenVinoRunner(OnnxRuntimeRunner):
     def activate_impl(self) -> None:
         ov = import_openvino()
         core = ov.Core()
-        config = {
-            "PERFORMANCE_HINT": self.hint.upper(),
-            "INFERENCE_NUM_THREADS": self.threads,
-            # fp16 models: OpenVINO decompresses FP16 weights; compute stays f32 on the CPU.
-            "INFERENCE_PRECISION_HINT": COMPUTE[self.precision],
-        }
+        config = compile_config(self.hint, self.threads, self.precision)
         self._core, self._config, self._ov = core, config, ov
         try:
             self._model = core.read_model(str(self.model_path))
