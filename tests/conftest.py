@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,19 @@ def cifar_jpeg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if len(counts) == 20 and all(counts[k] >= keep[k[0]] for k in counts):
                 break
     return out
+
+
+@pytest.fixture
+def spin_cpus() -> Iterator[Callable[[int], None]]:
+    """``spin_cpus(n)`` keeps n CPUs busy with other processes until the test ends."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(n: int) -> None:
+        procs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                     for _ in range(n))
+        time.sleep(0.3)  # let them start spinning
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()

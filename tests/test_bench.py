@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,26 +179,16 @@ def test_help_lists_options() -> None:
         assert opt in res.output
 
 
-def test_busy_machine_is_warned_and_recorded(digits_onnx: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    import time
-
+def test_busy_machine_is_warned_and_recorded(digits_onnx: Path, tmp_path: Path,
+                                             spin_cpus: Callable[[int], None]) -> None:
     from stn_deploy.backends.base import available_cpus
 
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(min(available_cpus(), 8))]
-    try:
-        time.sleep(0.3)
-        res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "onnxruntime",
-                                       "--batch-sizes", "1", "--iterations", "2", "--warmup", "0",
-                                       "--eval-samples", "0", "--quiet",
-                                       "--json", str(tmp_path / "b.json"),
-                                       "--markdown", str(tmp_path / "b.md")])
-    finally:
-        for p in spinners:
-            p.kill()
-            p.wait()
+    spin_cpus(min(available_cpus(), 8))
+    res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "onnxruntime",
+                                   "--batch-sizes", "1", "--iterations", "2", "--warmup", "0",
+                                   "--eval-samples", "0", "--quiet",
+                                   "--json", str(tmp_path / "b.json"),
+                                   "--markdown", str(tmp_path / "b.md")])
     assert res.exit_code == 0, res.output
     busy = json.loads((tmp_path / "b.json").read_text())["system"]["cpu_busy_pct_at_start"]
     if busy is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -203,24 +204,11 @@ def test_system_info_names_cpu() -> None:
     assert "numpy" in info["libraries"]
 
 
-def _spinners(n: int) -> list[Any]:
-    import subprocess
-    import sys
-
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-
-
-def test_cpu_busy_pct_sees_other_processes() -> None:
+def test_cpu_busy_pct_sees_other_processes(spin_cpus: Callable[[int], None]) -> None:
     from stn_deploy.backends.base import available_cpus
 
-    procs = _spinners(1)
-    try:
-        time.sleep(0.3)  # let it start spinning
-        busy = H.cpu_busy_pct()
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+    spin_cpus(1)
+    busy = H.cpu_busy_pct()
     if busy is None:
         pytest.skip("no /proc/stat on this system")
     # One spinning process keeps one CPU of all of them busy (the machine may add more).
