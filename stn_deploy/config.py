@@ -16,6 +16,7 @@ from stn_deploy.errors import StnDeployError
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
+LOC_NETS = ("seed", "large")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelConfig:
     dropout: float = 0.05
     dataset: str = "cifar10"
     distort: str = "none"
+    loc_net: str = "seed"  # the STN's localization net: "seed" (the design's) or "large"
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON; keep the dataclass hashable and comparable.
@@ -54,6 +56,9 @@ class ModelConfig:
             raise StnDeployError("mean and std need one value per input channel")
         if any(s <= 0 for s in self.std):
             raise StnDeployError("std values must be positive")
+        if self.loc_net not in LOC_NETS:
+            raise StnDeployError(f"unknown loc_net {self.loc_net!r}; choose from "
+                                 f"{', '.join(LOC_NETS)}")
         # The localization net's valid convolutions and two poolings need at least 22 pixels.
         if self.image_size < 22:
             raise StnDeployError(f"image_size must be at least 22, got {self.image_size}")

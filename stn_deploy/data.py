@@ -24,7 +24,10 @@ from stn_deploy.config import CIFAR10_CLASSES, ModelConfig
 from stn_deploy.errors import MissingDependencyError, StnDeployError
 
 DATASETS = ("digits", "cifar10", "imagefolder", "fashion-mnist")
-DISTORTIONS = ("none", "rts")
+# rts: the digit rotated, scaled and shifted inside its own frame. rts-canvas: the paper's
+# 42x42 RTS MNIST setting, the image on a canvas 1.5x its size, so the STN must find and zoom.
+DISTORTIONS = ("none", "rts", "rts-canvas")
+CANVAS_FACTOR = 1.5
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".webp", ".tif",
                   ".tiff"}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -39,12 +42,16 @@ class ImageSet:
     images: Tensor  # uint8, (N, C, H, W)
     labels: Tensor  # int64, (N,)
     classes: tuple[str, ...]
+    # Per image, the sampling theta of the distortion applied to it (None: undistorted):
+    # what STN health compares the STN's own theta against.
+    applied: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, n: int) -> "ImageSet":
-        return ImageSet(self.images[:n], self.labels[:n], self.classes)
+        applied = None if self.applied is None else self.applied[:n]
+        return ImageSet(self.images[:n], self.labels[:n], self.classes, applied)
 
 
 # ---------------------------------------------------------------------------------- loaders
@@ -229,14 +236,22 @@ def resize(images: Tensor, size: int) -> Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def rts_thetas(n: int, seed: int) -> Tensor:
-    """Per-sample sampling thetas for the STN paper's rotated, translated, scaled distortion:
-    rotation in +-45 degrees, scale 0.5-0.85 of the frame, shift up to a quarter of it."""
+def rts_thetas(n: int, seed: int, canvas: bool = False) -> Tensor:
+    """Per-sample sampling thetas for the STN paper's rotated, translated, scaled distortion.
+
+    In the frame (rts): rotation in +-45 degrees, scale 0.5-0.85 of the frame, shift up to a
+    quarter of it. On a canvas (rts-canvas, the paper's 42x42 MNIST): the image fills 1/1.5
+    of the canvas at scale 1, is scaled 0.7-1.2 and placed anywhere it stays mostly inside.
+    """
     # One row of draws per sample: sample i's transform is the same whatever n is.
     u = torch.rand(n, 4, generator=torch.Generator().manual_seed(seed))
     angle = (u[:, 0] * 2 - 1) * math.pi / 4
-    scale = 0.5 + u[:, 1] * 0.35
-    shift = (u[:, 2:] * 2 - 1) * 0.25
+    if canvas:
+        scale = (0.7 + u[:, 1] * 0.5) / CANVAS_FACTOR
+        shift = (u[:, 2:] * 2 - 1) * (1.0 - 0.7 * scale[:, None])
+    else:
+        scale = 0.5 + u[:, 1] * 0.35
+        shift = (u[:, 2:] * 2 - 1) * 0.25
     cos, sin = torch.cos(angle), torch.sin(angle)
     # Forward map p = s R q + t; sampling needs its inverse q = R^T (p - t) / s.
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
@@ -245,16 +260,31 @@ def rts_thetas(n: int, seed: int) -> Tensor:
     return torch.cat([inv, offset], dim=2)
 
 
-def distort_rts(images: Tensor, seed: int) -> Tensor:
-    """Deterministic per sample: sample i of a given seed is always distorted the same way."""
-    out = torch.empty_like(images)
-    thetas = rts_thetas(len(images), seed)
-    for start in range(0, len(images), 4096):
+def warp_images(images: Tensor, thetas: Tensor, size: int | None = None) -> Tensor:
+    """uint8 images sampled through per-image thetas, at ``size`` (default: their own)."""
+    n, c, h, w = images.shape
+    out_h, out_w = (size, size) if size else (h, w)
+    out = torch.empty((n, c, out_h, out_w), dtype=torch.uint8)
+    for start in range(0, n, 4096):
         x = images[start:start + 4096].float()
-        grid = F.affine_grid(thetas[start:start + 4096], list(x.shape), align_corners=False)
+        grid = F.affine_grid(thetas[start:start + 4096], [len(x), c, out_h, out_w],
+                             align_corners=False)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         out[start:start + 4096] = y.round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def distort(images: Tensor, kind: str, seed: int) -> tuple[Tensor, Tensor]:
+    """(distorted images, the sampling thetas applied); deterministic per sample and seed."""
+    canvas = kind == "rts-canvas"
+    thetas = rts_thetas(len(images), seed, canvas=canvas)
+    size = round(images.shape[-1] * CANVAS_FACTOR) if canvas else None
+    return warp_images(images, thetas, size), thetas
+
+
+def distort_rts(images: Tensor, seed: int) -> Tensor:
+    """Deterministic per sample: sample i of a given seed is always distorted the same way."""
+    return warp_images(images, rts_thetas(len(images), seed))
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -288,14 +318,31 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None,
     return load_imagefolder(split, path, classes, image_size)
 
 
-def prepare(data: ImageSet, image_size: int, distort: str, seed: int) -> ImageSet:
-    """Resize to the model's input size, then apply the (seeded) distortion."""
-    if distort not in DISTORTIONS:
-        raise StnDeployError(f"unknown distortion {distort!r}; choose from {', '.join(DISTORTIONS)}")
+def prepare(data: ImageSet, image_size: int, kind: str, seed: int) -> ImageSet:
+    """Resize to the image size, then apply the (seeded) distortion, remembering its thetas."""
+    if kind not in DISTORTIONS:
+        raise StnDeployError(f"unknown distortion {kind!r}; choose from {', '.join(DISTORTIONS)}")
     images = resize(data.images, image_size)
-    if distort == "rts":
-        images = distort_rts(images, seed)
-    return ImageSet(images, data.labels, data.classes)
+    if kind == "none":
+        return ImageSet(images, data.labels, data.classes)
+    images, thetas = distort(images, kind, seed)
+    return ImageSet(images, data.labels, data.classes, thetas)
+
+
+def model_split(config: ModelConfig, split: str, data_dir: str | Path | None, *,
+                name: str | None = None, seed: int = 0) -> ImageSet:
+    """A split as the model saw it in training: resized, and distorted with load_dataset's
+    seeds (so the test split's applied transforms are known), or another dataset undistorted
+    at the model's input size."""
+    name = name or config.dataset
+    own = name == config.dataset
+    size = config.image_size
+    if own and config.distort == "rts-canvas":
+        size = round(size / CANVAS_FACTOR)
+    classes = tuple(config.class_names) if own and name == "imagefolder" else None
+    data = load_split(name, split, data_dir, classes=classes, image_size=size)
+    return prepare(data, size, config.distort if own else "none",
+                   seed + (1_000_003 if split == "test" else 0))
 
 
 @dataclass
@@ -303,26 +350,41 @@ class DataBundle:
     train: ImageSet
     test: ImageSet
     config: ModelConfig
+    # The training images before distortion (resized), so training can draw fresh
+    # distortions each epoch; None for undistorted data.
+    train_clean: ImageSet | None = None
+
+    def redistort_train(self, seed: int) -> ImageSet:
+        """The training set with a fresh seeded distortion per image (same seed, same set)."""
+        if self.train_clean is None:
+            return self.train
+        return prepare(self.train_clean, self.train_clean.images.shape[-1], self.config.distort,
+                       seed)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False,
                  image_size: int | None = None, distort: str = "none", seed: int = 0,
-                 use_stn: bool = True, align_corners: bool = False) -> DataBundle:
+                 use_stn: bool = True, align_corners: bool = False,
+                 loc_net: str = "seed") -> DataBundle:
     """Train and test splits at the model's input size, and the config that fits them."""
     size = image_size or DEFAULT_SIZE.get(name)
+    if size is not None and distort == "rts-canvas":  # image_size is the canvas's
+        size = round(size / CANVAS_FACTOR) if image_size else size
     train = load_split(name, "train", data_dir, download, image_size=size)
     size = size or max(int(train.images.shape[-1]), 22)
     test = load_split(name, "test", data_dir, classes=train.classes, image_size=size)
+    clean = ImageSet(resize(train.images, size), train.labels, train.classes)
     # Test seed differs from train's, so no test image is a distorted copy of a training one.
-    train = prepare(train, size, distort, seed)
+    train = prepare(clean, size, distort, seed)
     test = prepare(test, size, distort, seed + 1_000_003)
     mean, std = channel_stats(train.images)
     config = ModelConfig(
-        in_channels=int(train.images.shape[1]), image_size=size, num_classes=len(train.classes),
+        in_channels=int(train.images.shape[1]), image_size=int(train.images.shape[-1]),
+        num_classes=len(train.classes),
         class_names=train.classes, mean=mean, std=std, use_stn=use_stn,
-        align_corners=align_corners, dataset=name, distort=distort,
+        align_corners=align_corners, dataset=name, distort=distort, loc_net=loc_net,
     )
-    return DataBundle(train, test, config)
+    return DataBundle(train, test, config, None if distort == "none" else clean)
 
 
 def normalize(images: Tensor, config: ModelConfig) -> Tensor:

@@ -373,6 +373,7 @@ class EvalData:
     labels: np.ndarray | None
     dataset: str
     split: str = "test"
+    applied: np.ndarray | None = None  # per image, the distortion's sampling theta (N, 2, 3)
 
 
 @dataclass
@@ -387,6 +388,19 @@ class Reference:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "backend": self.backend, "precision": self.precision,
                 "accuracy_pct": self.accuracy_pct, "note": self.note}
+
+
+def stn_health(config: ModelConfig, outputs: dict[str, np.ndarray],
+               applied: np.ndarray | None) -> dict[str, Any] | None:
+    """The STN's health from this runner's own thetas (None: the graph has no theta output)."""
+    from stn_deploy.health import NO_STN, NotMeasured, assess
+
+    if not config.use_stn:
+        return NotMeasured(NO_STN).to_dict()
+    theta = outputs.get("theta")
+    if theta is None:
+        return None
+    return assess(theta, config.image_size, applied=applied).to_dict()
 
 
 def bench_runner(runner: Runner, row: dict[str, Any], settings: BenchSettings,
@@ -408,6 +422,7 @@ def bench_runner(runner: Runner, row: dict[str, Any], settings: BenchSettings,
             row["eval"] = compare_outputs(
                 outputs, data.labels, reference.outputs if reference else None,
                 reference.accuracy_pct if reference else None).to_dict()
+            row["eval"]["stn_health"] = stn_health(runner.config, outputs, data.applied)
             tick("eval")
         sample = data.images if data is not None else None
         modes = [END_TO_END] + ([COMPUTE_ONLY] if settings.compute_only

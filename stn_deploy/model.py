@@ -49,20 +49,36 @@ def _loc_feature_size(image_size: int) -> int:
     return s // 2  # pool
 
 
+def _localization(config: ModelConfig) -> tuple[nn.Sequential, int, int]:
+    """(conv stack, flattened feature size, regressor width) for ``config.loc_net``."""
+    c = config.in_channels
+    if config.loc_net == "large":
+        # Padded 5x5/5x5/3x3 convolutions with a ReLU after each pooling: each stage sees
+        # twice the extent of the last, enough to tell a digit's orientation and extent.
+        net = nn.Sequential(
+            nn.Conv2d(c, 16, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(True),
+            nn.Conv2d(16, 32, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(True),
+            nn.Conv2d(32, 32, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(True),
+        )
+        side = config.image_size // 8
+        return net, 32 * side * side, 64
+    net = nn.Sequential(
+        nn.Conv2d(c, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 7),
+        nn.MaxPool2d(2), nn.ReLU(True),
+        nn.Conv2d(8, 10, 5), nn.MaxPool2d(2), nn.ReLU(True),
+    )
+    side = _loc_feature_size(config.image_size)
+    return net, 10 * side * side, 32
+
+
 class SpatialTransformer(nn.Module):
     """Regresses a 2x3 affine theta (initialised to identity) and warps the input with it."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        c = config.in_channels
-        self.localization = nn.Sequential(
-            nn.Conv2d(c, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 7),
-            nn.MaxPool2d(2), nn.ReLU(True),
-            nn.Conv2d(8, 10, 5), nn.MaxPool2d(2), nn.ReLU(True),
-        )
-        side = _loc_feature_size(config.image_size)
+        self.localization, features, width = _localization(config)
         self.regressor = nn.Sequential(
-            nn.Linear(10 * side * side, 32), nn.ReLU(True), nn.Linear(32, 6)
+            nn.Linear(features, width), nn.ReLU(True), nn.Linear(width, 6)
         )
         nn.init.zeros_(self.regressor[2].weight)
         with torch.no_grad():

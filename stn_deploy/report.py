@@ -27,7 +27,12 @@ bumps the version)::
           "peak_rss_mb": float|null (peak resident memory over the RSS before the runner was
           created; null = not measurable),
           "eval": {"n", "accuracy_pct", "agreement_pct", "max_abs_logit_diff",
-                   "mean_abs_theta_diff", "accuracy_drop_pct"} | null,
+                   "mean_abs_theta_diff", "accuracy_drop_pct",
+                   "stn_health": null (no theta output) | {"measured": false, "stn": bool,
+                                 "reason": str} | stn_deploy.health.StnHealth as a dict
+                                 (theta_spread_px, spread, mean_pose, undone,
+                                 canonical_pose, collapsed, warnings, ...)}
+                  | null,
           "latency": [{"batch_size", "mode": "end_to_end"|"compute_only", "iterations",
                        "warmup", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms",
                        "throughput_ips"}],
@@ -59,7 +64,7 @@ CSV_COLUMNS = (
     "device", "library_version", "threads", "size_mb", "peak_rss_mb", "eval_n", "accuracy_pct",
     "agreement_pct", "accuracy_drop_pct", "max_abs_logit_diff", "mean_abs_theta_diff",
     "batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-    "min_ms", "max_ms", "throughput_ips",
+    "min_ms", "max_ms", "throughput_ips", "stn_theta_spread_px", "stn_collapsed",
 )
 LATENCY_KEYS = ("batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms",
                 "mean_ms", "min_ms", "max_ms", "throughput_ips")
@@ -144,6 +149,19 @@ def status_text(row: dict[str, Any]) -> str:
     return f"{row['status']}: {row.get('reason') or ''}".strip()
 
 
+def stn_text(health: dict[str, Any] | None) -> str:
+    """The STN column: what theta does across the images, or that it does nothing."""
+    if health is None:
+        return "-"
+    if health.get("measured") is False:
+        return "no STN" if health.get("stn") is False else "not measured"
+    text = f"{health['theta_spread_px']:.2f} px"
+    rotation = (health.get("undone") or {}).get("rotation")
+    if rotation is not None:
+        text += f", rot {100 * rotation:.0f}% undone"
+    return f"COLLAPSED ({text})" if health.get("collapsed") else text
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     """The headline columns: p50 at the smallest batch, throughput at the largest."""
     out = []
@@ -160,6 +178,7 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "accuracy": _fmt(ev.get("accuracy_pct"), ".2f", "%"),
             "agreement": _fmt(ev.get("agreement_pct"), ".2f", "%"),
             "max_diff": _fmt(ev.get("max_abs_logit_diff"), ".2e"),
+            "stn": stn_text(ev.get("stn_health")),
             "p50": (_fmt(small["p50_ms"], ".3f") + f" (b{small['batch_size']})") if small else "-",
             "throughput": (_fmt(large["throughput_ips"], ",.0f") + f" (b{large['batch_size']})")
             if large else "-",
@@ -169,7 +188,8 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
 
 HEADERS = (("backend", "Backend"), ("model", "Model"), ("precision", "Precision"),
            ("status", "Status"), ("size_mb", "Size (MB)"), ("accuracy", "Accuracy"),
-           ("agreement", "Agreement"), ("p50", "p50 ms e2e"), ("throughput", "img/s e2e"))
+           ("agreement", "Agreement"), ("stn", "STN theta spread"), ("p50", "p50 ms e2e"),
+           ("throughput", "img/s e2e"))
 
 
 def print_table(report: dict[str, Any], console: Any = None) -> None:
@@ -185,7 +205,8 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
         justify = "left" if key in ("backend", "model", "precision", "status") else "right"
         table.add_column(head, justify=justify, overflow="fold")
     for r in summary_rows(report):
-        style = "red" if r["status"].startswith(("FAILED", "error")) else (
+        style = "red" if r["status"].startswith(("FAILED", "error")) \
+            or r["stn"].startswith("COLLAPSED") else (
             "dim" if r["status"].startswith("skipped") else None)
         table.add_row(*(r[k] for k, _ in HEADERS), style=style)
     console.print(table)
@@ -205,6 +226,17 @@ def footnotes(report: dict[str, Any]) -> list[str]:
         notes.append(f"Accuracy on {data['dataset']} {data['split']} split, {data['n']} images.")
     notes.append("p50: end-to-end (host input to host output) median latency at the smallest "
                  "batch; img/s: batch / mean end-to-end latency at the largest batch.")
+    if any(((r.get("eval") or {}).get("stn_health") or {}).get("theta_spread_px") is not None
+           for r in report["results"]):
+        notes.append("STN theta spread: how far, RMS over the images and the frame, each "
+                     "image's sampling points lie from the average theta's, in pixels; below "
+                     "0.5 px theta does not depend on the input (COLLAPSED). '% undone': the "
+                     "share of the known distortion's rotation spread the STN removes.")
+    collapsed = [label(r) for r in report["results"]
+                 if ((r.get("eval") or {}).get("stn_health") or {}).get("collapsed")]
+    if collapsed:
+        notes.append("COLLAPSED STN (theta is the same for every image, so the grid_sample path "
+                     "carries no information): " + ", ".join(collapsed))
     sysinfo = report.get("system") or {}
     notes.append(f"Machine: {sysinfo.get('cpu')} ({sysinfo.get('cpus_available')} CPUs)"
                  + (f", GPU {sysinfo['gpu']}" if sysinfo.get("gpu") else ""))
@@ -241,6 +273,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "size_mb": row.get("size_mb"), "peak_rss_mb": row.get("peak_rss_mb"),
             "eval_n": ev.get("n"),
             **{k: ev.get(k) for k in EVAL_KEYS},
+            "stn_theta_spread_px": (ev.get("stn_health") or {}).get("theta_spread_px"),
+            "stn_collapsed": (ev.get("stn_health") or {}).get("collapsed"),
         }
         lats = row.get("latency") or [{}]
         for lat in lats:

@@ -25,6 +25,7 @@ from stn_deploy.config import ModelConfig
 from stn_deploy.data import DataBundle, ImageSet, normalize
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
+from stn_deploy.health import Health, measure
 from stn_deploy.model import STNClassifier, build_model, count_parameters
 
 # NHWC activations: oneDNN's convolutions (forward and backward) run about 1.3x faster in it
@@ -59,6 +60,9 @@ class TrainOptions:
     label_smoothing: float = 0.0
     augment: bool = False  # random crop (pad 4) and horizontal flip
     stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
+    optimizer: str = "sgd"  # sgd (momentum, nesterov as set) or adam (AdamW: decoupled decay)
+    stn_weight_decay: float | None = None  # None: the same as weight_decay
+    redistort: bool = False  # distorted data: a fresh distortion per image every epoch
     dropout: float = 0.05  # after every 3x3 block; saved in the checkpoint's ModelConfig
     seed: int = 0
     device: str = "auto"
@@ -91,6 +95,10 @@ def _init_distributed(device: torch.device) -> _Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,17 +154,29 @@ def _param_groups(model: STNClassifier, opts: TrainOptions) -> list[dict[str, An
     stn = list(model.stn.parameters()) if model.stn is not None else []
     stn_ids = {id(p) for p in stn}
     rest = [p for p in model.parameters() if id(p) not in stn_ids]
-    groups = [{"params": rest, "lr": opts.lr}]
+    groups = [{"params": rest, "lr": opts.lr, "weight_decay": opts.weight_decay}]
     if stn:
-        groups.append({"params": stn, "lr": opts.lr * opts.stn_lr_scale})
+        decay = opts.weight_decay if opts.stn_weight_decay is None else opts.stn_weight_decay
+        groups.append({"params": stn, "lr": opts.lr * opts.stn_lr_scale, "weight_decay": decay})
     return groups
+
+
+def _optimizer(model: STNClassifier, opts: TrainOptions) -> torch.optim.Optimizer:
+    groups = _param_groups(model, opts)
+    if opts.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=opts.lr)
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum,
+                               nesterov=opts.nesterov)
+    raise StnDeployError(f"unknown optimizer {opts.optimizer!r}; use sgd or adam")
 
 
 @dataclass
 class TrainResult:
     checkpoint: Path
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     parameters: int = 0
+    health: Health | None = None
 
 
 def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
@@ -195,8 +215,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     n_train = len(bundle.train)
     per_rank = math.ceil(n_train / d.world)
     steps = math.ceil(per_rank / opts.batch_size)
-    optimizer = torch.optim.SGD(_param_groups(model, opts), lr=opts.lr, momentum=opts.momentum,
-                                nesterov=opts.nesterov, weight_decay=opts.weight_decay)
+    optimizer = _optimizer(model, opts)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
         epochs=opts.epochs, steps_per_epoch=steps)
@@ -211,11 +230,13 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     last_epoch = min(opts.epochs, opts.stop_after or opts.epochs)
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(opts.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(_epoch_seed(opts.seed, epoch))
         torch.manual_seed(opts.seed * 100_003 + epoch + d.rank)
         order = torch.randperm(n_train, generator=g)
         order = torch.cat([order, order[: per_rank * d.world - n_train]])  # equal shards
         mine = order[d.rank::d.world]
+        train_set = bundle.redistort_train(_epoch_seed(opts.seed, epoch)) if opts.redistort \
+            else bundle.train
         net.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct, seen = 0, 0
@@ -223,12 +244,12 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                    disable=opts.quiet or not d.main, leave=False, dynamic_ncols=True)
         for step in bar:
             sel = mine[step * opts.batch_size:(step + 1) * opts.batch_size]
-            xb = bundle.train.images[sel]
+            xb = train_set.images[sel]
             if opts.augment:
                 xb = augment_batch(xb, g)
             x = normalize(xb.to(device, non_blocking=True), config).contiguous(
                 memory_format=_LAYOUT)
-            y = bundle.train.labels[sel].to(device, non_blocking=True)
+            y = train_set.labels[sel].to(device, non_blocking=True)
             logits = net(x)
             loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -246,6 +267,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         if d.world > 1:
             dist.all_reduce(train_stats)
         test_loss, test_acc = evaluate(model, bundle.test, config, device, dist_info=d)
+        health = measure(model, bundle.test.images, applied=bundle.test.applied)
         row = {
             "epoch": epoch,
             "train_loss": round(float(train_stats[0] / train_stats[2]), 5),
@@ -254,6 +276,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             "test_acc": round(test_acc, 5),
             "lr": round(scheduler.get_last_lr()[0], 6),
             "seconds": round(time.perf_counter() - t0, 2),
+            "stn": health.headline(),
         }
         history.append(row)
         if d.main:
@@ -267,19 +290,25 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             if not opts.quiet:
                 tqdm.write(f"epoch {epoch}/{opts.epochs}  loss {row['train_loss']:.4f}  "
                            f"train {100 * row['train_acc']:.2f}%  test {100 * test_acc:.2f}%  "
-                           f"({row['seconds']:.1f}s)")
+                           f"({row['seconds']:.1f}s)  STN: {health.summary()}")
+    final = measure(model, bundle.test.images, applied=bundle.test.applied)
     if d.main:
         from stn_deploy.viz import save_curves, save_transforms
 
-        save_transforms(model, bundle.test, out / "transforms.png")
+        save_transforms(model, bundle.test, out / "transforms.png", health=final)
         save_curves(history, out / "curves.png")
+        write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),
+                      d.world, final)
     if d.world > 1:
         dist.barrier()
-    return TrainResult(ckpt_path, history, count_parameters(model))
+    return TrainResult(ckpt_path, history, count_parameters(model), final)
 
 
 def write_metrics(path: Path, config: ModelConfig, opts: TrainOptions,
-                  history: list[dict[str, float]], parameters: int, world: int) -> None:
+                  history: list[dict[str, Any]], parameters: int, world: int,
+                  health: Health | None = None) -> None:
     doc = {"config": config.to_dict(), "options": asdict(opts), "parameters": parameters,
            "world_size": world, "torch": torch.__version__, "history": history}
+    if health is not None:
+        doc["stn_health"] = health.to_dict()
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,8 +19,10 @@ def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: int = 32) -> None:
-    """Test images beside their STN-warped versions, as the seed and the PyTorch tutorial show."""
+def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: int = 32,
+                    health: Any = None) -> None:
+    """Test images beside their STN-warped versions, as the seed and the PyTorch tutorial show;
+    the caption states the STN's health, so a picture of a collapsed STN says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +47,10 @@ def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: i
         ax.axis("off")
     stn = "STN" if config.use_stn else "no STN (identity)"
     distort = "no distortion" if config.distort == "none" else f"{config.distort} distortion"
-    fig.suptitle(f"{config.dataset}, {distort}: {stn}")
+    title = f"{config.dataset}, {distort}: {stn}"
+    if health is not None:
+        title += f"\n{health.summary()}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

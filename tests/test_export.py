@@ -215,7 +215,7 @@ def test_cli_failed_verification_writes_nothing(digits_checkpoint: Path, tmp_pat
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from stn_deploy.export import verify
 
-    strict = verify.Tolerances(atol=0.0, rtol=0.0, min_agreement=1.0, theta_atol=0.0)
+    strict = verify.Tolerances(atol=0.0, rtol=0.0, min_agreement=1.0, theta_px=0.0)
     monkeypatch.setitem(verify.TOLERANCES, "fp32", strict)
     out = tmp_path / "x.onnx"
     r = CliRunner().invoke(cli, ["export", str(digits_checkpoint), "--out", str(out),

@@ -185,7 +185,7 @@ def plan_rows(models: list[Path], backends: Any) -> tuple[list[tuple[Path, str]]
 def load_eval_data(config: Any, dataset: str | None, data_dir: str | None,
                    eval_samples: int | None, seed: int = 0) -> tuple[Any, str | None]:
     """The test split at the model's input size, or (None, reason) when it cannot be read."""
-    from stn_deploy.data import load_split, prepare
+    from stn_deploy.data import model_split
     from stn_deploy.errors import StnDeployError
     from stn_deploy.harness import EvalData
 
@@ -194,18 +194,17 @@ def load_eval_data(config: Any, dataset: str | None, data_dir: str | None,
     name = dataset or config.dataset
     if name in ("cifar10", "imagefolder") and data_dir is None:
         return None, f"no accuracy: the model's dataset is {name}; pass --data-dir"
-    classes = tuple(config.class_names) if name == "imagefolder" else None
     try:
-        test = load_split(name, "test", data_dir, classes=classes, image_size=config.image_size)
+        test = model_split(config, "test", data_dir, name=name, seed=seed)
     except StnDeployError as e:
         return None, f"no accuracy: {e}"
-    test = prepare(test, config.image_size, config.distort, seed + 1_000_003)
     if int(test.images.shape[1]) != config.in_channels:
         raise StnDeployError(f"{name} has {int(test.images.shape[1])}-channel images, the model "
                              f"takes {config.in_channels}")
     if eval_samples is not None:
         test = test.subset(eval_samples)
-    return EvalData(test.images.numpy(), test.labels.numpy(), name, "test"), None
+    applied = None if test.applied is None else test.applied.numpy()
+    return EvalData(test.images.numpy(), test.labels.numpy(), name, "test", applied), None
 
 
 def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str | None = None,

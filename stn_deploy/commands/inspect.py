@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -10,17 +12,30 @@ import click
 @click.command("inspect")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]),
-              default=None, help="Also list what this runtime will mishandle.")
-def inspect(model: Path, target: str | None) -> None:
-    """Print MODEL's opset, inputs/outputs, op counts and stn-deploy metadata.
+              default=None, help="Also list what this runtime will mishandle (ONNX files).")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=str),
+              default=None, help="A checkpoint's dataset, to measure its STN's health "
+                                 "(digits and fashion-mnist: not needed).")
+def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
+    """Print what MODEL is and how its STN behaves.
 
-    With --target, exit 1 when the graph has a finding of severity error."""
+    An ONNX file: opset, inputs/outputs, op counts, stn-deploy metadata and the STN health
+    measured at export. A checkpoint: its config and training, and the STN's health measured
+    now on its test split. With --target, exit 1 when the graph has a finding of severity
+    error."""
     from collections import Counter
 
     import onnx
 
+    from stn_deploy.backends.base import model_kind
     from stn_deploy.errors import StnDeployError
     from stn_deploy.export.targets import check_target
+
+    if model_kind(model) == "checkpoint":
+        if target is not None:
+            raise click.UsageError("--target checks ONNX graphs; export the checkpoint first")
+        _inspect_checkpoint(model, data_dir)
+        return
 
     try:
         proto = onnx.load(str(model), load_external_data=False)
@@ -44,6 +59,8 @@ def inspect(model: Path, target: str | None) -> None:
                 "num_classes", "source_sha256", "stn_deploy.version"):
         if key in meta:
             click.echo(f"{key}: {meta[key]}")
+    if "stn_health" in meta:
+        _echo_health("STN health (measured at export)", json.loads(meta["stn_health"]))
     if target is None:
         return
     findings = check_target(proto, target)
@@ -57,3 +74,40 @@ def inspect(model: Path, target: str | None) -> None:
         fixable = all(f.fixable for f in errors)
         raise StnDeployError(f"{len(errors)} finding(s) {target} would mishandle"
                              + ("; export --format engine rewrites them" if fixable else ""))
+
+
+def _echo_health(title: str, health: dict[str, Any]) -> None:
+    from stn_deploy.health import from_dict
+
+    h = from_dict(health)
+    click.echo(f"{title}: {h.summary()}")
+    for w in getattr(h, "warnings", []):
+        click.echo(f"warning: {w}")
+
+
+def _inspect_checkpoint(path: Path, data_dir: str | None) -> None:
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.data import model_split
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.health import measure
+
+    ckpt = load_checkpoint(path)
+    model = ckpt.model()
+    c = ckpt.config
+    click.echo(f"{path}: stn-deploy checkpoint, epoch {ckpt.epoch}, "
+               f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    click.echo(f"model:   {c.dataset}, input {'x'.join(map(str, c.input_shape))}, "
+               f"{c.num_classes} classes, distort {c.distort}, "
+               f"{'STN (' + c.loc_net + ' localization net)' if c.use_stn else 'no STN'}")
+    if ckpt.history:
+        last = ckpt.history[-1]
+        click.echo(f"trained: test accuracy {100 * last['test_acc']:.2f}% after epoch "
+                   f"{last['epoch']}")
+    try:
+        test = model_split(c, "test", data_dir, seed=int(ckpt.train_args.get("seed", 0) or 0))
+    except StnDeployError as e:
+        click.echo(f"STN health: not measured ({e})")
+        return
+    health = measure(model, test.images, applied=test.applied)
+    _echo_health(f"STN health on the {c.dataset} test split ({len(test)} images)",
+                 health.to_dict())

@@ -9,12 +9,17 @@ from stn_deploy.commands.options import dataset_options
 
 @click.command()
 @dataset_options
-@click.option("--distort", type=click.Choice(["none", "rts"]), default="none", show_default=True,
-              help="rts: the STN paper's rotated, translated, scaled distortion (seeded).")
+@click.option("--distort", type=click.Choice(["none", "rts", "rts-canvas"]), default="none",
+              show_default=True,
+              help="rts: the STN paper's rotated, translated, scaled distortion (seeded). "
+                   "rts-canvas: the same on a canvas 1.5x the image (the paper's 42x42 MNIST), "
+                   "so the STN must find and zoom the object.")
 @click.option("--image-size", type=click.IntRange(22, 1024), default=None,
               help="Model input size [default: 32 for digits and CIFAR-10, 28 for Fashion-MNIST,"
                    " the images' own for imagefolder].")
 @click.option("--no-stn", is_flag=True, help="The same classifier without the STN (ablation).")
+@click.option("--loc-net", type=click.Choice(["seed", "large"]), default="seed", show_default=True,
+              help="The STN's localization net: the seed design's, or a larger one.")
 @click.option("--align-corners", is_flag=True, help="grid_sample/affine_grid align_corners=True.")
 @click.option("--recipe", type=click.Choice(["seed", "improved"]), default="seed",
               show_default=True,
@@ -30,6 +35,15 @@ from stn_deploy.commands.options import dataset_options
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
               help="The STN's learning rate relative to the rest [default: 0.1].")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
+              help="sgd (momentum) or adam (AdamW) [default: by recipe].")
+@click.option("--stn-weight-decay", type=click.FloatRange(0), default=None,
+              help="Weight decay on the STN's parameters [default: by recipe].")
+@click.option("--weight-decay", type=click.FloatRange(0), default=None,
+              help="Weight decay on the classifier [default: by recipe].")
+@click.option("--redistort/--no-redistort", default=None,
+              help="With --distort: a fresh distortion of every training image each epoch "
+                   "[default: by recipe].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train",
@@ -39,9 +53,11 @@ from stn_deploy.commands.options import dataset_options
               help="End this run after that epoch of the schedule (continue with --resume).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
-          image_size: int | None, no_stn: bool, align_corners: bool, recipe: str, epochs: int,
-          batch_size: int | None, lr: float | None, augment: bool | None, dropout: float | None,
-          stn_lr_scale: float | None, seed: int, device: str, out_dir: str, resume: bool,
+          image_size: int | None, no_stn: bool, loc_net: str, align_corners: bool, recipe: str,
+          epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
+          dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
+          stn_weight_decay: float | None, weight_decay: float | None,
+          redistort: bool | None, seed: int, device: str, out_dir: str, resume: bool,
           stop_after: int | None, quiet: bool) -> None:
     """Train the STN classifier and write a checkpoint each epoch (atomically)."""
     from pathlib import Path
@@ -53,14 +69,16 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
 
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                     augment=augment, dropout=dropout,
-                                    stn_lr_scale=stn_lr_scale, seed=seed, device=device,
-                                    quiet=quiet, stop_after=stop_after)
+                                    stn_lr_scale=stn_lr_scale, optimizer=optimizer,
+                                    stn_weight_decay=stn_weight_decay,
+                                    weight_decay=weight_decay, redistort=redistort, seed=seed,
+                                    device=device, quiet=quiet, stop_after=stop_after)
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
         raise StnDeployError(f"--resume: no checkpoint at {resume_from}")
     bundle = load_dataset(dataset, data_dir, download=download, image_size=image_size,
                           distort=distort, seed=seed, use_stn=not no_stn,
-                          align_corners=align_corners)
+                          align_corners=align_corners, loc_net=loc_net)
     if not quiet:
         click.echo(f"{dataset}: {len(bundle.train)} train, {len(bundle.test)} test images, "
                    f"input {'x'.join(map(str, bundle.config.input_shape))}, "
@@ -70,3 +88,24 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
         last = result.history[-1]
         click.echo(f"{result.parameters:,} parameters; test accuracy {100 * last['test_acc']:.2f}%"
                    f" after {last['epoch']} epochs; checkpoint {result.checkpoint}")
+    if result.health is not None:
+        if not quiet:
+            click.echo(f"STN health on the test split: {result.health.summary()}")
+        advice = stn_advice(result.health, opts)
+        if advice:
+            click.secho(f"warning: {advice}", fg="yellow", err=True)
+
+
+def stn_advice(health: object, opts: object) -> str | None:
+    """One warning that says what is wrong with the STN and what to try, or None."""
+    from stn_deploy.health import StnHealth
+
+    if not isinstance(health, StnHealth) or not health.warnings:
+        return None
+    tries = []
+    if getattr(opts, "stn_weight_decay", None) != 0.0:
+        tries.append("--stn-weight-decay 0")
+    if getattr(opts, "optimizer", "sgd") == "sgd":
+        tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 1")
+    tries.append("--loc-net large")
+    return f"{health.warnings[0]}; try {', '.join(tries)} (README: 'Keeping the STN alive')"

@@ -63,6 +63,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
     from stn_deploy.export.onnx_export import (OnnxOptions, export_onnx, read_metadata,
                                                set_metadata)
     from stn_deploy.export.verify import TOLERANCES, verification_data, verify_onnx
+    from stn_deploy.health import measure
 
     target = req.target or ("tensorrt" if req.format == "engine" else "onnxruntime")
     if req.format == "engine":
@@ -102,6 +103,9 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         if not report.passed:
             raise StnDeployError("FP32 verification failed, nothing written:\n"
                                  + "\n".join(lines))
+        health = measure(model, test.images, applied=test.applied)
+        lines.append(f"STN health on the {note}: {health.summary()}")
+        lines += [f"warning: {w}" for w in getattr(health, "warnings", [])]
         final = fp32
         if req.precision == "fp16":
             final = prec.convert_fp16(fp32, work / "fp16.onnx")
@@ -121,6 +125,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         meta = {p.key: p.value for p in proto.metadata_props}
         meta["precision"] = req.precision
         meta["verification"] = report.to_json() if hasattr(report, "to_json") else ""
+        meta["stn_health"] = json.dumps(health.to_dict(), sort_keys=True)
         set_metadata(proto, meta)
         findings = targets.check_target(proto, target)
         for f in findings:

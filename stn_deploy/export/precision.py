@@ -117,8 +117,14 @@ def _input_is_uint8(model: onnx.ModelProto) -> bool:
 
 
 def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: ModelConfig, *,
-                  per_channel: bool = True, keep_stn_float: bool = True) -> Path:
+                  per_channel: bool = True, keep_stn_float: bool = True,
+                  reduce_range: bool = True) -> Path:
     """Static QDQ INT8, calibrated on real images; symmetric (zero point 0) as TensorRT needs.
+
+    Weights use 7 bits (``reduce_range``): ONNX Runtime's x86 INT8 convolutions multiply
+    pairs of 8-bit values into a saturating 16-bit sum (VPMADDUBSW); with full-range weights
+    a digits model trained here lost 40 points of accuracy to that saturation once ONNX
+    Runtime fused the QDQ graph (unfused: 98.9% agreement), and 7 bits gave 99.1%.
 
     ``calib_images`` are uint8 NCHW; a graph with embedded preprocessing gets them as uint8
     NHWC, otherwise normalised exactly as in training."""
@@ -158,9 +164,12 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
         quantize_static(
             str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
+            per_channel=per_channel, reduce_range=reduce_range,
+            calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=exclude,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            # Biases stay float: TensorRT's DequantizeLinear takes no INT32 input.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "QuantizeBias": False},
         )
         q = onnx.load(str(tmp))
         _copy_metadata(model, q, "int8")

@@ -1,0 +1,154 @@
+"""Which training keeps the STN alive? Candidate causes of a collapsed theta, one at a time.
+
+Each variant changes the seed recipe in one or a few named ways (weight decay on the STN,
+the one-cycle peak, the optimizer, fresh distortions every epoch, the STN's learning rate,
+the localization net's size) and is trained on RTS-distorted data with the same seeds; for
+each run the script records test accuracy and the STN's health on the test split (theta
+spread in pixels, how much of the applied rotation and scale it undoes, dead regressor
+units). Writes benchmarks/results/stn_recipes_<name>.{json,md}.
+
+Usage: python benchmarks/stn_recipes.py --name digits30 --epochs 30 --seeds 0
+           [--dataset digits] [--distort rts] [--variants seed,redistort,...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stn_deploy.backends.base import cpu_name
+from stn_deploy.data import load_dataset
+from stn_deploy.health import StnHealth
+from stn_deploy.train import TrainOptions, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (recipe, TrainOptions overrides, model overrides). "seed" is the design's recipe.
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "seed": ("seed", {}, {}),
+    "no-stn": ("seed", {}, {"use_stn": False}),
+    "redistort": ("seed", {"redistort": True}, {}),
+    "stn-wd0": ("seed", {"stn_weight_decay": 0.0}, {}),
+    "peak0.01": ("seed", {"lr": 0.01}, {}),
+    "stnlr1": ("seed", {"stn_lr_scale": 1.0}, {}),
+    "sgd-all": ("seed", {"redistort": True, "stn_weight_decay": 0.0, "lr": 0.01,
+                         "stn_lr_scale": 1.0}, {}),
+    "adam": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 1.0,
+                      "stn_weight_decay": 0.0, "weight_decay": 1e-4}, {}),
+    "adam-redistort": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 1.0,
+                                "stn_weight_decay": 0.0, "weight_decay": 1e-4,
+                                "redistort": True}, {}),
+    "adam-redistort-large": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 1.0,
+                                      "stn_weight_decay": 0.0, "weight_decay": 1e-4,
+                                      "redistort": True}, {"loc_net": "large"}),
+    "adam-redistort-no-stn": ("seed", {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4,
+                                       "redistort": True}, {"use_stn": False}),
+    "sgd-all-large": ("seed", {"redistort": True, "stn_weight_decay": 0.0, "lr": 0.01,
+                               "stn_lr_scale": 1.0}, {"loc_net": "large"}),
+}
+
+
+def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,
+        seed: int) -> dict[str, Any]:
+    recipe, overrides, model = VARIANTS[variant]
+    bundle = load_dataset(dataset, data_dir, distort=distort, seed=seed,
+                          use_stn=model.get("use_stn", True),
+                          loc_net=model.get("loc_net", "seed"))
+    opts = TrainOptions.from_recipe(recipe, epochs=epochs, quiet=True, device="cpu", seed=seed)
+    opts = replace(opts, **overrides)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(bundle, tmp, opts)
+    last = result.history[-1]
+    row: dict[str, Any] = {"variant": variant, "seed": seed, "parameters": result.parameters,
+                           "test_acc": last["test_acc"], "minutes": round(
+                               (time.perf_counter() - t0) / 60, 2),
+                           "history_rotation_undone": [h.get("stn", {}).get("rotation_undone")
+                                                       for h in result.history]}
+    if isinstance(result.health, StnHealth):
+        row["health"] = result.health.to_dict()
+    return row
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--distort", default="rts")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for variant in variants:
+        for seed in seeds:
+            row = run(variant, args.dataset, args.data_dir, args.distort, args.epochs, seed)
+            rows.append(row)
+            h = row.get("health", {})
+            print(f"{variant} seed={seed}: {100 * row['test_acc']:.2f}%  "
+                  f"spread {h.get('theta_spread_px', 0):.2f}px  "
+                  f"rot undone {_pct((h.get('undone') or {}).get('rotation'))}  "
+                  f"scale undone {_pct((h.get('undone') or {}).get('scale'))}  "
+                  f"dead {_pct(h.get('dead_fraction'))}  ({row['minutes']} min)", flush=True)
+    summary = {}
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        accs = [r["test_acc"] for r in mine]
+        undone = [(r.get("health") or {}).get("undone") or {} for r in mine]
+        summary[variant] = {
+            "mean_test_acc": statistics.mean(accs), "min_test_acc": min(accs),
+            "max_test_acc": max(accs),
+            "mean_rotation_undone": (statistics.mean(u["rotation"] for u in undone)
+                                     if all("rotation" in u for u in undone) else None),
+            "mean_scale_undone": (statistics.mean(u["scale"] for u in undone)
+                                  if all("scale" in u for u in undone) else None),
+            "mean_theta_spread_px": (statistics.mean(r["health"]["theta_spread_px"]
+                                                     for r in mine) if "health" in mine[0]
+                                     else None),
+        }
+    doc = {"date": datetime.date.today().isoformat(),
+           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+           "dataset": args.dataset, "distort": args.distort, "epochs": args.epochs,
+           "seeds": seeds, "variants": {v: {"recipe": VARIANTS[v][0], "train": VARIANTS[v][1],
+                                            "model": VARIANTS[v][2]} for v in variants},
+           "summary": summary, "runs": rows}
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"stn_recipes_{args.name}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = [f"{args.dataset}, --distort {args.distort}, {args.epochs} epochs, seeds {args.seeds}"
+          f" ({doc['date']}, {doc['machine']})", "",
+          "| variant | test accuracy (mean, min-max) | rotation undone | scale undone | "
+          "theta spread |", "|---|---|---|---|---|"]
+    for v, s in summary.items():
+        spread = "-" if s["mean_theta_spread_px"] is None else f"{s['mean_theta_spread_px']:.2f} px"
+        md.append(f"| {v} | {100 * s['mean_test_acc']:.2f}% ({100 * s['min_test_acc']:.2f}-"
+                  f"{100 * s['max_test_acc']:.2f}) | {_pct(s['mean_rotation_undone'])} | "
+                  f"{_pct(s['mean_scale_undone'])} | {spread} |")
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

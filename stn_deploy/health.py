@@ -1,0 +1,257 @@
+"""STN health: does theta depend on the input, and how much of a known distortion does it undo?
+
+An STN whose theta is the same for every image is a defect however accurate the classifier
+behind it: the grid carries no information and parity checks on theta certify a constant.
+So train, export, bench and inspect all report the same figures, computed here from thetas
+alone (numpy, no torch), so exported graphs with a theta output are judged like checkpoints.
+
+The headline figure is the *theta spread in pixels*: how far, RMS over the images and over
+the output frame, each image's sampling points lie from where the average theta puts them.
+It has one unit whatever the mix of rotation, scale and shift, and 0.5 px (half a pixel)
+is the line below which the transform no longer depends on the input.
+
+On data whose applied distortion is known (``--distort rts``), each image's distortion D
+(the sampling theta that made it) composed with the STN's theta gives the transform from
+the warped output back to the undistorted image. A perfect STN makes that composition the
+same for every image (the canonical pose); none leaves it equal to D. The fraction undone
+of a component is ``1 - spread(composed) / spread(D)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Below this RMS displacement (pixels) theta is taken as constant: the STN has collapsed.
+COLLAPSE_PX = 0.5
+# A regressor whose hidden units are mostly dead can no longer move theta.
+DEAD_WARN = 0.5
+# Fewer images than this give no meaningful spread.
+MIN_IMAGES = 8
+COMPONENTS = ("rotation_deg", "log_scale", "log_aniso", "shear", "tx", "ty")
+
+
+def decompose(theta: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image rotation (degrees), log isotropic scale, log anisotropy, shear, translation.
+
+    A = R(rotation) @ [[sx, shear * sy], [0, sy]] (QR), scale = sqrt(|det A|).
+    """
+    t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
+    a, b, c, d = t[:, 0, 0], t[:, 0, 1], t[:, 1, 0], t[:, 1, 1]
+    rot = np.arctan2(c, a)
+    sx = np.hypot(a, c)
+    det = a * d - b * c
+    sy = np.where(sx > 0, det / np.maximum(sx, 1e-12), 0.0)
+    shear_num = (a * b + c * d) / np.maximum(sx, 1e-12)  # = shear * sy
+    abs_det = np.maximum(np.abs(det), 1e-12)
+    return {
+        "rotation_deg": np.degrees(rot),
+        "log_scale": 0.5 * np.log(abs_det),
+        "log_aniso": np.log(np.maximum(sx, 1e-12) / np.maximum(np.abs(sy), 1e-12)),
+        "shear": shear_num / np.where(np.abs(sy) > 1e-12, sy, 1e-12),
+        "tx": t[:, 0, 2],
+        "ty": t[:, 1, 2],
+    }
+
+
+def _circular_std_deg(deg: np.ndarray) -> float:
+    """Rotation spread: the std of each angle's offset from the circular mean, wrapped to
+    +-180, so that +179 and -179 degrees are 2 apart, not 358."""
+    offset = (deg - _circular_mean_deg(deg) + 180.0) % 360.0 - 180.0
+    return float(np.sqrt((offset ** 2).mean()))
+
+
+def _circular_mean_deg(deg: np.ndarray) -> float:
+    return float(np.degrees(np.arctan2(np.sin(np.radians(deg)).mean(),
+                                       np.cos(np.radians(deg)).mean())))
+
+
+def spreads(theta: np.ndarray) -> dict[str, float]:
+    parts = decompose(theta)
+    out = {k: float(v.std()) for k, v in parts.items()}
+    out["rotation_deg"] = _circular_std_deg(parts["rotation_deg"])
+    out["translation"] = float(math.sqrt(out["tx"] ** 2 + out["ty"] ** 2))
+    return out
+
+
+def pose(theta: np.ndarray) -> dict[str, float]:
+    """The mean transform, as rotation (deg), scale (a factor), translation (frame = 2)."""
+    parts = decompose(theta)
+    return {"rotation_deg": round(_circular_mean_deg(parts["rotation_deg"]), 3),
+            "scale": round(float(np.exp(parts["log_scale"].mean())), 4),
+            "tx": round(float(parts["tx"].mean()), 4), "ty": round(float(parts["ty"].mean()), 4)}
+
+
+def displacement_px(delta: np.ndarray, image_size: int) -> np.ndarray:
+    """Per-image RMS, over the output frame, of the sampling-point shift a theta difference
+    makes, in pixels. Grid points are uniform on [-1, 1]^2, so E[x^2] = 1/3, E[x] = E[xy] = 0.
+    """
+    d = np.asarray(delta, dtype=np.float64).reshape(-1, 2, 3)
+    sq = (d[:, :, :2] ** 2).sum(axis=(1, 2)) / 3.0 + (d[:, :, 2] ** 2).sum(axis=1)
+    return np.sqrt(sq) * (image_size / 2.0)
+
+
+def theta_spread_px(theta: np.ndarray, image_size: int) -> float:
+    t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
+    rms = displacement_px(t - t.mean(axis=0, keepdims=True), image_size)
+    return float(math.sqrt((rms ** 2).mean()))
+
+
+def compose(applied: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Distortion D then the STN's theta: output pixel -> undistorted image, per image."""
+    def homogeneous(t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64).reshape(-1, 2, 3)
+        h = np.zeros((len(t), 3, 3))
+        h[:, :2] = t
+        h[:, 2, 2] = 1.0
+        return h
+
+    return (homogeneous(applied) @ homogeneous(theta))[:, :2]
+
+
+@dataclass
+class StnHealth:
+    """What the STN does across a set of images; ``None`` fields were not measurable."""
+
+    images: int
+    theta_spread_px: float
+    spread: dict[str, float]  # per component, std across images
+    mean_pose: dict[str, float]
+    dead_fraction: float | None = None  # regressor hidden units that never fire
+    undone: dict[str, float] | None = None  # rotation / scale / translation, on distorted data
+    canonical_pose: dict[str, float] | None = None
+    collapsed: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def headline(self) -> dict[str, float | None]:
+        """The few figures that go into epoch lines, metrics.json and tables."""
+        undone = self.undone or {}
+        return {"theta_spread_px": round(self.theta_spread_px, 3),
+                "dead_fraction": None if self.dead_fraction is None else round(self.dead_fraction, 3),
+                "rotation_undone": _r(undone.get("rotation")),
+                "scale_undone": _r(undone.get("scale")),
+                "collapsed": self.collapsed}
+
+    def summary(self) -> str:
+        """One line, for the terminal and the pictures' captions."""
+        parts = [f"theta spread {self.theta_spread_px:.2f} px",
+                 f"rotation spread {self.spread['rotation_deg']:.1f} deg"]
+        if self.undone:
+            for key in ("rotation", "scale", "translation"):
+                if key in self.undone:
+                    parts.append(f"{key} undone {100 * self.undone[key]:.0f}%")
+        if self.dead_fraction is not None:
+            parts.append(f"dead units {100 * self.dead_fraction:.0f}%")
+        if self.collapsed:
+            parts.append("COLLAPSED")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spread"] = {k: round(v, 5) for k, v in self.spread.items()}
+        d["theta_spread_px"] = round(self.theta_spread_px, 4)
+        if self.undone is not None:
+            d["undone"] = {k: round(v, 4) for k, v in self.undone.items()}
+        return d
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+NO_STN = "no STN"
+
+
+@dataclass
+class NotMeasured:
+    """No health figures, and why: a model without an STN, or too few images. Not an error."""
+
+    reason: str
+
+    def headline(self) -> dict[str, Any]:
+        return {"not_measured": self.reason}
+
+    def summary(self) -> str:
+        return self.reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"measured": False, "stn": self.reason != NO_STN, "reason": self.reason}
+
+
+Health = StnHealth | NotMeasured
+
+
+def from_dict(d: dict[str, Any]) -> Health:
+    """The inverse of ``to_dict``, for health stored in ONNX metadata and sidecars."""
+    if d.get("measured") is False:
+        return NotMeasured(str(d.get("reason", "not measured")))
+    fields = {k: d[k] for k in StnHealth.__dataclass_fields__ if k in d}
+    return StnHealth(**fields)
+
+
+def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = None,
+           dead_fraction: float | None = None) -> Health:
+    """Health from thetas (N, 2, 3), optionally the applied distortions and dead units."""
+    t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
+    if len(t) < MIN_IMAGES:
+        return NotMeasured(f"{len(t)} images are too few to measure theta's spread (need at "
+                           f"least {MIN_IMAGES})")
+    health = StnHealth(images=len(t), theta_spread_px=theta_spread_px(t, image_size),
+                       spread=spreads(t), mean_pose=pose(t), dead_fraction=dead_fraction)
+    if applied is not None:
+        a = np.asarray(applied, dtype=np.float64).reshape(-1, 2, 3)
+        if len(a) != len(t):
+            raise ValueError(f"{len(a)} applied transforms for {len(t)} thetas")
+        before, after = spreads(a), spreads(compose(a, t))
+        undone = {}
+        for name, key in (("rotation", "rotation_deg"), ("scale", "log_scale"),
+                          ("translation", "translation")):
+            if before[key] > 1e-6:
+                undone[name] = 1.0 - after[key] / before[key]
+        health.undone = undone
+        health.canonical_pose = pose(compose(a, t))
+    health.collapsed = health.theta_spread_px < COLLAPSE_PX or dead_fraction == 1.0
+    if health.collapsed:
+        health.warnings.append(
+            f"the STN has collapsed: theta moves sampling points by {health.theta_spread_px:.2f}"
+            f" px across images (< {COLLAPSE_PX} px), so it does not depend on the input")
+    elif dead_fraction is not None and dead_fraction > DEAD_WARN:
+        health.warnings.append(f"{100 * dead_fraction:.0f}% of the STN regressor's hidden units "
+                               "never fire")
+    return health
+
+
+def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 500) -> Health:
+    """Health of a torch STNClassifier on uint8 NCHW images (in eval mode, on its device)."""
+    import torch
+
+    from stn_deploy.data import normalize
+
+    if getattr(model, "stn", None) is None:
+        return NotMeasured(NO_STN)
+    stn = model.stn
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hidden = stn.regressor[1]  # the ReLU between the two linear layers
+    fired: list[torch.Tensor] = []
+    handle = hidden.register_forward_hook(lambda m, i, o: fired.append((o > 0).any(dim=0)))
+    thetas = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images_uint8), batch):
+                x = normalize(images_uint8[start:start + batch].to(device), model.config)
+                thetas.append(stn.theta(x).cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not fired:
+        return NotMeasured("no images to measure theta on")
+    alive = torch.stack(fired).any(dim=0)
+    dead = 1.0 - float(alive.float().mean())
+    theta = torch.cat(thetas).double().numpy()
+    applied_np = None if applied is None else np.asarray(applied, dtype=np.float64)
+    return assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead)

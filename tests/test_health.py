@@ -1,0 +1,154 @@
+"""STN health: the figures are right on transforms whose answer is known, and the collapse of
+a real (briefly trained, identity-initialised) STN is caught everywhere it is reported."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stn_deploy.cli import cli
+from stn_deploy.data import load_dataset, rts_thetas
+from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
+                               displacement_px, from_dict, measure)
+from stn_deploy.model import build_model
+
+
+def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    r = np.radians(deg)
+    t = np.zeros((len(r), 2, 3))
+    t[:, 0, 0], t[:, 0, 1] = np.cos(r) * scale, -np.sin(r) * scale
+    t[:, 1, 0], t[:, 1, 1] = np.sin(r) * scale, np.cos(r) * scale
+    return t
+
+
+def test_decompose_recovers_rotation_scale_and_shift() -> None:
+    t = _rotation(np.array([30.0, -60.0]), np.array([0.5, 2.0]))
+    t[:, :, 2] = [[0.1, -0.2], [0.3, 0.0]]
+    parts = decompose(t)
+    assert parts["rotation_deg"] == pytest.approx([30.0, -60.0])
+    assert np.exp(parts["log_scale"]) == pytest.approx([0.5, 2.0])
+    assert parts["log_aniso"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert parts["shear"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert parts["tx"] == pytest.approx([0.1, 0.3]) and parts["ty"] == pytest.approx([-0.2, 0.0])
+
+
+def test_displacement_is_in_pixels() -> None:
+    # A shift of 0.1 in [-1, 1] coordinates is 0.05 of the frame: 1.6 px on 32 px.
+    delta = np.zeros((1, 2, 3))
+    delta[0, 0, 2] = 0.1
+    assert displacement_px(delta, 32)[0] == pytest.approx(1.6)
+    # A scale change of s moves points by |x| s: RMS over [-1, 1] is s / sqrt(3) (x axis only).
+    delta = np.zeros((1, 2, 3))
+    delta[0, 0, 0] = 0.3
+    assert displacement_px(delta, 32)[0] == pytest.approx(0.3 / math.sqrt(3) * 16)
+
+
+def test_identity_collapses_and_the_exact_inverse_undoes_everything() -> None:
+    applied = rts_thetas(200, seed=5).double().numpy()
+    identity = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (200, 1, 1))
+    h = assess(identity, 32, applied=applied)
+    assert isinstance(h, StnHealth) and h.collapsed and h.theta_spread_px == 0.0
+    assert h.undone == pytest.approx({"rotation": 0.0, "scale": 0.0, "translation": 0.0})
+    assert "collapsed" in h.warnings[0]
+    # theta = D^-1 makes D o theta the identity for every image: all of it undone.
+    h_inv = np.linalg.inv(np.concatenate([applied, np.tile([[[0, 0, 1.0]]], (200, 1, 1))], 1))
+    perfect = assess(h_inv[:, :2], 32, applied=applied)
+    assert isinstance(perfect, StnHealth) and not perfect.collapsed
+    assert perfect.undone == pytest.approx({"rotation": 1.0, "scale": 1.0, "translation": 1.0})
+    assert perfect.canonical_pose == pytest.approx(
+        {"rotation_deg": 0.0, "scale": 1.0, "tx": 0.0, "ty": 0.0}, abs=1e-9)
+    assert perfect.spread["rotation_deg"] > 20  # RTS rotations are +-45 degrees
+    np.testing.assert_allclose(compose(applied, h_inv[:, :2]), identity, atol=1e-9)
+
+
+def test_half_the_rotation_undone() -> None:
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(-45, 45, 500)
+    applied = _rotation(angles)
+    h = assess(_rotation(-angles / 2), 32, applied=applied)
+    assert isinstance(h, StnHealth)
+    assert h.undone is not None and h.undone["rotation"] == pytest.approx(0.5, abs=1e-4)
+    assert "scale" not in h.undone  # nothing applied, nothing to undo
+
+
+def test_too_few_images_and_no_stn_are_not_errors() -> None:
+    few = assess(np.zeros((3, 2, 3)), 32)
+    assert isinstance(few, NotMeasured) and "too few" in few.summary()
+    bundle = load_dataset("digits", use_stn=False)
+    none = measure(build_model(bundle.config), bundle.test.images)
+    assert isinstance(none, NotMeasured) and none.summary() == "no STN"
+    assert from_dict(none.to_dict()) == none
+
+
+def test_untrained_stn_is_collapsed_on_real_distorted_digits() -> None:
+    bundle = load_dataset("digits", distort="rts")
+    torch.manual_seed(0)
+    h = measure(build_model(bundle.config), bundle.test.images, applied=bundle.test.applied)
+    # Identity initialisation: theta is the identity for every image.
+    assert isinstance(h, StnHealth) and h.collapsed and h.theta_spread_px < COLLAPSE_PX
+    assert h.images == 450 and h.undone is not None and abs(h.undone["rotation"]) < 1e-6
+    assert h.dead_fraction is not None and 0.0 <= h.dead_fraction <= 1.0
+    assert from_dict(json.loads(json.dumps(h.to_dict()))).summary() == h.summary()
+
+
+def test_redistort_draws_fresh_distortions_with_known_thetas() -> None:
+    bundle = load_dataset("digits", distort="rts")
+    a, b = bundle.redistort_train(1), bundle.redistort_train(2)
+    assert not torch.equal(a.images, b.images) and not torch.equal(a.applied, b.applied)
+    assert torch.equal(a.images, bundle.redistort_train(1).images)
+    assert torch.equal(a.labels, bundle.train.labels)
+
+
+def test_rts_canvas_places_the_image_on_a_larger_canvas() -> None:
+    bundle = load_dataset("digits", distort="rts-canvas")
+    assert bundle.config.image_size == 48 and bundle.train.images.shape[-1] == 48
+    assert bundle.test.applied is not None and bundle.test.applied.shape == (450, 2, 3)
+    # The digit (32 px source) covers 32/48 of the canvas at scale 1: the applied sampling
+    # theta scales by 1.5 / s with s in 0.7-1.2.
+    scale = np.exp(-decompose(bundle.test.applied.numpy())["log_scale"])
+    assert scale.min() >= 0.7 / 1.5 - 1e-6 and scale.max() <= 1.2 / 1.5 + 1e-6
+
+
+def test_train_reports_health_every_epoch(digits_checkpoint: Path) -> None:
+    doc = json.loads((digits_checkpoint.parent / "metrics.json").read_text())
+    assert all("theta_spread_px" in row["stn"] for row in doc["history"])
+    assert doc["stn_health"]["images"] == 450
+
+
+def test_inspect_checkpoint_and_export_metadata(digits_checkpoint: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["inspect", str(digits_checkpoint)])
+    assert r.exit_code == 0, r.output
+    assert "STN health on the digits test split (450 images): theta spread" in r.output
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(cli, ["export", str(digits_checkpoint), "--out", str(out),
+                                 "--with-theta", "--verify-samples", "64"])
+    assert r.exit_code == 0, r.output
+    assert "STN health on the digits test split: theta spread" in r.output
+    assert "% of theta's spread" in r.output or "theta constant" in r.output
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0 and "STN health (measured at export): theta spread" in r.output
+
+
+def test_bench_flags_a_collapsed_stn(tmp_path: Path) -> None:
+    """An identity STN (as initialised) is collapsed: bench says so in table and JSON."""
+    from stn_deploy.checkpoint import Checkpoint, save_checkpoint
+
+    bundle = load_dataset("digits")
+    model = build_model(bundle.config)
+    ckpt = tmp_path / "identity.pt"
+    save_checkpoint(ckpt, Checkpoint(config=bundle.config, state_dict=model.state_dict()))
+    js = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    r = CliRunner().invoke(cli, ["bench", str(ckpt), "--backend", "torch", "--batch-sizes", "4",
+                                 "--iterations", "2", "--warmup", "0", "--eval-samples", "64",
+                                 "--json", str(js), "--markdown", str(md)])
+    assert r.exit_code == 0, r.output
+    health = json.loads(js.read_text())["results"][0]["eval"]["stn_health"]
+    assert health["collapsed"] is True and health["theta_spread_px"] == 0.0
+    assert "COLLAPSED (0.00 px)" in md.read_text() and "COLLAPSED STN" in md.read_text()
