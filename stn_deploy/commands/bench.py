@@ -42,7 +42,7 @@ def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 @click.command()
-@click.argument("models", nargs=-1, required=True,
+@click.argument("models", nargs=-1,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--backend", "backends", callback=_backends, default=None, metavar="NAMES",
               help="Comma-separated backends, or 'all' (every available one; the rest are "
@@ -99,6 +99,9 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
     """Measure accuracy and speed of MODEL... (checkpoints, .onnx files, TensorRT plans) on
     each backend that can run them.
 
+    With no MODEL: the last training run's checkpoint (runs/train/last.pt) and its exports in
+    export/ (ONNX files and plans whose recorded checkpoint hash is that checkpoint's).
+
     A gated run (--min-agreement, --max-accuracy-drop) fails when any backend errored, named
     or not; skipped ones (not installed, no GPU) are listed and do not fail it."""
     from stn_deploy.errors import StnDeployError
@@ -115,9 +118,18 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
     if gate_asked and eval_samples == 0:
         raise click.UsageError("--min-agreement/--max-accuracy-drop need evaluation "
                                "(--eval-samples is 0)")
+    missing = None
+    if not models:
+        from stn_deploy.defaults import EXPORT_DIR, bench_models
+
+        picked, line = bench_models()
+        click.echo(line, err=True)
+        models = tuple(picked)
+        missing = (f"no TensorRT plan of {picked[0]} in {EXPORT_DIR}/: run `stn-deploy export "
+                   "--format engine` first")
     report = run_bench(list(models), backends, settings, dataset=dataset, data_dir=data_dir,
                        eval_samples=eval_samples, device=device, ov_hint=ov_hint,
-                       ov_precision=ov_precision, quiet=quiet)
+                       ov_precision=ov_precision, quiet=quiet, missing=missing)
     from stn_deploy import report as rep
 
     if gate_asked and report["eval_data"] is None:
@@ -159,10 +171,15 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
 
 # ---------------------------------------------------------------------------- the work
 
-def plan_rows(models: list[Path], backends: Any) -> tuple[list[tuple[Path, str]],
-                                                           dict[str, str]]:
-    """(model, backend) pairs to run, and {backend: reason} for backends left out of 'all'."""
-    from stn_deploy.backends import BACKENDS, DEFAULT_BACKENDS, available_backends
+def plan_rows(models: list[Path], backends: Any, missing: str | None = None
+              ) -> tuple[list[tuple[Path, str]], dict[str, str]]:
+    """(model, backend) pairs to run, and {backend: reason} for backends left out of 'all'.
+
+    ``missing``: the models were picked by default, and this says what to run first when a
+    named backend found none of its kind among them (unless the backend cannot run here at
+    all, which is the more useful line: it names what to install)."""
+    from stn_deploy.backends import (BACKENDS, DEFAULT_BACKENDS, available_backends,
+                                     unavailable_reason)
     from stn_deploy.backends.base import model_kind
 
     pairs: list[tuple[Path, str]] = []
@@ -188,9 +205,12 @@ def plan_rows(models: list[Path], backends: Any) -> tuple[list[tuple[Path, str]]
             if kind in info.kinds or (kind == "checkpoint" and "onnx" in info.kinds):
                 pairs.append((m, name))
     for name in backends or ():
-        if not any(b == name for _, b in pairs):
-            skipped[name] = (f"runs {' or '.join(BACKENDS[name].kinds)} files and none was "
-                             "given")
+        if any(b == name for _, b in pairs):
+            continue
+        if missing is None:
+            skipped[name] = f"runs {' or '.join(BACKENDS[name].kinds)} files and none was given"
+        else:
+            skipped[name] = unavailable_reason(name) or missing
     return pairs, skipped
 
 
@@ -223,8 +243,10 @@ def load_eval_data(config: Any, dataset: str | None, data_dir: str | None,
 def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str | None = None,
               data_dir: str | None = None, eval_samples: int | None = None,
               device: str | None = None, ov_hint: str = "latency",
-              ov_precision: str = "f32", quiet: bool = False) -> dict[str, Any]:
-    """Run every (model, backend) pair; returns the report (schema in report.py)."""
+              ov_precision: str = "f32", quiet: bool = False,
+              missing: str | None = None) -> dict[str, Any]:
+    """Run every (model, backend) pair; returns the report (schema in report.py).
+    ``missing``: see plan_rows."""
     import datetime
     import tempfile
 
@@ -237,7 +259,7 @@ def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str 
     from stn_deploy.errors import StnDeployError
     from stn_deploy.harness import bench_runner, busy_warning, system_info
 
-    pairs, skipped = plan_rows(models, backends)
+    pairs, skipped = plan_rows(models, backends, missing)
     if not pairs:
         raise StnDeployError("no available backend runs these models: " +
                              "; ".join(f"{k}: {v}" for k, v in skipped.items()))
