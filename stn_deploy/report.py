@@ -38,7 +38,8 @@ bumps the version)::
                        "throughput_ips"}],
           "gate_failures": [str], "notes": [str],
           "requested": bool (named in --backend, so a skip or error fails the command)}],
-      "gate": {"passed": bool, "failures": [str]}
+      "gate": {"passed": bool, "failures": [str] (a gated run also fails on every row with
+               status "error", requested or not; "skipped" rows do not fail it)}
     }
 
 CSV: one line per (result, batch size, latency mode) with the columns in ``CSV_COLUMNS``;
@@ -94,11 +95,16 @@ def label(row: dict[str, Any]) -> str:
 
 def apply_gate(results: list[dict[str, Any]], min_agreement_pct: float | None,
                max_accuracy_drop_pct: float | None) -> list[str]:
-    """Marks failing rows ``failed`` and returns one line per failure."""
+    """Marks failing rows ``failed`` and returns one line per failure. A backend that errored
+    fails the gate too, named on the command line or not (it may have been the one that
+    broke); a skipped one (not installed, no GPU) does not: it measured nothing wrong."""
     lines: list[str] = []
     if min_agreement_pct is None and max_accuracy_drop_pct is None:
         return lines
     for row in results:
+        if row["status"] == "error":
+            lines.append(f"FAILED {label(row)}: error: {row.get('reason')}")
+            continue
         if row["status"] != "ok":
             continue
         ev = row.get("eval") or {}

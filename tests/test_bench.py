@@ -102,11 +102,42 @@ def test_apply_gate_unit() -> None:
                               eval={"agreement_pct": 98.0, "accuracy_drop_pct": 0.2}),
             report.new_result("b.onnx", "onnx", "openvino", "fp32",
                               eval={"agreement_pct": 100.0, "accuracy_drop_pct": 0.0}),
-            report.new_result("c.onnx", "onnx", "openvino", "fp32", status="skipped")]
+            report.new_result("c.onnx", "onnx", "openvino", "fp32", status="skipped"),
+            report.new_result("d.onnx", "onnx", "openvino", "fp32", status="error",
+                              reason="cannot compile")]
     lines = report.apply_gate(rows, 99.0, 0.5)
-    assert len(lines) == 1 and "98.00% < 99%" in lines[0]
-    assert [r["status"] for r in rows] == ["failed", "ok", "skipped"]
+    assert len(lines) == 2 and "98.00% < 99%" in lines[0]
+    assert lines[1] == "FAILED openvino fp32 (d.onnx): error: cannot compile"
+    assert [r["status"] for r in rows] == ["failed", "ok", "skipped", "error"]
     assert report.apply_gate(rows, None, None) == []
+
+
+@pytest.mark.parametrize("backends", [[], ["--backend", "all"]], ids=["default", "all"])
+def test_gate_fails_when_a_backend_not_named_errors(backends: list[str],
+                                                    digits_checkpoint: Path, digits_onnx: Path,
+                                                    tmp_path: Path) -> None:
+    """A truncated ONNX among good models: onnxruntime and openvino error on it. Neither was
+    named (defaults, or 'all'), and the gate must still fail: the error is what CI is for."""
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(digits_onnx.read_bytes()[:2000])
+    good = [str(digits_checkpoint)] if not backends else [str(digits_onnx)]
+    res = CliRunner().invoke(cli, [
+        "bench", *good, str(broken), *backends, "--no-compute-only", *FAST,
+        "--min-agreement", "99", "--json", str(tmp_path / "g.json")])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    doc = json.loads((tmp_path / "g.json").read_text())
+    bad = [r for r in doc["results"] if r["model"] == str(broken)]
+    assert bad and all(r["status"] == "error" and not r["requested"] for r in bad)
+    assert all(r["status"] == "ok" for r in doc["results"] if r["model"] != str(broken))
+    failed = [ln for ln in res.output.splitlines() if ln.startswith("FAILED")]
+    assert sorted(failed) == sorted(f"FAILED {report.label(r)}: error: {r['reason']}"
+                                    for r in bad)
+    assert doc["gate"] == {"passed": False, "failures": failed}
+    # Without the gate, an error of a backend nobody named stays a row in the table.
+    res = CliRunner().invoke(cli, ["bench", *good, str(broken), *backends,
+                                   "--no-compute-only", *FAST])
+    assert res.exit_code == 0, res.output
 
 
 def test_unavailable_backend_is_one_line_not_a_crash(digits_checkpoint: Path) -> None:
@@ -121,10 +152,12 @@ def test_unavailable_backend_is_one_line_not_a_crash(digits_checkpoint: Path) ->
 
 
 def test_backend_all_lists_skipped_with_reasons(digits_onnx: Path, tmp_path: Path) -> None:
+    """Gated: the skipped backends (no GPU, not installed) are listed and do not fail it."""
     from stn_deploy.backends import available_backends
 
     res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", "all",
-                                   "--no-compute-only", *FAST, "--json", str(tmp_path / "a.json")])
+                                   "--no-compute-only", *FAST, "--json", str(tmp_path / "a.json"),
+                                   "--min-agreement", "99"])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "a.json").read_text())
     ran = {r["backend"] for r in doc["results"]}
@@ -134,7 +167,9 @@ def test_backend_all_lists_skipped_with_reasons(digits_onnx: Path, tmp_path: Pat
     for name, reason in available_backends().items():
         if reason is not None:
             assert doc["skipped_backends"][name] == reason
+            assert f"not gated: skipped {name}: {reason}" in res.output
     assert "torch" in doc["skipped_backends"]  # available, but no checkpoint was given
+    assert doc["gate"]["passed"] is True
 
 
 def test_openvino_bf16_row_is_labelled(digits_onnx: Path, tmp_path: Path) -> None:

@@ -76,48 +76,145 @@ def test_bad_files_get_one_line_each_others_still_run(digits_checkpoint: Path,
                                                       tmp_path: Path) -> None:
     notimg = tmp_path / "notes.jpg"
     notimg.write_text("not an image")
-    colour = tmp_path / "colour.png"
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(colour)
-    clear = tmp_path / "clear.png"
-    Image.new("LA", (32, 32), (100, 0)).save(clear)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((32, 32), 4000, dtype=np.uint16)).save(deep)  # 16-bit gray
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(digit_files[0].read_bytes()[:60])
     missing = tmp_path / "missing.png"
-    args = [str(digit_files[0]), str(notimg), str(colour), str(missing), str(clear),
-            str(truncated), str(digit_files[1])]
+    args = [str(digit_files[0]), str(notimg), str(deep), str(missing), str(truncated),
+            str(digit_files[1])]
     res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), *args, "--top-k", "1"])
     assert res.exit_code == 1
     lines = res.output.strip().splitlines()
     assert any(ln.startswith(f"{digit_files[0]}: ") for ln in lines)
     assert any(ln.startswith(f"{digit_files[1]}: ") for ln in lines)
     errors = [ln for ln in lines if ln.startswith("Error: ")]
-    assert len(errors) == 5 and "Traceback" not in res.output
+    assert len(errors) == 4 and "Traceback" not in res.output
     joined = "\n".join(errors)
     assert f"{notimg}: not an image" in joined
-    assert f"{colour}: RGB colour image" in joined and "grayscale" in joined
+    assert f"{deep}: image mode I;16 (more than 8 bits a channel)" in joined
     assert f"{missing}: file not found" in joined
-    assert f"{clear}: LA image with transparency" in joined
     assert f"{truncated}: " in joined
 
 
-def test_mode_rules() -> None:
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header for width x height 8-bit gray pixels, with one row of pixel data:
+    a few hundred bytes on disk that a decoder would have to expand to width*height bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_one_line_and_the_others_still_run(
+        digits_checkpoint: Path, digit_files: list[Path], tmp_path: Path) -> None:
+    bomb = _png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    assert bomb.stat().st_size < 1000
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(digit_files[0]),
+                                   str(bomb), str(digit_files[1]), "--top-k", "1", "--json"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1 and "900000000 pixels" in errors[0]
+    assert errors[0].startswith(f"Error: {bomb}: refused as a possible decompression bomb")
+    doc = json.loads(res.output[:res.output.rindex("}") + 1])
+    assert [r["ok"] for r in doc["results"]] == [True, False, True]
+    expected = _expected_top1(digits_checkpoint, [digit_files[0], digit_files[1]])
+    assert [doc["results"][i]["top_k"][0]["index"] for i in (0, 2)] == expected
+
+
+def test_rgb_photo_on_the_digits_model_is_converted_with_a_note(
+        digits_checkpoint: Path, digits_bundle: DataBundle, tmp_path: Path) -> None:
+    """A digit in colour (orange ink, as a photo of a screen would be), as JPEG and PPM: the
+    1-channel model gets PIL's RGB->L conversion, the one torchvision's loaders do."""
+    from stn_deploy.pnm import write_pnm
+
+    gray = digits_bundle.test.images[5, 0].numpy().astype(np.float32)
+    tint = np.array([1.0, 0.55, 0.1], dtype=np.float32)
+    rgb = np.clip(gray[:, :, None] * tint, 0, 255).astype(np.uint8)
+    jpg = tmp_path / "photo.jpg"
+    Image.fromarray(rgb, mode="RGB").save(jpg, quality=95)
+    ppm = write_pnm(tmp_path / "photo.ppm", rgb)
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(jpg), str(ppm),
+                                   "--top-k", "1"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 2
+    for line, path in zip(lines, (jpg, ppm)):
+        assert line.startswith(f"{path}: ") and line.endswith("(converted RGB to L)")
+    # The prediction is the model's on the converted image, not something else.
+    converted = []
+    for path in (jpg, ppm):
+        target = tmp_path / f"{path.stem}-{path.suffix[1:]}-as-l.png"
+        Image.open(path).convert("L").save(target)
+        converted.append(target)
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(jpg), str(ppm),
+                                   "--json"])
+    doc = json.loads(res.output)
+    want = _expected_top1(digits_checkpoint, converted)
+    assert [r["top_k"][0]["index"] for r in doc["results"]] == want
+    assert [r["notes"] for r in doc["results"]] == [["converted RGB to L"]] * 2
+
+
+def test_rgba_png_is_converted_with_a_note(digits_checkpoint: Path, digit_files: list[Path],
+                                           random_model: object, tmp_path: Path) -> None:
+    """RGBA for the 1-channel digits model (to L) and for a 3-channel model (to RGB); the note
+    says so, and says when transparent pixels lost their transparency."""
+    from stn_deploy.checkpoint import Checkpoint, save_checkpoint
+
+    gray = np.asarray(Image.open(digit_files[1]))
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    opaque = tmp_path / "opaque.png"
+    Image.fromarray(rgba, mode="RGBA").save(opaque)
+    rgba[:4, :4, 3] = 0  # a transparent corner
+    clear = tmp_path / "corner.png"
+    Image.fromarray(rgba, mode="RGBA").save(clear)
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(opaque), str(clear),
+                                   str(digit_files[1]), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert [r["notes"] for r in doc["results"]] == [
+        ["converted RGBA to L"], ["converted RGBA to L (transparency dropped)"], []]
+    # Same pixels as the grayscale PNG, so the same prediction.
+    top = [r["top_k"][0]["index"] for r in doc["results"]]
+    assert top == _expected_top1(digits_checkpoint, [digit_files[1]]) * 3
+
+    ckpt = tmp_path / "colour.pt"
+    save_checkpoint(ckpt, Checkpoint(config=random_model.config,  # type: ignore[attr-defined]
+                                     state_dict=random_model.state_dict()))  # type: ignore[attr-defined]
+    res = CliRunner().invoke(cli, ["predict", str(ckpt), str(clear), "--top-k", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().endswith("(converted RGBA to RGB (transparency dropped))")
+
+
+def test_mode_rules(tmp_path: Path) -> None:
     gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L")
     rgb = np.asarray(gray.convert("RGB"))
-    path = Path("/tmp") / f"stn-predict-mode-{id(gray)}.png"
-    try:
-        gray.save(path)
-        as_rgb = load_image(path, channels=3, size=8)  # gray -> RGB is lossless
-        assert as_rgb.shape == (8, 8, 3) and (as_rgb == rgb).all()
-        Image.fromarray(rgb).save(path)  # gray content stored as RGB is fine for 1 channel
-        assert load_image(path, channels=1, size=8).shape == (8, 8, 1)
-        Image.new("CMYK", (8, 8)).save(path.with_suffix(".jpg"))
-        with pytest.raises(StnDeployError, match="mode CMYK"):
-            load_image(path.with_suffix(".jpg"), channels=3, size=8)
-        big = load_image(path, channels=3, size=22)
-        assert big.shape == (22, 22, 3) and big.dtype == np.uint8
-    finally:
-        path.unlink(missing_ok=True)
-        path.with_suffix(".jpg").unlink(missing_ok=True)
+    path = tmp_path / "m.png"
+    gray.save(path)
+    as_rgb, notes = load_image(path, channels=3, size=8)  # gray -> RGB is lossless
+    assert as_rgb.shape == (8, 8, 3) and (as_rgb == rgb).all() and notes == ["converted L to RGB"]
+    same, notes = load_image(path, channels=1, size=8)
+    assert (same[:, :, 0] == np.asarray(gray)).all() and notes == []
+    Image.fromarray(rgb).save(path)  # gray content stored as RGB: the same values back
+    back, notes = load_image(path, channels=1, size=8)
+    assert (back[:, :, 0] == np.asarray(gray)).all() and notes == ["converted RGB to L"]
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "m.jpg")
+    red, notes = load_image(tmp_path / "m.jpg", channels=3, size=8)
+    assert notes == ["converted CMYK to RGB"] and red[..., 0].min() > 200
+    big, _ = load_image(path, channels=3, size=22)
+    assert big.shape == (22, 22, 3) and big.dtype == np.uint8
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32), mode="F").save(tmp_path / "f.tiff")
+    with pytest.raises(StnDeployError, match="mode F "):
+        load_image(tmp_path / "f.tiff", channels=1, size=8)
 
 
 def test_save_warped_and_ppm(digits_checkpoint: Path, digit_files: list[Path],

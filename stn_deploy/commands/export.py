@@ -10,7 +10,8 @@ OPSETS = (16, 17, 18, 19, 20)
 
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False, default=None,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx",
               show_default=True, help="engine: a TensorRT plan (needs tensorrt and a GPU).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
@@ -48,7 +49,7 @@ OPSETS = (16, 17, 18, 19, 20)
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]),
               default=None, help="Runtime to check the graph for [default: tensorrt for "
                                  "engines, else onnxruntime].")
-def export(checkpoint: Path, fmt: str, precision: str, opset: int, out: Path | None,
+def export(checkpoint: Path | None, fmt: str, precision: str, opset: int, out: Path | None,
            static_batch: int | None, with_theta: bool, embed_preprocess: bool,
            exporter: str | None, affine_grid_op: bool, data_dir: Path | None,
            calib_data: Path | None, calib_samples: int, verify_samples: int, min_batch: int,
@@ -56,11 +57,20 @@ def export(checkpoint: Path, fmt: str, precision: str, opset: int, out: Path | N
            target: str | None) -> None:
     """Export CHECKPOINT at an exact opset and verify it against PyTorch before writing.
 
+    CHECKPOINT defaults to the last training run's, runs/train/last.pt (train's default --out);
+    the file goes into export/ unless --out says otherwise.
+
     Verification runs ONNX Runtime on real test images: logit difference, top-1 agreement,
     theta difference and accuracy, each PASSED/FAILED against a stated tolerance. A failed
     check fails the command and writes nothing."""
     from stn_deploy.export.pipeline import ExportRequest, run_export
 
+    if checkpoint is None:
+        from stn_deploy.defaults import default_checkpoint
+
+        checkpoint = default_checkpoint("CHECKPOINT")
+        click.echo(f"export: {checkpoint} (the last training run; name a checkpoint for "
+                   "another)", err=True)
     if static_batch is not None and fmt == "engine":
         min_batch = opt_batch = max_batch = static_batch
     req = ExportRequest(

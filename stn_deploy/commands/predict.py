@@ -4,11 +4,13 @@ Preprocessing comes from the model's stored config: convert the image to the mod
 count, resize to its input size (PIL bilinear, as the imagefolder loader does), then normalise
 with its mean/std (or hand uint8 NHWC to a graph with embedded preprocessing).
 
-Image modes: a conversion happens only when it loses nothing. Grayscale (L, 1) and palette (P)
-images expand to RGB for a 3-channel model; RGBA/LA/PA are accepted when every pixel is opaque.
-A 1-channel model accepts an image whose colour channels are all equal. Anything else (colour
-for a grayscale model, transparency, CMYK, 16-bit or float images) is refused with one line for
-that file, so a prediction never rests on a conversion the user did not ask for.
+Image modes: as torchvision's loaders do, any 8-bit image is converted (PIL ``convert``) to
+what the model takes, L for a 1-channel model and RGB for a 3-channel one: colour to grayscale,
+grayscale and palette to RGB, CMYK/YCbCr to RGB, and an alpha channel dropped. Each conversion
+is named in a note beside the prediction (and in the JSON), so none happens unseen. Refused,
+one line for that file: what cannot be read (not an image, truncated, corrupt), 16-bit and
+float images (PIL clips them to 255 instead of scaling; ``stn_deploy.pnm`` refuses 16-bit PNM
+for the same reason), and headers claiming more pixels than PIL's decompression-bomb limit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 import click
 
-ACCEPTED_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA")
+# PIL modes of more than 8 bits a channel: "I", "I;16", "I;16B", ..., "F".
+HIGH_DEPTH_PREFIXES = ("I", "F")
 
 
 @click.command()
@@ -62,9 +65,9 @@ def predict(model: Path, images: tuple[Path, ...], backend: str | None, top_k: i
     loaded: list[tuple[int, np.ndarray]] = []
     for path in images:
         try:
-            loaded.append((len(results), load_image(path, config.in_channels,
-                                                     config.image_size)))
-            results.append({"file": str(path), "ok": True})
+            img, notes = load_image(path, config.in_channels, config.image_size)
+            loaded.append((len(results), img))
+            results.append({"file": str(path), "ok": True, "notes": notes})
         except StnDeployError as e:
             results.append({"file": str(path), "ok": False, "error": str(e)})
     if loaded:
@@ -112,15 +115,18 @@ def predict(model: Path, images: tuple[Path, ...], backend: str | None, top_k: i
             if r["ok"]:
                 top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%"
                                 for t in r["top_k"])
-                click.echo(f"{r['file']}: {top}")
+                notes = "".join(f"  ({n})" for n in r["notes"])
+                click.echo(f"{r['file']}: {top}{notes}")
     for r in failed:
         click.echo(f"Error: {r['file']}: {r['error']}", err=True)
     if failed:
         sys.exit(1)
 
 
-def load_image(path: Path, channels: int, size: int) -> Any:
-    """uint8 HWC at the model's size and channel count; StnDeployError names the file."""
+def load_image(path: Path, channels: int, size: int) -> tuple[Any, list[str]]:
+    """uint8 HWC at the model's size and channel count, and the notes saying what was
+    converted; StnDeployError (without the file name, the caller adds it) when it cannot be
+    read."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -130,36 +136,34 @@ def load_image(path: Path, channels: int, size: int) -> Any:
         raise StnDeployError("file not found")
     if not path.is_file():
         raise StnDeployError("not a file")
+    if channels not in (1, 3):
+        raise StnDeployError(f"the model takes {channels} channels; predict reads 1 or 3")
+    target = "L" if channels == 1 else "RGB"
+    notes: list[str] = []
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode not in ACCEPTED_MODES:
-                raise StnDeployError(f"image mode {mode} is not supported (8-bit grayscale, "
-                                     "palette, RGB or RGBA only); convert it first")
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+            if mode.startswith(HIGH_DEPTH_PREFIXES):
+                raise StnDeployError(f"image mode {mode} (more than 8 bits a channel) is not "
+                                     "supported: PIL would clip it to 8 bits; convert it first")
+            if mode == target:
+                img = im.copy()
+            else:
+                img = im.convert(target)
+                dropped = "A" in im.getbands() and im.getchannel("A").getextrema()[0] < 255
+                notes.append(f"converted {mode} to {target}"
+                             + (" (transparency dropped)" if dropped else ""))
     except UnidentifiedImageError:
         raise StnDeployError("not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt files
+    except Image.DecompressionBombError as e:  # a huge header: refused before decoding
+        raise StnDeployError(f"refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, unconvertible mode
         raise StnDeployError(f"cannot decode the image ({e})") from None
-    if (rgba[:, :, 3] != 255).any():
-        raise StnDeployError(f"{mode} image with transparency: remove the alpha channel first")
-    rgb = rgba[:, :, :3]
-    if channels == 1:
-        if not ((rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all()):
-            raise StnDeployError(f"{mode} colour image, but the model takes 1-channel "
-                                 "(grayscale) input; convert it to grayscale first")
-        arr = rgb[:, :, :1]
-    elif channels == 3:
-        arr = rgb
-    else:
-        raise StnDeployError(f"the model takes {channels} channels; predict reads 1 or 3")
-    if arr.shape[0] != size or arr.shape[1] != size:
-        img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr,
-                              mode="L" if channels == 1 else "RGB")
-        arr = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-        arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return np.ascontiguousarray(arr)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.array(img, dtype=np.uint8)  # a copy: PIL's buffer is read-only
+    return (arr[:, :, None] if arr.ndim == 2 else arr), notes
 
 
 def save_warped_png(path: Path, image_hwc: Any, theta: Any, config: Any) -> Path:

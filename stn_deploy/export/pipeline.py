@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stn_deploy.defaults import EXPORT_DIR
 from stn_deploy.errors import StnDeployError
 
 
@@ -49,7 +50,7 @@ class ExportResult:
     report: object | None = None
 
 
-def default_out(req: ExportRequest, root: Path = Path("export")) -> Path:
+def default_out(req: ExportRequest, root: Path = EXPORT_DIR) -> Path:
     suffix = ".plan" if req.format == "engine" else ".onnx"
     return root / f"{req.checkpoint.stem}-opset{req.opset}-{req.precision}{suffix}"
 
