@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                        "redistort": True}, {"use_stn": False}),
     "sgd-all-large": ("seed", {"redistort": True, "stn_weight_decay": 0.0, "lr": 0.01,
                                "stn_lr_scale": 1.0}, {"loc_net": "large"}),
+    "adam-redistort-large-stnlr3": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 3.0,
+                                             "stn_weight_decay": 0.0, "weight_decay": 1e-4,
+                                             "redistort": True}, {"loc_net": "large"}),
+    "adam-large": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 1.0,
+                            "stn_weight_decay": 0.0, "weight_decay": 1e-4}, {"loc_net": "large"}),
 }
 
 
@@ -101,7 +106,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for variant in variants:
         for seed in seeds:
             row = run(variant, args.dataset, args.data_dir, args.distort, args.epochs, seed)
@@ -112,14 +117,19 @@ def main() -> None:
                   f"rot undone {_pct((h.get('undone') or {}).get('rotation'))}  "
                   f"scale undone {_pct((h.get('undone') or {}).get('scale'))}  "
                   f"dead {_pct(h.get('dead_fraction'))}  ({row['minutes']} min)", flush=True)
+            write(args, seeds, rows)  # after every run: a long sweep keeps what it has
+
+
+def write(args: argparse.Namespace, seeds: list[int], rows: list[dict[str, Any]]) -> None:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     summary = {}
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         accs = [r["test_acc"] for r in mine]
         undone = [(r.get("health") or {}).get("undone") or {} for r in mine]
         summary[variant] = {
-            "mean_test_acc": statistics.mean(accs), "min_test_acc": min(accs),
-            "max_test_acc": max(accs),
+            "runs": len(mine), "mean_test_acc": statistics.mean(accs),
+            "min_test_acc": min(accs), "max_test_acc": max(accs),
             "mean_rotation_undone": (statistics.mean(u["rotation"] for u in undone)
                                      if all("rotation" in u for u in undone) else None),
             "mean_scale_undone": (statistics.mean(u["scale"] for u in undone)
@@ -139,15 +149,15 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     md = [f"{args.dataset}, --distort {args.distort}, {args.epochs} epochs, seeds {args.seeds}"
           f" ({doc['date']}, {doc['machine']})", "",
-          "| variant | test accuracy (mean, min-max) | rotation undone | scale undone | "
-          "theta spread |", "|---|---|---|---|---|"]
+          "| variant | runs | test accuracy (mean, min-max) | rotation undone | scale undone | "
+          "theta spread |", "|---|---|---|---|---|---|"]
     for v, s in summary.items():
         spread = "-" if s["mean_theta_spread_px"] is None else f"{s['mean_theta_spread_px']:.2f} px"
-        md.append(f"| {v} | {100 * s['mean_test_acc']:.2f}% ({100 * s['min_test_acc']:.2f}-"
-                  f"{100 * s['max_test_acc']:.2f}) | {_pct(s['mean_rotation_undone'])} | "
-                  f"{_pct(s['mean_scale_undone'])} | {spread} |")
+        md.append(f"| {v} | {s['runs']} | {100 * s['mean_test_acc']:.2f}% "
+                  f"({100 * s['min_test_acc']:.2f}-{100 * s['max_test_acc']:.2f}) | "
+                  f"{_pct(s['mean_rotation_undone'])} | {_pct(s['mean_scale_undone'])} | "
+                  f"{spread} |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
 
 
 if __name__ == "__main__":

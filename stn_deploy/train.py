@@ -44,6 +44,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "improved": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                      label_smoothing=0.1, augment=True, stn_lr_scale=0.1, batch_size=64,
                      dropout=0.0),
+    # Distorted data (--distort rts): what kept the STN transforming in
+    # benchmarks/stn_recipes.py. Under the seed recipe theta collapsed or undid 2-24% of the
+    # rotation; AdamW with the STN at the full rate and without weight decay, and a fresh
+    # distortion of every image each epoch, undid 60-70% (with --loc-net large).
+    "rts": dict(optimizer="adam", lr=1e-3, weight_decay=1e-4, stn_weight_decay=0.0,
+                stn_lr_scale=1.0, redistort=True, label_smoothing=0.0, augment=False,
+                batch_size=64, dropout=0.05),
 }
 
 

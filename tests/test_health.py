@@ -152,3 +152,20 @@ def test_bench_flags_a_collapsed_stn(tmp_path: Path) -> None:
     health = json.loads(js.read_text())["results"][0]["eval"]["stn_health"]
     assert health["collapsed"] is True and health["theta_spread_px"] == 0.0
     assert "COLLAPSED (0.00 px)" in md.read_text() and "COLLAPSED STN" in md.read_text()
+
+
+def test_train_picks_the_rts_recipe_and_warns_on_a_collapsed_stn(tmp_path: Path) -> None:
+    common = ["train", "--dataset", "digits", "--distort", "rts", "--epochs", "1", "--quiet",
+              "--device", "cpu"]
+    r = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 0, r.output
+    assert "recipe rts, large localization net" in r.output
+    assert "STN health on the test split: theta spread" in r.output
+    # The seed recipe moves the STN at a tenth of the rate: after one epoch theta is still the
+    # identity for every image, and train says so, with what to try.
+    r = CliRunner().invoke(cli, [*common, "--recipe", "seed", "--loc-net", "seed",
+                                 "--out", str(tmp_path / "seed")])
+    assert r.exit_code == 0, r.output
+    assert "warning: the STN has collapsed" in r.output and "--optimizer adam" in r.output
+    doc = json.loads((tmp_path / "seed" / "metrics.json").read_text())
+    assert doc["stn_health"]["collapsed"] is True

@@ -19,22 +19,22 @@ def _step(title: str, args: list[str]) -> None:
 @click.option("--opset", type=click.IntRange(16), default=16, show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer epochs and iterations (a smoke run).")
 def demo(out_dir: str, epochs: int, opset: int, quick: bool) -> None:
-    """Train on RTS-distorted digits, export verified FP32 and INT8 ONNX at --opset, and
-    benchmark every installed backend against PyTorch."""
+    """Train on RTS-distorted digits (the rts recipe, large localization net), export verified
+    FP32 and INT8 ONNX at --opset, and benchmark every installed backend against PyTorch."""
     from pathlib import Path
 
     out = Path(out_dir)
     if quick:  # still enough for a model whose INT8 export passes its agreement check
         epochs = min(epochs, 6)
     ckpt = out / "train" / "last.pt"
-    _step("train", ["train", "--dataset", "digits", "--distort", "rts", "--recipe", "seed",
-                    "--epochs", str(epochs), "--out", str(out / "train"), "--quiet"])
+    _step("train", ["train", "--dataset", "digits", "--distort", "rts", "--epochs", str(epochs),
+                    "--out", str(out / "train"), "--quiet"])
     fp32 = out / f"stn-opset{opset}-fp32.onnx"
     int8 = out / f"stn-opset{opset}-int8.onnx"
     _step("export FP32", ["export", str(ckpt), "--opset", str(opset), "--with-theta",
                           "--out", str(fp32)])
     _step("export INT8", ["export", str(ckpt), "--opset", str(opset), "--precision", "int8",
-                          "--out", str(int8)])
+                          "--with-theta", "--out", str(int8)])
     iterations = "20" if quick else "200"
     _step("bench", ["bench", str(ckpt), str(fp32), str(int8), "--backend", "all",
                     "--batch-sizes", "1,64", "--iterations", iterations,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from stn_deploy.commands.options import dataset_options
+from stn_deploy.defaults import TRAIN_OUT
 
 
 @click.command()
@@ -18,13 +19,17 @@ from stn_deploy.commands.options import dataset_options
               help="Model input size [default: 32 for digits and CIFAR-10, 28 for Fashion-MNIST,"
                    " the images' own for imagefolder].")
 @click.option("--no-stn", is_flag=True, help="The same classifier without the STN (ablation).")
-@click.option("--loc-net", type=click.Choice(["seed", "large"]), default="seed", show_default=True,
-              help="The STN's localization net: the seed design's, or a larger one.")
+@click.option("--loc-net", type=click.Choice(["auto", "seed", "large"]), default="auto",
+              show_default=True,
+              help="The STN's localization net: the seed design's (8,928 parameters for 1x32x32)"
+                   " or a larger one (55,718). auto: large with --distort, else seed.")
 @click.option("--align-corners", is_flag=True, help="grid_sample/affine_grid align_corners=True.")
-@click.option("--recipe", type=click.Choice(["seed", "improved"]), default="seed",
+@click.option("--recipe", type=click.Choice(["auto", "seed", "improved", "rts"]), default="auto",
               show_default=True,
               help="seed: SGD + one-cycle, no augmentation, dropout 0.05, STN at 1/10 LR. improved:"
-                   " crop/flip and label smoothing instead of dropout, nesterov.")
+                   " crop/flip and label smoothing instead of dropout, nesterov. rts: AdamW, the "
+                   "STN at the full rate without weight decay, fresh distortions each epoch. "
+                   "auto: rts with --distort, else seed.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 64]")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
@@ -46,12 +51,13 @@ from stn_deploy.commands.options import dataset_options
                    "[default: by recipe].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train",
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=str(TRAIN_OUT),
               show_default=True, help="Folder for last.pt, metrics.json and the pictures.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--stop-after", type=click.IntRange(1), default=None,
               help="End this run after that epoch of the schedule (continue with --resume).")
-@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines (the summary "
+              "at the start and the end still prints).")
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           image_size: int | None, no_stn: bool, loc_net: str, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
@@ -67,6 +73,10 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
     from stn_deploy.train import TrainOptions
     from stn_deploy.train import train as run_training
 
+    if recipe == "auto":
+        recipe = "seed" if distort == "none" else "rts"
+    if loc_net == "auto":
+        loc_net = "seed" if distort == "none" else "large"
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                     augment=augment, dropout=dropout,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
@@ -79,18 +89,18 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
     bundle = load_dataset(dataset, data_dir, download=download, image_size=image_size,
                           distort=distort, seed=seed, use_stn=not no_stn,
                           align_corners=align_corners, loc_net=loc_net)
-    if not quiet:
-        click.echo(f"{dataset}: {len(bundle.train)} train, {len(bundle.test)} test images, "
-                   f"input {'x'.join(map(str, bundle.config.input_shape))}, "
-                   f"{bundle.config.num_classes} classes")
+    # What was picked is said even with --quiet, which silences only per-epoch output.
+    click.echo(f"{dataset}: {len(bundle.train)} train, {len(bundle.test)} test images, "
+               f"input {'x'.join(map(str, bundle.config.input_shape))}, "
+               f"{bundle.config.num_classes} classes; recipe {recipe}, "
+               + ("no STN" if no_stn else f"{loc_net} localization net"))
     result = run_training(bundle, out_dir, opts, resume=resume_from)
-    if result.history and not quiet:
+    if result.history:
         last = result.history[-1]
         click.echo(f"{result.parameters:,} parameters; test accuracy {100 * last['test_acc']:.2f}%"
                    f" after {last['epoch']} epochs; checkpoint {result.checkpoint}")
     if result.health is not None:
-        if not quiet:
-            click.echo(f"STN health on the test split: {result.health.summary()}")
+        click.echo(f"STN health on the test split: {result.health.summary()}")
         advice = stn_advice(result.health, opts)
         if advice:
             click.secho(f"warning: {advice}", fg="yellow", err=True)
@@ -103,9 +113,10 @@ def stn_advice(health: object, opts: object) -> str | None:
     if not isinstance(health, StnHealth) or not health.warnings:
         return None
     tries = []
-    if getattr(opts, "stn_weight_decay", None) != 0.0:
-        tries.append("--stn-weight-decay 0")
     if getattr(opts, "optimizer", "sgd") == "sgd":
-        tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 1")
+        tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 1 --stn-weight-decay 0 (the "
+                     "rts recipe's STN settings)")
+    if getattr(opts, "redistort", True) is False:
+        tries.append("--redistort (with --distort)")
     tries.append("--loc-net large")
-    return f"{health.warnings[0]}; try {', '.join(tries)} (README: 'Keeping the STN alive')"
+    return f"{health.warnings[0]}; try {'; '.join(tries)} (README: 'Keeping the STN alive')"
