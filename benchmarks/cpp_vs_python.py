@@ -119,7 +119,8 @@ def main() -> None:
         sys.exit("Error: cmake not found")
     threads = args.threads or len(os.sched_getaffinity(0))
 
-    from stn_deploy.export.onnx_export import OnnxOptions, config_from_onnx, export_onnx
+    from stn_deploy.artifacts import config_from_onnx
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
     from stn_deploy.pnm import write_pnm
 
     exe = build_cpp(args.build_dir)
@@ -138,7 +139,7 @@ def main() -> None:
     c, h, w = config.input_shape
     img = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
     image_path = write_pnm(tmp / ("x.ppm" if c == 3 else "x.pgm"), img)
-    from stn_deploy.export.onnx_export import read_metadata
+    from stn_deploy.artifacts import read_metadata
 
     embedded = read_metadata(model).get("preprocess") == "embedded"
     mean = np.asarray(config.mean, np.float32).reshape(1, -1, 1, 1)

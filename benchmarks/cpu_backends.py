@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from stn_deploy.backends import create_runner
     from stn_deploy.backends.base import available_cpus
     from stn_deploy.checkpoint import load_checkpoint
-    from stn_deploy.commands.bench import load_eval_data
+    from stn_deploy.bench import load_eval_data
     from stn_deploy.data import load_split, prepare
     from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
     from stn_deploy.export.precision import quantize_int8

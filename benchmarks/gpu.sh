@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     || { echo "gpu.sh: no NVIDIA GPU (nvidia-smi failed)" >&2; exit 1; }
-python -c "import tensorrt" 2>/dev/null \
-    || { echo "gpu.sh: tensorrt is not installed (pip install tensorrt)" >&2; exit 1; }
+why=$(python -c "from stn_deploy.backends import unavailable_reason as u; print(u('trt') or '')")
+[[ -z "$why" ]] || { echo "gpu.sh: trt cannot run: $why" >&2; exit 1; }
 
 DATA_ARGS=()
 if [[ -n "$DATA_DIR" ]]; then
@@ -37,9 +37,22 @@ for p in fp32 fp16 int8; do
         ${DATA_DIR:+--data-dir "$DATA_DIR"} --max-batch 256 --out "$OUT/model-$p.plan"
 done
 
+# ONNX Runtime's GPU providers, asked through stn-deploy's own probe (it also names an
+# onnxruntime + onnxruntime-gpu clash, where the CPU wheel hides the GPU providers).
+reason() {
+    python -c "import sys; from stn_deploy.backends import unavailable_reason as u; r = u(sys.argv[1]); print(r or '')" "$1"
+}
+why=$(reason onnxruntime-cuda)
+if [[ -n "$why" ]]; then
+    echo "gpu.sh: onnxruntime-cuda cannot run: $why" >&2
+    exit 1
+fi
 BACKENDS=torch,onnxruntime-cuda,trt
-if python -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+why=$(reason onnxruntime-trt)
+if [[ -z "$why" ]]; then
     BACKENDS=$BACKENDS,onnxruntime-trt
+else
+    echo "gpu.sh: leaving out onnxruntime-trt: $why" >&2
 fi
 
 # The checkpoint first: PyTorch (CUDA) is the reference for agreement. ONNX Runtime's CUDA/TRT

@@ -18,7 +18,7 @@ import numpy as np
 import openvino as ov
 
 from stn_deploy.backends.base import cpu_name
-from stn_deploy.export.onnx_export import config_from_onnx
+from stn_deploy.artifacts import config_from_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

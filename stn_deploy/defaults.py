@@ -28,31 +28,10 @@ def default_checkpoint(argument: str) -> Path:
     return DEFAULT_CHECKPOINT
 
 
-def recorded_source(path: Path) -> str | None:
-    """The checkpoint sha256 an ONNX file or plan says it was exported from (None: unknown,
-    unreadable, or not a model file)."""
-    from stn_deploy.backends.base import PLAN_SUFFIXES
-
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".onnx":
-            from stn_deploy.export.onnx_export import read_metadata
-
-            return read_metadata(path).get("source_sha256")
-        if suffix in PLAN_SUFFIXES:
-            from stn_deploy.export.tensorrt import read_sidecar
-
-            value = read_sidecar(path).get("source_sha256")
-            return str(value) if value is not None else None
-    except StnDeployError:  # a broken file is nobody's export
-        return None
-    return None
-
-
 def exports_of(checkpoint: Path, folder: Path = EXPORT_DIR) -> tuple[list[Path], list[Path]]:
     """(ONNX files and TensorRT plans under ``folder`` exported from ``checkpoint``, the model
     files there that come from other checkpoints or cannot tell), each sorted by path."""
-    from stn_deploy.backends.base import PLAN_SUFFIXES
+    from stn_deploy.artifacts import PLAN_SUFFIXES, recorded_source
     from stn_deploy.fileio import sha256_file
 
     mine: list[Path] = []

@@ -23,6 +23,13 @@ class MissingDependencyError(StnDeployError):
         self.install = install
 
 
+def error_line(e: BaseException) -> str:
+    """The first line of an exception from a library (ONNX Runtime, OpenVINO, torch, protobuf
+    texts run to pages), or its type name when it has no text: what "Error: ..." shows."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def require(module: str, install: str, package: str | None = None) -> ModuleType:
     """Import an optional module, or fail with one line naming what to install."""
     try:

@@ -32,6 +32,9 @@ from stn_deploy.errors import StnDeployError
 END_TO_END = "end_to_end"
 COMPUTE_ONLY = "compute_only"
 POOL_SIZE = 8  # distinct host inputs cycled through in the end-to-end loop
+# Images a batch for accuracy and agreement, in bench and in export's verification alike:
+# the same file on the same images gives the same logits in both.
+EVAL_BATCH = 256
 
 
 @dataclass
@@ -180,7 +183,7 @@ def measure_latency(runner: Runner, batch_size: int, *, iterations: int | None =
 
 # ----------------------------------------------------------------------------- accuracy
 
-def run_batched(runner: Runner, images_nchw_u8: np.ndarray, batch_size: int = 256,
+def run_batched(runner: Runner, images_nchw_u8: np.ndarray, batch_size: int = EVAL_BATCH,
                 progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """All outputs for a set of uint8 NCHW images, batched; pads the last batch for models
     with a static batch dimension (the padding rows are dropped)."""
@@ -358,7 +361,7 @@ class BenchSettings:
     warmup: int = 10
     threads: int | None = None
     compute_only: bool = True
-    eval_batch: int = 256
+    eval_batch: int = EVAL_BATCH
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

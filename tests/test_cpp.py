@@ -99,7 +99,7 @@ def images(digits_bundle: Any, tmp_path_factory: pytest.TempPathFactory
 def onnxruntime_logits(model: Path, nchw_u8: np.ndarray, embedded: bool) -> np.ndarray:
     import onnxruntime as ort
 
-    from stn_deploy.export.onnx_export import config_from_onnx
+    from stn_deploy.artifacts import config_from_onnx
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     if embedded:

@@ -16,8 +16,8 @@ from stn_deploy.cli import cli
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
 from stn_deploy.export.downconvert import downconvert
-from stn_deploy.export.onnx_export import (OnnxOptions, config_from_onnx, export_onnx,
-                                           max_opset, read_metadata)
+from stn_deploy.artifacts import config_from_onnx, read_metadata
+from stn_deploy.export.onnx_export import OnnxOptions, export_onnx, max_opset
 from stn_deploy.model import STNClassifier, build_model
 
 ort = pytest.importorskip("onnxruntime")

@@ -30,7 +30,7 @@ def _decoy(onnx_path: Path, source_sha256: str, target: Path) -> Path:
     """An ONNX export of another checkpoint, under a name that looks like ours."""
     import onnx
 
-    from stn_deploy.export.onnx_export import set_metadata
+    from stn_deploy.artifacts import set_metadata
 
     proto = onnx.load(str(onnx_path))
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -119,7 +119,7 @@ def test_bench_trt_without_a_plan_names_the_export_to_run(monkeypatch: pytest.Mo
     """Where TensorRT can run but export/ has no plan of the checkpoint, the skip reason (and
     so the one error line) says what to run; where it cannot run, why not comes first."""
     import stn_deploy.backends as backends
-    from stn_deploy.commands.bench import plan_rows
+    from stn_deploy.bench import plan_rows
 
     ckpt = tmp_path / "last.pt"
     onnx_file = tmp_path / "last-opset16-fp32.onnx"

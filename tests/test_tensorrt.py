@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stn_deploy import artifacts
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import MissingDependencyError, StnDeployError
 from stn_deploy.export import tensorrt as trt_mod
@@ -57,14 +58,14 @@ def _sidecar(tmp_path: Path) -> Path:
         tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100", compute_capability="9.0",
         profile=(1, 32, 256), onnx_sha256="0" * 64, embed_preprocess=True,
         onnx_metadata={"opset": "17", "source_sha256": "f" * 64})
-    trt_mod.sidecar_path(plan).write_text(json.dumps(side))
+    artifacts.sidecar_path(plan).write_text(json.dumps(side))
     return plan
 
 
 def test_sidecar_round_trip_and_compatibility(tmp_path: Path) -> None:
     plan = _sidecar(tmp_path)
-    assert trt_mod.sidecar_path(plan).name == "m.plan.json"
-    side = trt_mod.read_sidecar(plan)
+    assert artifacts.sidecar_path(plan).name == "m.plan.json"
+    side = artifacts.read_sidecar(plan)
     assert ModelConfig.from_dict(side["config"]) == ModelConfig()
     assert side["profile"] == {"min": 1, "opt": 32, "max": 256}
     assert side["input_layout"] == "NHWC" and side["input_dtype"] == "uint8"
@@ -82,13 +83,13 @@ def test_sidecar_round_trip_and_compatibility(tmp_path: Path) -> None:
 def test_bad_sidecars(tmp_path: Path) -> None:
     plan = tmp_path / "x.plan"
     with pytest.raises(StnDeployError, match="has no sidecar"):
-        trt_mod.read_sidecar(plan)
-    trt_mod.sidecar_path(plan).write_text("{not json")
+        artifacts.read_sidecar(plan)
+    artifacts.sidecar_path(plan).write_text("{not json")
     with pytest.raises(StnDeployError, match="not valid JSON"):
-        trt_mod.read_sidecar(plan)
-    trt_mod.sidecar_path(plan).write_text(json.dumps({"config": {}}))
+        artifacts.read_sidecar(plan)
+    artifacts.sidecar_path(plan).write_text(json.dumps({"config": {}}))
     with pytest.raises(StnDeployError, match="lacks input_name"):
-        trt_mod.read_sidecar(plan)
+        artifacts.read_sidecar(plan)
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed; the missing-package path cannot run")

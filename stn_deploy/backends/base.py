@@ -25,20 +25,6 @@ import numpy as np
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
-
-
-def model_kind(path: str | os.PathLike[str]) -> str:
-    """"checkpoint", "onnx" or "plan", from the file name (checked again when loaded)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in PLAN_SUFFIXES:
-        return "plan"
-    return "checkpoint"
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """What ``infer`` accepts: batch dimension -1 when dynamic."""
@@ -70,6 +56,16 @@ class Runner(abc.ABC):
 
     name: ClassVar[str] = "base"
     supports_compute_only: ClassVar[bool] = False
+    # Options beyond threads/precision this runner understands ("device" among them); create_runner hands a
+    # runner only these, so a caller can pass one option set to every backend.
+    OPTIONS: ClassVar[tuple[str, ...]] = ()
+    COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("threads", "precision")
+
+    @classmethod
+    def probe(cls) -> str | None:
+        """None when this runner can run here, else one line saying why not (imports the
+        runtime, never loads a model). The registry adds the GPU check."""
+        return None
 
     def __init__(self, model_path: str | os.PathLike[str], *, device: str | None = None,
                  threads: int | None = None, precision: str | None = None,
@@ -83,6 +79,10 @@ class Runner(abc.ABC):
         if self.threads < 1:
             raise StnDeployError(f"threads must be positive, got {self.threads}")
         self.precision = precision or "fp32"
+        unknown = sorted(set(options) - set(self.OPTIONS)) + (
+            ["device"] if device is not None and "device" not in self.OPTIONS else [])
+        if unknown:
+            raise StnDeployError(f"{self.name} takes no option {', '.join(unknown)}")
         self.options = options
         self.is_active = False
         self.config: ModelConfig = self.load_config()
@@ -213,23 +213,3 @@ def cuda_device_name() -> str | None:
     if not torch.cuda.is_available():
         return None
     return str(torch.cuda.get_device_name(0))
-
-
-def onnx_precision(path: str | os.PathLike[str]) -> str:
-    """"int8" for a QDQ graph, "fp16" for half weights, else "fp32" (metadata wins if set)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf decode errors have no common base
-        raise StnDeployError(f"{path} is not a readable ONNX file ({e})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    for key in ("precision", "stn_deploy.precision"):
-        if meta.get(key):
-            return meta[key].lower()
-    ops = {n.op_type for n in proto.graph.node}
-    if {"QuantizeLinear", "DequantizeLinear"} & ops or "QLinearConv" in ops:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
-        return "fp16"
-    return "fp32"

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from stn_deploy.backends.base import onnx_precision, spec_for
-from stn_deploy.backends.onnxrt import OnnxRuntimeRunner
-from stn_deploy.errors import StnDeployError, require
+from stn_deploy.backends.base import cpu_name
+from stn_deploy.backends.onnx_file import OnnxFileRunner
+from stn_deploy.errors import MissingDependencyError, StnDeployError, error_line, require
 
 HINTS = ("latency", "throughput")
 # The runner's precision label -> OpenVINO's inference precision for the file's float parts.
@@ -52,11 +52,18 @@ def import_openvino() -> Any:
     return require("openvino", "pip install openvino")
 
 
-class OpenVinoRunner(OnnxRuntimeRunner):
-    """Shares metadata/precision reading with the ONNX Runtime runner; runs on OpenVINO."""
-
+class OpenVinoRunner(OnnxFileRunner):
     name = "openvino"
     supports_compute_only = True
+    OPTIONS = ("hint",)
+
+    @classmethod
+    def probe(cls) -> str | None:
+        try:
+            import_openvino()
+        except MissingDependencyError as e:
+            return str(e)
+        return None
 
     def __init__(self, model_path: str | os.PathLike[str], **opts: Any) -> None:
         super().__init__(model_path, **opts)
@@ -64,7 +71,7 @@ class OpenVinoRunner(OnnxRuntimeRunner):
         if self.hint not in HINTS:
             raise StnDeployError(f"openvino hint must be one of {', '.join(HINTS)}, "
                                  f"not {self.hint!r}")
-        stored = onnx_precision(self.model_path)
+        stored = self.stored_precision
         if self.precision != stored and not (self.precision == "bf16" and stored == "fp32"):
             raise StnDeployError(f"openvino runs {self.model_path.name} as {stored} (or as bf16 "
                                  f"when the file is fp32), not as {self.precision}")
@@ -77,8 +84,6 @@ class OpenVinoRunner(OnnxRuntimeRunner):
 
     @property
     def device_name(self) -> str:
-        from stn_deploy.backends.base import cpu_name
-
         return cpu_name()
 
     def describe(self) -> dict[str, Any]:
@@ -94,16 +99,15 @@ class OpenVinoRunner(OnnxRuntimeRunner):
             self._model = core.read_model(str(self.model_path))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts
             raise StnDeployError(f"openvino cannot read {self.model_path}: "
-                                 f"{str(e).strip().splitlines()[0]}") from None
+                                 f"{error_line(e)}") from None
         # The file's own graph, compiled once: it validates the file and tells the input,
         # streams and precision; runs use static copies per batch size (_requests_for).
         compiled = self._compile(self._model)
         inp = compiled.inputs[0]
         pshape = inp.get_partial_shape()
         batch = pshape[0].get_length() if pshape[0].is_static else -1
-        embedded = self._meta.get("preprocess") == "embedded" or inp.get_element_type() == ov.Type.u8
-        self.input_spec = spec_for(self.config, name=inp.get_any_name(), embedded=embedded,
-                                   batch=batch)
+        self.input_spec = self.graph_input_spec(inp.get_any_name(), batch,
+                                                 inp.get_element_type() == ov.Type.u8)
         self.output_names = tuple(o.get_any_name() for o in compiled.outputs)
         computed = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         if COMPUTE[self.precision] == "bf16" and computed != "bf16":
@@ -128,7 +132,7 @@ class OpenVinoRunner(OnnxRuntimeRunner):
             return self._core.compile_model(model, self.device, self._config)
         except Exception as e:
             raise StnDeployError(f"openvino cannot compile {self.model_path}: "
-                                 f"{str(e).strip().splitlines()[0]}") from None
+                                 f"{error_line(e)}") from None
 
     def _requests_for(self, batch: int) -> list[Any]:
         """The requests of a model compiled for exactly ``batch`` images."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from stn_deploy.backends.base import Runner, cpu_name
 from stn_deploy.config import ModelConfig
-from stn_deploy.errors import StnDeployError
+from stn_deploy.errors import MissingDependencyError, StnDeployError, error_line, require
 
 
 MEMORY_FORMATS = ("channels_last", "contiguous")
@@ -21,10 +21,23 @@ class TorchRunner(Runner):
     Activations default to channels_last (NHWC): oneDNN's convolutions are about 1.5x faster
     in it on the CPU, so the PyTorch baseline is PyTorch at its plain best, not a straw man.
     ``memory_format="contiguous"`` gives the NCHW default of a freshly built model.
+    ``checkpoint``: the already loaded Checkpoint of ``model_path`` (read once by the caller).
+
+    FP32 on CUDA runs with TF32 off (cuDNN allows it by default): it is the reference other
+    backends are held to, so it computes in true FP32, as the tolerances assume.
     """
 
     name = "torch"
     supports_compute_only = True
+    OPTIONS = ("device", "memory_format", "checkpoint")
+
+    @classmethod
+    def probe(cls) -> str | None:
+        try:
+            require("torch", "pip install torch")
+        except MissingDependencyError as e:
+            return str(e)
+        return None
 
     def __init__(self, model_path: str | os.PathLike[str], **opts: Any) -> None:
         import torch
@@ -48,7 +61,7 @@ class TorchRunner(Runner):
     def load_config(self) -> ModelConfig:
         from stn_deploy.checkpoint import load_checkpoint
 
-        self._checkpoint = load_checkpoint(self.model_path)
+        self._checkpoint = self.options.get("checkpoint") or load_checkpoint(self.model_path)
         return self._checkpoint.config
 
     @property
@@ -77,6 +90,10 @@ class TorchRunner(Runner):
 
         if not self.device.startswith("cuda"):
             torch.set_num_threads(self.threads)
+        elif self.precision == "fp32":
+            self._tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self._format = {"channels_last": torch.channels_last,
                         "contiguous": torch.contiguous_format}[self.memory_format]
         model = self._checkpoint.model().to(self.device, memory_format=self._format)
@@ -113,12 +130,17 @@ class TorchRunner(Runner):
         self._outputs = None
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
+        if getattr(self, "_tf32", None) is not None:  # process-wide switches: restore them
+            backends = self._torch.backends
+            backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = self._tf32
+            self._tf32 = None
 
 
 class TorchCompileRunner(TorchRunner):
     """``torch.compile`` (inductor); compilation happens during the harness's warm-up runs."""
 
     name = "torch-compile"
+    OPTIONS = ("device", "memory_format", "checkpoint", "compile_mode")
 
     def _forward(self, model: Any) -> Any:
         import torch
@@ -127,7 +149,7 @@ class TorchCompileRunner(TorchRunner):
             return torch.compile(model.forward_with_theta,
                                  mode=self.options.get("compile_mode") or "default")
         except Exception as e:  # torch.compile raises many types (backend, platform)
-            raise StnDeployError(f"torch.compile is not usable here: {first_line(e)}") from None
+            raise StnDeployError(f"torch.compile is not usable here: {error_line(e, with_type=True)}") from None
 
     def _run(self, t: Any) -> Any:
         try:
@@ -135,9 +157,4 @@ class TorchCompileRunner(TorchRunner):
         except StnDeployError:
             raise
         except Exception as e:  # compilation errors surface on the first call
-            raise StnDeployError(f"torch.compile failed: {first_line(e)}") from None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+            raise StnDeployError(f"torch.compile failed: {error_line(e, with_type=True)}") from None

@@ -24,6 +24,7 @@ from stn_deploy.errors import StnDeployError
 class TensorRTRunner(Runner):
     name = "trt"
     supports_compute_only = True
+    OPTIONS = ("device",)
 
     def __init__(self, model_path: str | os.PathLike[str], **opts: Any) -> None:
         import torch
@@ -39,8 +40,6 @@ class TensorRTRunner(Runner):
         self._torch = torch
 
     def load_config(self) -> ModelConfig:
-        from stn_deploy.export.tensorrt import read_sidecar
-
         self._sidecar = read_sidecar(self.model_path)
         return ModelConfig.from_dict(self._sidecar["config"])
 

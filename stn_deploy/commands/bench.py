@@ -1,12 +1,12 @@
 """``stn-deploy bench``: accuracy and speed of every deployed form of a model, side by side.
 
-The JSON/CSV schema is documented in stn_deploy/report.py; the measurement rules in
+It parses options into a ``stn_deploy.bench.BenchRequest`` and prints what ``run_bench``
+returns. The JSON/CSV schema is documented in stn_deploy/report.py; the measurement rules in
 stn_deploy/harness.py.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,8 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
           iterations: int | None, duration: float | None, warmup: int, compute_only: bool,
           threads: int | None, ov_hint: str, ov_precision: str, device: str | None,
           dataset: str | None, data_dir: str | None, eval_samples: int | None,
-          min_agreement: float | None, max_accuracy_drop: float | None, json_path: Path | None, csv_path: Path | None,
-          md_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
+          min_agreement: float | None, max_accuracy_drop: float | None, json_path: Path | None,
+          csv_path: Path | None, md_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
     """Measure accuracy and speed of MODEL... (checkpoints, .onnx files, TensorRT plans) on
     each backend that can run them.
 
@@ -104,6 +104,7 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
 
     A gated run (--min-agreement, --max-accuracy-drop) fails when any backend errored, named
     or not; skipped ones (not installed, no GPU) are listed and do not fail it."""
+    from stn_deploy.bench import BenchRequest, run_bench
     from stn_deploy.errors import StnDeployError
     from stn_deploy.harness import BenchSettings
 
@@ -113,7 +114,7 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
         iterations = 100
     settings = BenchSettings(batch_sizes=batch_sizes, iterations=iterations,
                              duration_s=duration, warmup=warmup, threads=threads,
-                             compute_only=compute_only, eval_batch=max(batch_sizes))
+                             compute_only=compute_only)
     gate_asked = min_agreement is not None or max_accuracy_drop is not None
     if gate_asked and eval_samples == 0:
         raise click.UsageError("--min-agreement/--max-accuracy-drop need evaluation "
@@ -127,9 +128,10 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
         models = tuple(picked)
         missing = (f"no TensorRT plan of {picked[0]} in {EXPORT_DIR}/: run `stn-deploy export "
                    "--format engine` first")
-    report = run_bench(list(models), backends, settings, dataset=dataset, data_dir=data_dir,
-                       eval_samples=eval_samples, device=device, ov_hint=ov_hint,
-                       ov_precision=ov_precision, quiet=quiet, missing=missing)
+    report = run_bench(BenchRequest(
+        list(models), backends, settings, dataset=dataset, data_dir=data_dir,
+        eval_samples=eval_samples, device=device, ov_hint=ov_hint, ov_precision=ov_precision,
+        progress=not quiet, missing=missing))
     from stn_deploy import report as rep
 
     if gate_asked and report["eval_data"] is None:
@@ -167,230 +169,3 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
                 click.echo(f"not gated: skipped {name}: {reason}", err=True)
     if failures or errors or unused:
         sys.exit(1)
-
-
-# ---------------------------------------------------------------------------- the work
-
-def plan_rows(models: list[Path], backends: Any, missing: str | None = None
-              ) -> tuple[list[tuple[Path, str]], dict[str, str]]:
-    """(model, backend) pairs to run, and {backend: reason} for backends left out of 'all'.
-
-    ``missing``: the models were picked by default, and this says what to run first when a
-    named backend found none of its kind among them (unless the backend cannot run here at
-    all, which is the more useful line: it names what to install)."""
-    from stn_deploy.backends import (BACKENDS, DEFAULT_BACKENDS, available_backends,
-                                     unavailable_reason)
-    from stn_deploy.backends.base import model_kind
-
-    pairs: list[tuple[Path, str]] = []
-    skipped: dict[str, str] = {}
-    if backends == "all":
-        avail = available_backends()
-        skipped = {n: r for n, r in avail.items() if r is not None}
-        for m in models:
-            kind = model_kind(m)
-            for name, info in BACKENDS.items():
-                runs = kind in info.kinds or (kind == "checkpoint" and "onnx" in info.kinds)
-                if runs and avail[name] is None:
-                    pairs.append((m, name))
-        used = {b for _, b in pairs}
-        for name in BACKENDS:
-            if name not in used and name not in skipped:
-                skipped[name] = "no model of a kind it runs was given"
-        return pairs, skipped
-    for m in models:
-        kind = model_kind(m)
-        for name in backends or DEFAULT_BACKENDS[kind]:
-            info = BACKENDS[name]
-            if kind in info.kinds or (kind == "checkpoint" and "onnx" in info.kinds):
-                pairs.append((m, name))
-    for name in backends or ():
-        if any(b == name for _, b in pairs):
-            continue
-        if missing is None:
-            skipped[name] = f"runs {' or '.join(BACKENDS[name].kinds)} files and none was given"
-        else:
-            skipped[name] = unavailable_reason(name) or missing
-    return pairs, skipped
-
-
-def load_eval_data(config: Any, dataset: str | None, data_dir: str | None,
-                   eval_samples: int | None, seed: int = 0) -> tuple[Any, str | None]:
-    """The test split at the model's input size, or (None, reason) when it cannot be read."""
-    from stn_deploy.data import model_split
-    from stn_deploy.errors import StnDeployError
-    from stn_deploy.harness import EvalData
-
-    if eval_samples == 0:
-        return None, "evaluation skipped (--eval-samples 0)"
-    name = dataset or config.dataset
-    if name in ("cifar10", "imagefolder") and data_dir is None:
-        return None, f"no accuracy: the model's dataset is {name}; pass --data-dir"
-    try:
-        test = model_split(config, "test", data_dir, name=name, seed=seed)
-    except StnDeployError as e:
-        return None, f"no accuracy: {e}"
-    if int(test.images.shape[1]) != config.in_channels:
-        raise StnDeployError(f"{name} has {int(test.images.shape[1])}-channel images, the model "
-                             f"takes {config.in_channels}")
-    if eval_samples is not None:
-        test = test.subset(eval_samples)
-    applied = None if test.applied is None else test.applied.numpy()
-    return EvalData(test.images.numpy(), test.labels.numpy(), name, "test", applied), None
-
-
-def run_bench(models: list[Path], backends: Any, settings: Any, *, dataset: str | None = None,
-              data_dir: str | None = None, eval_samples: int | None = None,
-              device: str | None = None, ov_hint: str = "latency",
-              ov_precision: str = "f32", quiet: bool = False,
-              missing: str | None = None) -> dict[str, Any]:
-    """Run every (model, backend) pair; returns the report (schema in report.py).
-    ``missing``: see plan_rows."""
-    import datetime
-    import tempfile
-
-    from tqdm import tqdm
-
-    from stn_deploy import __version__
-    from stn_deploy import report as rep
-    from stn_deploy.backends import create_runner, unavailable_reason
-    from stn_deploy.backends.base import model_kind, onnx_precision
-    from stn_deploy.errors import StnDeployError
-    from stn_deploy.harness import bench_runner, busy_warning, system_info
-
-    pairs, skipped = plan_rows(models, backends, missing)
-    if not pairs:
-        raise StnDeployError("no available backend runs these models: " +
-                             "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    explicit = backends not in (None, "all")
-    report: dict[str, Any] = {
-        "schema_version": rep.SCHEMA_VERSION, "tool": "stn-deploy", "tool_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "system": system_info(), "settings": {**settings.to_dict(), "eval_samples": eval_samples,
-                                              "dataset": dataset},
-        "reference": None, "eval_data": None, "skipped_backends": skipped, "results": [],
-        "gate": {"passed": True, "failures": []},
-    }
-    warning = busy_warning(report["system"]["cpu_busy_pct_at_start"])
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="stn-bench-") as tmp:
-        exported: dict[Path, Path] = {}
-
-        def onnx_for(ckpt: Path) -> Path:
-            """Checkpoints run on ONNX backends through a temporary opset-17 export with the
-            theta output (so theta differences are measured)."""
-            if ckpt not in exported:
-                from stn_deploy.checkpoint import load_checkpoint
-                from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
-
-                target = Path(tmp) / f"{len(exported)}-{ckpt.stem}.onnx"
-                export_onnx(load_checkpoint(ckpt).model(), target,
-                            OnnxOptions(opset=17, with_theta=True))
-                exported[ckpt] = target
-            return exported[ckpt]
-
-        reference, data = None, None
-        if any(unavailable_reason(b) is None for _, b in pairs):
-            reference, data = _reference(models, settings, dataset, data_dir, eval_samples,
-                                         device, report, onnx_for)
-        steps_per_row = 1 + len(settings.batch_sizes)
-        bar = tqdm(total=len(pairs) * steps_per_row, disable=quiet, file=sys.stderr,
-                   unit="step", leave=False)
-        for model, name in pairs:
-            kind = model_kind(model)
-            row = rep.new_result(str(model), kind, name, requested=explicit)
-            bar.set_description(f"{name} {model.name}")
-            try:
-                reason = unavailable_reason(name)
-                if reason is not None:
-                    raise _Skip(reason)
-                path = model
-                from stn_deploy.backends import BACKENDS
-
-                if kind == "checkpoint" and "onnx" in BACKENDS[name].kinds:
-                    path = onnx_for(model)
-                    row["source_model"] = str(model)
-                    row["notes"].append("ran a temporary opset-17 ONNX export of the checkpoint")
-                elif kind not in BACKENDS[name].kinds:
-                    raise _Skip(f"{name} runs {' or '.join(BACKENDS[name].kinds)} files, "
-                                f"not {kind} files")
-                row["size_mb"] = os.path.getsize(path) / 1e6
-                opts: dict[str, Any] = {"threads": settings.threads}
-                if name.startswith("torch"):
-                    opts["device"] = device
-                if name == "openvino":
-                    opts["hint"] = ov_hint
-                    if ov_precision == "bf16" and onnx_precision(path) == "fp32":
-                        opts["precision"] = "bf16"
-                runner = create_runner(name, path, **opts)
-                bench_runner(runner, row, settings, data, reference,
-                             progress=lambda _s: bar.update(1))
-            except _Skip as e:
-                row.update(status="skipped", reason=str(e))
-            except StnDeployError as e:
-                row.update(status="error", reason=str(e))
-            report["results"].append(row)
-        bar.close()
-    return report
-
-
-class _Skip(Exception):
-    pass
-
-
-def _reference(models: list[Path], settings: Any, dataset: str | None, data_dir: str | None,
-               eval_samples: int | None, device: str | None, report: dict[str, Any],
-               onnx_for: Any) -> tuple[Any, Any]:
-    """The reference outputs for agreement: the first checkpoint on PyTorch, else the first
-    FP32 model (ONNX on ONNX Runtime, a plan on TensorRT), else the first model."""
-    from stn_deploy.backends import create_runner, unavailable_reason
-    from stn_deploy.backends.base import model_kind, onnx_precision
-    from stn_deploy.harness import Reference, compare_outputs, run_batched
-
-    ckpts = [m for m in models if model_kind(m) == "checkpoint"]
-    note = ""
-    if ckpts:
-        ref_model, ref_backend = ckpts[0], "torch"
-        note = "the PyTorch checkpoint"
-    else:
-        def fp32(m: Path) -> bool:
-            try:
-                return model_kind(m) == "onnx" and onnx_precision(m) == "fp32"
-            except Exception:  # unreadable files are reported by their own row
-                return False
-
-        ref_model = next((m for m in models if fp32(m)), models[0])
-        kind = model_kind(ref_model)
-        ref_backend = "trt" if kind == "plan" else next(
-            (b for b in ("onnxruntime", "openvino") if unavailable_reason(b) is None),
-            "onnxruntime")
-        note = ("no checkpoint given: the first FP32 model is the reference" if fp32(ref_model)
-                else "no checkpoint or FP32 model given: the first model is the reference")
-    opts: dict[str, Any] = {"threads": settings.threads}
-    if ref_backend == "torch":
-        opts["device"] = device
-    runner = create_runner(ref_backend, ref_model, **opts)
-    data, why = load_eval_data(runner.config, dataset, data_dir, eval_samples,
-                               seed=_train_seed(ref_model))
-    if data is None:
-        report["settings"]["eval_note"] = why
-        return None, None
-    with runner:
-        outputs = run_batched(runner, data.images, settings.eval_batch)
-    acc = compare_outputs(outputs, data.labels).accuracy_pct
-    reference = Reference(str(ref_model), ref_backend, runner.precision, outputs, acc, note)
-    report["reference"] = reference.to_dict()
-    report["eval_data"] = {"dataset": data.dataset, "split": data.split, "n": len(data.images)}
-    return reference, data
-
-
-def _train_seed(model: Path) -> int:
-    """The training seed (only matters for the seeded 'rts' distortion of the test split)."""
-    from stn_deploy.backends.base import model_kind
-
-    if model_kind(model) != "checkpoint":
-        return 0
-    from stn_deploy.checkpoint import load_checkpoint
-
-    return int(load_checkpoint(model).train_args.get("seed", 0) or 0)

@@ -27,7 +27,7 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
 
     import onnx
 
-    from stn_deploy.backends.base import model_kind
+    from stn_deploy.artifacts import model_kind
     from stn_deploy.errors import StnDeployError
     from stn_deploy.export.targets import check_target
 

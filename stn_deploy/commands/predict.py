@@ -49,7 +49,7 @@ def predict(model: Path, images: tuple[Path, ...], backend: str | None, top_k: i
     import numpy as np
 
     from stn_deploy.backends import BACKENDS, DEFAULT_BACKENDS, create_runner
-    from stn_deploy.backends.base import model_kind
+    from stn_deploy.artifacts import model_kind
     from stn_deploy.errors import StnDeployError
     from stn_deploy.harness import to_runner_input
 

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from stn_deploy import __version__
+from stn_deploy.artifacts import set_metadata
 from stn_deploy.config import ModelConfig, flat_metadata
-from stn_deploy.errors import StnDeployError
+from stn_deploy.errors import StnDeployError, error_line
 from stn_deploy.fileio import atomic_path
 from stn_deploy.model import Normalize, STNClassifier
 
@@ -163,8 +164,7 @@ def _export_dynamo(wrapper: nn.Module, x: Tensor, opset: int, outputs: list[str]
                 external_data=False, verbose=False,
             )
         except Exception as e:  # torch.export raises many types; all mean "did not export"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StnDeployError(f"the dynamo exporter failed: {first}") from None
+            raise StnDeployError(f"the dynamo exporter failed: {error_line(e)}") from None
     proto = program.model_proto
     if dynamic:  # name the batch dimension the same way as the TorchScript path does
         for value in [*proto.graph.input, *proto.graph.output]:
@@ -231,28 +231,3 @@ def export_onnx(model: STNClassifier, path: str | os.PathLike[str], options: Onn
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         onnx.save(proto, str(tmp))  # < 2 GB: one self-contained file, no external data
     return target
-
-
-def set_metadata(proto: "onnx.ModelProto", meta: dict[str, str]) -> None:
-    """Replace all metadata_props with ``meta`` (sorted, so files diff cleanly)."""
-    del proto.metadata_props[:]
-    for k, v in sorted(meta.items()):
-        proto.metadata_props.add(key=k, value=v)
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf decode errors have no common base
-        raise StnDeployError(f"{path} is not a readable ONNX file ({e})") from None
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def config_from_onnx(path: str | os.PathLike[str]) -> ModelConfig:
-    meta = read_metadata(path)
-    if "stn_deploy.config" not in meta:
-        raise StnDeployError(f"{path} has no stn-deploy metadata (was it written by "
-                             "stn-deploy export?)")
-    return ModelConfig.from_json(meta["stn_deploy.config"])

@@ -58,12 +58,15 @@ def default_out(req: ExportRequest, root: Path = EXPORT_DIR) -> Path:
 def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> ExportResult:
     import onnx
 
+    from stn_deploy.artifacts import metadata, onnx_opset, sidecar_path, set_metadata
+    from stn_deploy.backends import unavailable_reason
     from stn_deploy.checkpoint import load_checkpoint
     from stn_deploy.export import precision as prec
     from stn_deploy.export import targets
-    from stn_deploy.export.onnx_export import (OnnxOptions, export_onnx, read_metadata,
-                                               set_metadata)
-    from stn_deploy.export.verify import TOLERANCES, verification_data, verify_onnx
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+    from stn_deploy.export.verify import (TOLERANCES, torch_reference, verification_data,
+                                          verify_file)
+    from stn_deploy.fileio import write_text_atomic
     from stn_deploy.health import measure
 
     target = req.target or ("tensorrt" if req.format == "engine" else "onnxruntime")
@@ -85,6 +88,10 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
     config = ckpt.config
     logging.getLogger("root").setLevel(logging.ERROR)  # quantizer's pre-processing hint
 
+    def fail(what: str, lines: list[str]) -> StnDeployError:
+        return StnDeployError(f"{what} verification failed, nothing written:\n"
+                              + "\n".join(lines))
+
     with tempfile.TemporaryDirectory(prefix="stn-export-") as work_dir:
         work = Path(work_dir)
         fp32 = work / "fp32.onnx"
@@ -94,16 +101,22 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         extra = {"source_sha256": ckpt.sha256(), "source_checkpoint": req.checkpoint.name,
                  "precision": "fp32"}
         export_onnx(model, fp32, options, extra)
-        exporter = read_metadata(fp32).get("exporter", "?")
-        lines = [f"exported {req.checkpoint.name} at opset {req.opset} with the {exporter} "
-                 "exporter"]
+        proto = onnx.load(str(fp32))
+        lines = [f"exported {req.checkpoint.name} at opset {req.opset} with the "
+                 f"{metadata(proto).get('exporter', '?')} exporter"]
+        if req.format == "engine":  # rewrite first, so the graph verified is the one built
+            proto, changes = targets.make_safe(proto, target)
+            lines += changes
+            onnx.save(proto, str(fp32))
         test, note = verification_data(config, "test", req.data_dir or req.calib_data,
                                        req.verify_samples)
-        report = verify_onnx(fp32, model, test.images, test.labels, config, TOLERANCES["fp32"])
+        images = test.images.numpy()
+        labels = test.labels.numpy()
+        reference = torch_reference(req.checkpoint, images, ckpt)
+        report = verify_file(fp32, reference, images, labels, config, TOLERANCES["fp32"])
         lines += [f"FP32 ONNX on the {note}:", *report.lines()]
         if not report.passed:
-            raise StnDeployError("FP32 verification failed, nothing written:\n"
-                                 + "\n".join(lines))
+            raise fail("FP32", lines)
         health = measure(model, test.images, applied=test.applied)
         lines.append(f"STN health on the {note}: {health.summary()}")
         lines += [f"warning: {w}" for w in getattr(health, "warnings", [])]
@@ -116,27 +129,22 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
             lines.append(f"INT8 calibration on {len(calib)} images of the {cnote}")
             final = prec.quantize_int8(fp32, work / "int8.onnx", calib.images, config)
         if req.precision != "fp32":
-            report = verify_onnx(final, model, test.images, test.labels, config,
+            report = verify_file(final, reference, images, labels, config,
                                  TOLERANCES[req.precision])
             lines += [f"{req.precision.upper()} ONNX:", *report.lines()]
             if not report.passed:
-                raise StnDeployError(f"{req.precision} verification failed, nothing written:\n"
-                                     + "\n".join(lines))
+                raise fail(req.precision, lines)
         proto = onnx.load(str(final))
-        meta = {p.key: p.value for p in proto.metadata_props}
-        meta["precision"] = req.precision
-        meta["verification"] = report.to_json() if hasattr(report, "to_json") else ""
-        meta["stn_health"] = json.dumps(health.to_dict(), sort_keys=True)
-        set_metadata(proto, meta)
         findings = targets.check_target(proto, target)
-        for f in findings:
-            lines.append(f"{target} check: {f.line()}")
-        if req.format == "engine":
-            proto, changes = targets.make_safe(proto, target)
-            lines += changes
-        elif any(f.severity == "error" for f in findings):
-            first = next(f for f in findings if f.severity == "error")
-            raise StnDeployError(f"the graph is not safe for {target}: {first.line()}")
+        lines += [f"{target} check: {f.line()}" for f in findings]
+        errors = [f for f in findings if f.severity == "error"]
+        if errors:
+            raise StnDeployError(f"the graph is not safe for {target}: {errors[0].line()}")
+        meta = metadata(proto)
+        meta.update(precision=req.precision, opset=str(onnx_opset(proto)),
+                    verification=report.to_json(),
+                    stn_health=json.dumps(health.to_dict(), sort_keys=True))
+        set_metadata(proto, meta)
         onnx.save(proto, str(final))
 
         if req.format == "onnx":
@@ -151,12 +159,22 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         side = build_engine(final, built, req.precision,
                             (req.min_batch, req.opt_batch, req.max_batch), req.workspace_mb,
                             req.timing_cache)
-        _move(final, onnx_out)
         side["onnx_path"] = onnx_out.name
+        # The plan itself, through the trt runner as bench runs it, where it can run here.
+        why_not = unavailable_reason("trt")
+        if why_not is None:
+            plan_report = verify_file(built, reference, images, labels, config,
+                                      TOLERANCES[req.precision], backend="trt")
+            lines += ["TensorRT plan:", *plan_report.lines()]
+            if not plan_report.passed:
+                raise fail("TensorRT plan", lines)
+            side["plan_verification"] = plan_report.to_dict()
+        else:
+            side["plan_verification"] = f"built, not run: {why_not}"
+            lines.append(f"TensorRT plan: built, not run ({why_not}); verified: the ONNX it "
+                         "was built from")
+        _move(final, onnx_out)
         _move(built, out)
-        from stn_deploy.export.tensorrt import sidecar_path
-        from stn_deploy.fileio import write_text_atomic
-
         write_text_atomic(sidecar_path(out), json.dumps(side, indent=2, sort_keys=True))
         lines.append(f"wrote {out}, {sidecar_path(out).name} and {onnx_out}")
         _emit(lines, echo)

@@ -49,11 +49,9 @@ def stn_path_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, precision: str) -> None:
-    meta = {p.key: p.value for p in src.metadata_props}
-    meta["precision"] = precision
-    del dst.metadata_props[:]
-    for k, v in sorted(meta.items()):
-        dst.metadata_props.add(key=k, value=v)
+    from stn_deploy.artifacts import metadata, set_metadata
+
+    set_metadata(dst, {**metadata(src), "precision": precision})
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:

@@ -68,6 +68,17 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def _elem_type(model: onnx.ModelProto, name: str,
+               inits: dict[str, onnx.TensorProto]) -> int | None:
+    """The element type of a tensor fed by an initializer or a graph input (else None)."""
+    if name in inits:
+        return int(inits[name].data_type)
+    for v in model.graph.input:
+        if v.name == name:
+            return int(v.type.tensor_type.elem_type)
+    return None
+
+
 def check_tensorrt(model: onnx.ModelProto) -> list[Finding]:
     findings: list[Finding] = []
     opset = _opset(model)
@@ -90,6 +101,12 @@ def check_tensorrt(model: onnx.ModelProto) -> list[Finding]:
                 and node.input[1] not in inits:
             findings.append(Finding("error", "reduce-axes", node.name,
                                     f"{node.op_type} axes must be an initializer for TensorRT"))
+        if node.op_type == "DequantizeLinear" and _elem_type(model, node.input[0], inits) == \
+                onnx.TensorProto.INT32:
+            findings.append(Finding("error", "int32-dequantize", node.name,
+                                    "DequantizeLinear of an INT32 tensor (a quantized bias); "
+                                    "TensorRT dequantizes INT8 (and FP8/INT4) only: quantize "
+                                    "with biases left in float (QuantizeBias False)"))
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
             zp = inits.get(node.input[2])
             if zp is not None and np.any(numpy_helper.to_array(zp) != 0):

@@ -17,19 +17,17 @@ API and have NOT run on this project's machines (no GPU, no TensorRT wheel).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from stn_deploy.artifacts import read_sidecar, sidecar_path
 from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 
 INSTALL = ("pip install 'stn-deploy[trt]' (NVIDIA's tensorrt wheels, from pypi.nvidia.com) "
            "on a machine with an NVIDIA GPU and driver")
 SUPPORTED_MAJORS = (10, 11)
-SIDECAR_KEYS = ("config", "input_name", "output_names", "precision", "tensorrt_version",
-                "gpu_name", "compute_capability", "profile", "onnx_sha256", "embed_preprocess")
 
 
 def import_tensorrt() -> ModuleType:
@@ -58,11 +56,6 @@ def cuda_device() -> tuple[str, str]:
                              "driver (torch.cuda.is_available() is False)")
     major, minor = torch.cuda.get_device_capability(0)
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
-
-
-def sidecar_path(plan: Path) -> Path:
-    plan = Path(plan)
-    return plan.with_name(plan.name + ".json")
 
 
 def profile_shapes(input_shape: tuple[int, ...], profile: tuple[int, int, int],
@@ -119,21 +112,6 @@ def make_sidecar(*, config: Any, input_name: str, output_names: list[str], preci
     return side
 
 
-def read_sidecar(plan: Path) -> dict[str, Any]:
-    path = sidecar_path(plan)
-    if not path.is_file():
-        raise StnDeployError(f"{plan} has no sidecar {path.name}; rebuild it with "
-                             "stn-deploy export --format engine")
-    try:
-        side = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StnDeployError(f"{path} is not valid JSON ({e})") from None
-    missing = [k for k in SIDECAR_KEYS if not isinstance(side, dict) or k not in side]
-    if missing:
-        raise StnDeployError(f"{path} lacks {', '.join(missing)}")
-    return side
-
-
 def check_plan_compatible(plan: Path, trt_module: Any, gpu_name: str,
                           compute_capability: str) -> dict[str, Any]:
     """The sidecar, if the plan was built by this TensorRT for this GPU; else a clear error
@@ -157,18 +135,16 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str,
     """Parse the ONNX with TensorRT's parser, build, write plan + sidecar; return the sidecar.
 
     Written against the TensorRT 10/11 Python API documentation; not run here (no GPU)."""
-    import onnx
-
-    from stn_deploy.export.onnx_export import config_from_onnx, read_metadata
+    from stn_deploy.artifacts import config_from_metadata, load_onnx, metadata
 
     trt = import_tensorrt()
     major = trt_major(trt)
     gpu_name, capability = cuda_device()
     if workspace_mb < 1:
         raise StnDeployError(f"workspace must be at least 1 MB, got {workspace_mb}")
-    config = config_from_onnx(onnx_path)
-    meta = read_metadata(onnx_path)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = load_onnx(onnx_path)
+    meta = metadata(proto)
+    config = config_from_metadata(meta, onnx_path)
     inp = proto.graph.input[0]
     dims = inp.type.tensor_type.shape.dim
     static = dims[0].dim_value if dims[0].HasField("dim_value") else None
@@ -198,7 +174,11 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str,
     bconfig.add_optimization_profile(opt_profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     cache = bconfig.create_timing_cache(cache_bytes)
-    bconfig.set_timing_cache(cache, ignore_mismatch=False)
+    # False when TensorRT refuses the cache (built by another TensorRT or for another GPU):
+    # say so instead of silently building without it and overwriting the file afterwards.
+    if not bconfig.set_timing_cache(cache, ignore_mismatch=False):
+        raise StnDeployError(f"TensorRT refused the timing cache {timing_cache}: it was made by "
+                             "another TensorRT version or GPU; delete it or pass another path")
 
     serialized = builder.build_serialized_network(network, bconfig)
     if serialized is None:
@@ -215,8 +195,3 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str,
     if timing_cache is not None:
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))
     return side
-
-
-def plan_files(plan: str | os.PathLike[str]) -> list[Path]:
-    p = Path(plan)
-    return [p, sidecar_path(p)]

@@ -1,5 +1,11 @@
 """Every exported graph is checked against PyTorch on real images before it counts as done.
 
+Both sides run through the same runners and the same batched loop as ``stn-deploy bench``
+(``harness.run_batched``, ``EVAL_BATCH`` images a batch): the PyTorch reference is the
+``torch`` runner on the checkpoint, the ONNX file runs on the ``onnxruntime`` runner, a
+TensorRT plan on the ``trt`` runner. So export and bench report the same logits for the same
+file and images, and what export verified is what bench measures.
+
 Tolerances are constants here and are printed with every result (Polygraphy style: each
 metric PASSED/FAILED beside the bound it had to meet). Measured on a digits model trained for
 3 epochs (86.9% accuracy; opset 17, all 450 test images): FP32 max |diff| 3.8e-6, theta 1.2e-7,
@@ -18,12 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from stn_deploy.config import ModelConfig
-from stn_deploy.data import ImageSet, normalize
+from stn_deploy.data import ImageSet
 from stn_deploy.errors import StnDeployError
-from stn_deploy.model import STNClassifier
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,11 @@ class VerifyReport:
     accuracy_onnx: float | None
     tolerances: Tolerances
     checks: list[tuple[str, str, bool]] = field(default_factory=list)  # (metric, text, ok)
+    # What was verified: the runner (backend and its version) and the file's opset, as
+    # written (after any rewrite for the target runtime).
+    backend: str = ""
+    backend_version: str = ""
+    opset: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -76,7 +85,8 @@ class VerifyReport:
         return self.accuracy_ref - self.accuracy_onnx
 
     def lines(self) -> list[str]:
-        out = [f"verified on {self.samples} samples against PyTorch:"]
+        on = f" on {self.backend} {self.backend_version}".rstrip() if self.backend else ""
+        out = [f"verified{on} on {self.samples} samples against PyTorch:"]
         for _, text, ok in self.checks:
             out.append(f"  {'PASSED' if ok else 'FAILED'}  {text}")
         if self.accuracy_ref is not None and self.accuracy_onnx is not None:
@@ -94,85 +104,64 @@ class VerifyReport:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def session(path: str | os.PathLike[str]) -> "Any":
-    import onnxruntime as ort
+def torch_reference(checkpoint: str | os.PathLike[str], images_uint8: np.ndarray,
+                    loaded: Any = None) -> dict[str, np.ndarray]:
+    """PyTorch's logits and theta on the CPU through the torch runner, as bench's reference;
+    ``loaded``: the checkpoint already read."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.harness import EVAL_BATCH, run_batched
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        raise StnDeployError(f"ONNX Runtime cannot load {path}: {e}") from None
-
-
-def run_onnx(sess: Any, images_uint8: Tensor, config: ModelConfig,
-             batch: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits (and theta when the graph has it) for uint8 NCHW images, in batches.
-
-    Feeds uint8 NHWC when the graph embeds preprocessing; pads the last batch of a
-    static-batch graph by repeating its last image."""
-    inp = sess.get_inputs()[0]
-    embed = inp.type == "tensor(uint8)"
-    static = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    step = static or batch
-    names = [o.name for o in sess.get_outputs()]
-    logits, thetas = [], []
-    for start in range(0, len(images_uint8), step):
-        chunk = images_uint8[start:start + step]
-        n = len(chunk)
-        if static is not None and n < static:
-            chunk = torch.cat([chunk, chunk[-1:].expand(static - n, *chunk.shape[1:])])
-        if embed:
-            x = chunk.permute(0, 2, 3, 1).contiguous().numpy()
-        else:
-            x = normalize(chunk, config).numpy()
-        out = sess.run(names, {inp.name: x})
-        logits.append(np.asarray(out[0], dtype=np.float32)[:n])
-        if len(out) > 1:
-            thetas.append(np.asarray(out[1], dtype=np.float32)[:n])
-    return np.concatenate(logits), (np.concatenate(thetas) if thetas else None)
+    with create_runner("torch", checkpoint, device="cpu", checkpoint=loaded) as runner:
+        return run_batched(runner, images_uint8, EVAL_BATCH)
 
 
-@torch.no_grad()
-def run_torch(model: STNClassifier, images_uint8: Tensor, config: ModelConfig,
-              batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    model = model.eval()
-    logits, thetas = [], []
-    for start in range(0, len(images_uint8), batch):
-        y, t = model.forward_with_theta(normalize(images_uint8[start:start + batch], config))
-        logits.append(y.numpy())
-        thetas.append(t.numpy())
-    return np.concatenate(logits), np.concatenate(thetas)
+def verify_file(path: str | os.PathLike[str], reference: dict[str, np.ndarray],
+                images_uint8: np.ndarray, labels: np.ndarray | None, config: ModelConfig,
+                tolerances: Tolerances = FP32, backend: str = "onnxruntime") -> VerifyReport:
+    """Run ``path`` on ``backend`` and hold it to ``reference`` (from ``torch_reference``);
+    accuracy when labels are given."""
+    from stn_deploy.artifacts import load_onnx, model_kind, onnx_opset
+    from stn_deploy.backends import create_runner
+    from stn_deploy.harness import EVAL_BATCH, run_batched
 
-
-def verify_onnx(onnx_path: str | os.PathLike[str], model: STNClassifier, images_uint8: Tensor,
-                labels: Tensor | None, config: ModelConfig,
-                tolerances: Tolerances = FP32) -> VerifyReport:
-    """ONNX Runtime against PyTorch on the same images; accuracy when labels are given."""
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+    if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4:
         raise StnDeployError("verification images must be uint8 NCHW")
     if len(images_uint8) == 0:
         raise StnDeployError("no verification images")
-    ref, ref_theta = run_torch(model, images_uint8, config)
-    got, got_theta = run_onnx(session(onnx_path), images_uint8, config)
-    diff = np.abs(got - ref)
+    with create_runner(backend, path) as runner:
+        got = run_batched(runner, images_uint8, EVAL_BATCH)
+        report = compare(got, reference, labels, config, tolerances)
+        report.backend, report.backend_version = runner.name, runner.version
+    if model_kind(path) == "onnx":
+        report.opset = onnx_opset(load_onnx(path))
+    return report
+
+
+def compare(got: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+            labels: np.ndarray | None, config: ModelConfig, tol: Tolerances) -> VerifyReport:
+    """The checks, each PASSED/FAILED against its bound (float64, as bench's
+    ``compare_outputs``, so both report the same differences)."""
+    ref = np.asarray(reference["logits"], dtype=np.float64)
+    out = np.asarray(got["logits"], dtype=np.float64)
+    diff = np.abs(out - ref)
     max_abs = float(diff.max())
     max_rel = float((diff / np.maximum(np.abs(ref), 1e-6)).max())
-    agreement = float((got.argmax(1) == ref.argmax(1)).mean())
+    agreement = float((out.argmax(1) == ref.argmax(1)).mean())
     theta_max = theta_px = spread_px = None
-    if got_theta is not None:
+    if "theta" in got and "theta" in reference:
         from stn_deploy.health import displacement_px, theta_spread_px
 
+        got_theta = np.asarray(got["theta"], dtype=np.float64)
+        ref_theta = np.asarray(reference["theta"], dtype=np.float64)
         theta_max = float(np.abs(got_theta - ref_theta).max())
         theta_px = float(displacement_px(got_theta - ref_theta, config.image_size).max())
         spread_px = theta_spread_px(ref_theta, config.image_size)
     acc_ref = acc_onnx = None
-    if labels is not None and int(labels.max()) < ref.shape[1]:
-        lab = labels.numpy()
+    if labels is not None and int(np.max(labels)) < ref.shape[1]:
+        lab = np.asarray(labels)
         acc_ref = float((ref.argmax(1) == lab).mean() * 100)
-        acc_onnx = float((got.argmax(1) == lab).mean() * 100)
-    tol = tolerances
-    report = VerifyReport(len(images_uint8), max_abs, max_rel, agreement, theta_max, theta_px,
+        acc_onnx = float((out.argmax(1) == lab).mean() * 100)
+    report = VerifyReport(len(ref), max_abs, max_rel, agreement, theta_max, theta_px,
                           spread_px, acc_ref, acc_onnx, tol)
     if tol.atol is not None:
         rtol = tol.rtol or 0.0
