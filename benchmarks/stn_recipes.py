@@ -35,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (recipe, TrainOptions overrides, model overrides). "seed" is the design's recipe.
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "seed": ("seed", {}, {}),
+    "rts": ("rts", {}, {"loc_net": "large"}),  # train's default for --distort data
+    "rts-seed-loc": ("rts", {}, {"loc_net": "seed"}),
     "no-stn": ("seed", {}, {"use_stn": False}),
     "redistort": ("seed", {"redistort": True}, {}),
     "stn-wd0": ("seed", {"stn_weight_decay": 0.0}, {}),
