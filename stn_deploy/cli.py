@@ -23,6 +23,9 @@ COMMANDS: dict[str, str] = {
     "inspect": "stn_deploy.commands.inspect:inspect",
     "bench": "stn_deploy.commands.bench:bench",
     "predict": "stn_deploy.commands.predict:predict",
+    "triton-repo": "stn_deploy.commands.triton_repo:triton_repo",
+    "serve": "stn_deploy.commands.serve:serve",
+    "loadtest": "stn_deploy.commands.loadtest:loadtest",
 }
 
 

@@ -10,7 +10,7 @@ import click
 
 
 @click.command("inspect")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]),
               default=None, help="Also list what this runtime will mishandle (ONNX files).")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=str),
@@ -22,7 +22,7 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
     An ONNX file: opset, inputs/outputs, op counts, stn-deploy metadata and the STN health
     measured at export. A checkpoint: its config and training, and the STN's health measured
     now on its test split. With --target, exit 1 when the graph has a finding of severity
-    error."""
+    error. A folder: a Triton model repository, validated (one line per problem, exit 1)."""
     from collections import Counter
 
     import onnx
@@ -31,6 +31,11 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
     from stn_deploy.errors import StnDeployError
     from stn_deploy.export.targets import check_target
 
+    if model.is_dir():
+        from stn_deploy.serving.validate import inspect_repository
+
+        inspect_repository(model, click.echo)
+        return
     if model_kind(model) == "checkpoint":
         if target is not None:
             raise click.UsageError("--target checks ONNX graphs; export the checkpoint first")

@@ -1,0 +1,3 @@
+"""Serving on NVIDIA Triton Inference Server: model repositories, their validation, a PyTriton
+server and a load test. Only ``triton_repo`` and ``validate`` run without the ``[serve]`` extra
+(validation needs ``tritonclient`` for Triton's own config schema)."""

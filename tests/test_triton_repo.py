@@ -1,0 +1,178 @@
+"""Triton model repositories: written from a verified export, validated with Triton's schema."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stn_deploy import artifacts
+from stn_deploy.cli import cli
+from stn_deploy.config import ModelConfig
+from stn_deploy.errors import StnDeployError
+from stn_deploy.serving.triton_repo import RepoOptions, write_repository
+from stn_deploy.serving.validate import schema_available, validate_repository
+
+needs_schema = pytest.mark.skipif(
+    not schema_available(),
+    reason="tritonclient (its model_config schema) is not installed: pip install "
+           "'stn-deploy[serve]' or pip install --no-deps tritonclient")
+
+
+@pytest.fixture(scope="session")
+def served_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A verified uint8 NHWC export of the digits checkpoint, as triton-repo serves by default."""
+    from stn_deploy.export.pipeline import ExportRequest, run_export
+
+    out = tmp_path_factory.mktemp("served") / "digits.onnx"
+    run_export(ExportRequest(checkpoint=digits_checkpoint, embed_preprocess=True,
+                             verify_samples=64, out=out), echo=lambda _: None)
+    return out
+
+
+def _plan(tmp_path: Path, config: ModelConfig) -> Path:
+    """A plan file and its sidecar as export --format engine writes them (the bytes are not a
+    real engine: nothing here opens a plan, only its sidecar, as without a GPU)."""
+    from stn_deploy.export import tensorrt as trt_mod
+
+    plan = tmp_path / "digits.plan"
+    plan.write_bytes(b"plan")
+    side = trt_mod.make_sidecar(
+        config=config, input_name="input", output_names=["logits"], precision="fp16",
+        tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100", compute_capability="9.0",
+        profile=(1, 32, 64), onnx_sha256="0" * 64, embed_preprocess=True,
+        onnx_metadata={"opset": "17"})
+    side["plan_verification"] = {"passed": True}
+    artifacts.sidecar_path(plan).write_text(json.dumps(side))
+    return plan
+
+
+def test_onnx_repository_for_onnxruntime_and_openvino(served_onnx: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    folders = write_repository(served_onnx, repo, RepoOptions(
+        kinds=("onnxruntime", "openvino"), name="digits", max_batch=16, instances=2))
+    assert [f.name for f in folders] == ["digits-onnxruntime", "digits-openvino"]
+    ort = repo / "digits-onnxruntime"
+    assert (ort / "1" / "model.onnx").read_bytes() == served_onnx.read_bytes()
+    text = (ort / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 16" in text
+    assert "data_type: TYPE_UINT8" in text and "dims: [ 32, 32, 1 ]" in text  # no batch dim
+    assert "preferred_batch_size: [ 4, 8, 16 ]" in text and "count: 2" in text
+    assert "KIND_CPU" in text and 'label_filename: "labels.txt"' in text
+    assert (ort / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
+    record = json.loads((ort / "stn_deploy.json").read_text())
+    assert record["verification"]["passed"] and "stn_health" in record
+    assert record["config"]["dataset"] == "digits"
+    ov = (repo / "digits-openvino" / "config.pbtxt").read_text()
+    assert 'backend: "openvino"' in ov and 'default_model_filename: "model.onnx"' in ov
+    if schema_available():
+        assert validate_repository(repo) == []
+    # the same names again are refused, and the repository is left as it was
+    with pytest.raises(StnDeployError, match="digits-onnxruntime exists"):
+        write_repository(served_onnx, repo, RepoOptions(name="digits"))
+    assert sorted(p.name for p in repo.iterdir()) == ["digits-onnxruntime", "digits-openvino"]
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no temporary folder left
+
+
+@needs_schema
+def test_gpu_onnxruntime_with_tensorrt_fp16_and_a_plan(served_onnx: Path,
+                                                       tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(name="d", device="gpu", trt_fp16=True))
+    text = (repo / "d-onnxruntime" / "config.pbtxt").read_text()
+    assert "KIND_GPU" in text and 'value: "FP16"' in text and 'name: "tensorrt"' in text
+    plan = _plan(tmp_path, artifacts.config_from_onnx(served_onnx))
+    write_repository(plan, repo, RepoOptions(kinds=("tensorrt",), name="d", device="gpu"))
+    text = (repo / "d-tensorrt" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in text and 'key: "9.0"' in text
+    assert (repo / "d-tensorrt" / "1" / "model.plan.json").is_file()
+    assert validate_repository(repo) == []
+    with pytest.raises(StnDeployError, match="exceeds the plan's profile maximum 64"):
+        write_repository(plan, tmp_path / "r2", RepoOptions(kinds=("tensorrt",), max_batch=128))
+    with pytest.raises(StnDeployError, match="--kind tensorrt serves .plan files"):
+        write_repository(served_onnx, tmp_path / "r2", RepoOptions(kinds=("tensorrt",)))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_unverified_and_static_batch_exports_are_refused(digits_onnx: Path,
+                                                         tmp_path: Path) -> None:
+    with pytest.raises(StnDeployError, match="carries no verification record"):
+        write_repository(digits_onnx, tmp_path / "repo", RepoOptions())
+    assert not (tmp_path / "repo").exists()
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@needs_schema
+@pytest.mark.parametrize("old,new,expected", [
+    ("max_batch_size: 8", "max_batch: 8", 'no field named "max_batch"'),
+    ('name: "m-onnxruntime"', 'name: "other"', 'name: "other" differs from its folder'),
+    ("data_type: TYPE_UINT8", "data_type: TYPE_FP32",
+     'input "input" data_type: TYPE_FP32, the model\'s is TYPE_UINT8'),
+    ("dims: [ 32, 32, 1 ]", "dims: [ 1, 32, 32 ]", 'input "input" dims: [1, 32, 32], the model\'s '
+                                               "are [32, 32, 1]"),
+    ("dims: [ 32, 32, 1 ]", "dims: [ -1, 32, 32, 1 ]", "batch dimension excluded"),
+    ('name: "logits"', 'name: "scores"', '"scores" is not an output of model.onnx'),
+    ('name: "input"', 'name: "image"', '"image" is not an input of model.onnx'),
+    ("preferred_batch_size: [ 4, 8 ]", "preferred_batch_size: [ 4, 16 ]",
+     "preferred_batch_size: 16 is outside 1..max_batch_size 8"),
+    ('platform: "onnxruntime_onnx"', 'platform: "tensorrt_plan"',
+     "platform: 1/model.plan is missing"),
+    ('platform: "onnxruntime_onnx"', 'platform: "pytorch"', 'platform: "pytorch" is none of'),
+    ("kind: KIND_CPU", "kind: KIND_GPPU", '"inference.ModelInstanceGroup.Kind" has no value named KIND_GPPU'),
+])
+def test_bad_configs_are_refused_by_name(served_onnx: Path, tmp_path: Path, old: str,
+                                         new: str, expected: str) -> None:
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(name="m", max_batch=8))
+    _edit(repo / "m-onnxruntime" / "config.pbtxt", old, new)
+    problems = validate_repository(repo)
+    assert len(problems) >= 1 and all(p.startswith("m-onnxruntime") for p in problems)
+    assert any(expected in p for p in problems), problems
+
+
+@needs_schema
+def test_mismatched_repository_is_refused_by_name(served_onnx: Path, digits_onnx: Path,
+                                                  tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(name="m"))
+    model = repo / "m-onnxruntime"
+    # the float32 NCHW export (with theta) dropped in place of the uint8 NHWC one
+    shutil.copyfile(digits_onnx, model / "1" / "model.onnx")
+    problems = validate_repository(repo)
+    assert any("data_type: TYPE_UINT8, the model's is TYPE_FP32" in p for p in problems)
+    assert any("\"theta\" of model.onnx is not declared" not in p for p in problems)
+    (model / "labels.txt").write_text("a\nb\n")
+    shutil.rmtree(model / "1")
+    problems = validate_repository(repo)
+    assert problems == ["m-onnxruntime: no version folder (1/)"]
+    (model / "1").mkdir()
+    assert validate_repository(repo) == ["m-onnxruntime/config.pbtxt: platform: 1/model.onnx "
+                                         "is missing"]
+
+
+@needs_schema
+def test_inspect_validates_a_repository(served_onnx: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(cli, ["triton-repo", str(served_onnx), "--out", str(repo),
+                                      "--kind", "onnxruntime", "--kind", "openvino",
+                                      "--name", "m", "--max-batch", "8"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (repo / "m-openvino" / "1" / "model.onnx").is_file()
+    ok = CliRunner().invoke(cli, ["inspect", str(repo)])
+    assert ok.exit_code == 0, ok.output
+    assert "m-onnxruntime: onnxruntime_onnx, max_batch_size 8" in ok.output
+    assert "valid" in ok.output.splitlines()[-1]
+    (repo / "m-openvino" / "labels.txt").write_text("zero\n")
+    bad = CliRunner().invoke(cli, ["inspect", str(repo)])
+    assert bad.exit_code == 1
+    assert ('m-openvino/config.pbtxt: output "logits" label_filename: labels.txt has 1 labels '
+            "for 10 classes") in bad.output
+    assert "Error: 1 problem(s)" in bad.output and "Traceback" not in bad.output
