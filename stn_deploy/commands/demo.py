@@ -15,7 +15,7 @@ def _step(title: str, args: list[str]) -> None:
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="export/demo",
               show_default=True, help="Folder for the checkpoint, exported models and reports.")
-@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--opset", type=click.IntRange(16), default=16, show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer epochs and iterations (a smoke run).")
 def demo(out_dir: str, epochs: int, opset: int, quick: bool) -> None:
