@@ -1,3 +1,28 @@
-"""stn-deploy: train a Spatial Transformer Network classifier and ship it, verified."""
+"""stn-deploy: train a Spatial Transformer Network classifier and ship it, verified.
+
+The Python API (``stn_deploy.api``) is imported on first use, so ``import stn_deploy`` loads
+neither torch nor onnx: ``load_checkpoint``, ``export_model``, ``verify``, ``open_runner``,
+``bench_models``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+API = ("bench_models", "export_model", "load_checkpoint", "open_runner", "verify")
+
+if TYPE_CHECKING:
+    from stn_deploy.api import (bench_models, export_model, load_checkpoint, open_runner,
+                                verify)
+
+
+def __getattr__(name: str) -> Any:
+    if name in API:
+        return getattr(importlib.import_module("stn_deploy.api"), name)
+    raise AttributeError(f"module 'stn_deploy' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *API]

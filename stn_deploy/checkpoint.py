@@ -64,17 +64,24 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_tensors(path: str | os.PathLike[str], what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file that must exist, or one line naming it as
+    not a readable ``what``."""
     p = Path(path)
     if not p.is_file():
-        raise StnDeployError(f"checkpoint not found: {p}")
+        raise StnDeployError(f"{what} not found: {p}")
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad bytes
         # First sentence only: torch's full text suggests weights_only=False, which we never do.
         text = str(e).strip()
         reason = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
-        raise StnDeployError(f"{p} is not a readable stn-deploy checkpoint ({reason})") from None
+        raise StnDeployError(f"{p} is not a readable {what} ({reason})") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    p = Path(path)
+    payload = load_tensors(p, "stn-deploy checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise StnDeployError(f"{p} is not an stn-deploy checkpoint (no '{FORMAT}' marker)")
     try:

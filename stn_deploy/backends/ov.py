@@ -108,7 +108,11 @@ class OpenVinoRunner(OnnxFileRunner):
         batch = pshape[0].get_length() if pshape[0].is_static else -1
         self.input_spec = self.graph_input_spec(inp.get_any_name(), batch,
                                                  inp.get_element_type() == ov.Type.u8)
-        self.output_names = tuple(o.get_any_name() for o in compiled.outputs)
+        # A tensor may carry several names once OpenVINO folds a node (FP16 graphs end in a
+        # Cast): keep the one the graph declares as its output.
+        declared = set(self.meta.get("outputs", "").split(","))
+        self.output_names = tuple(next((n for n in sorted(o.get_names()) if n in declared),
+                                       o.get_any_name()) for o in compiled.outputs)
         computed = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         if COMPUTE[self.precision] == "bf16" and computed != "bf16":
             raise StnDeployError(f"openvino bf16: this CPU has no bf16 support (OpenVINO computes"

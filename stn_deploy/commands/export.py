@@ -49,12 +49,27 @@ OPSETS = (16, 17, 18, 19, 20)
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]),
               default=None, help="Runtime to check the graph for [default: tensorrt for "
                                  "engines, else onnxruntime].")
+@click.option("--model", "factory", default=None, metavar="PACKAGE.MODULE:FACTORY",
+              help="Export your own nn.Module instead of a CHECKPOINT (see README 'Your own "
+                   "STN'); F.affine_grid is exported as a constant grid.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="--model: a state dict, loaded with weights_only=True.")
+@click.option("--input-shape", default=None, metavar="CxHxW",
+              help="--model: the input shape without the batch, e.g. 1x28x28.")
+@click.option("--mean", default=None, help="--model: per-channel mean of pixel/255, "
+                                           "comma-separated [default: none, 0].")
+@click.option("--std", default=None, help="--model: per-channel std [default: none, 1].")
+@click.option("--class-names", default=None, help="--model: comma-separated class names.")
+@click.option("--extra-output", "extra_outputs", multiple=True, metavar="NAME",
+              help="--model: name the model's next output (e.g. theta): exported, compared.")
 def export(checkpoint: Path | None, fmt: str, precision: str, opset: int, out: Path | None,
            static_batch: int | None, with_theta: bool, embed_preprocess: bool,
            exporter: str | None, affine_grid_op: bool, data_dir: Path | None,
            calib_data: Path | None, calib_samples: int, verify_samples: int, min_batch: int,
            opt_batch: int, max_batch: int, workspace_mb: int, timing_cache: Path | None,
-           target: str | None) -> None:
+           target: str | None, factory: str | None, weights: Path | None,
+           input_shape: str | None, mean: str | None, std: str | None,
+           class_names: str | None, extra_outputs: tuple[str, ...]) -> None:
     """Export CHECKPOINT at an exact opset and verify it against PyTorch before writing.
 
     CHECKPOINT defaults to the last training run's, runs/train/last.pt (train's default --out);
@@ -65,6 +80,12 @@ def export(checkpoint: Path | None, fmt: str, precision: str, opset: int, out: P
     check fails the command and writes nothing."""
     from stn_deploy.export.pipeline import ExportRequest, run_export
 
+    if factory is not None:
+        _export_factory(factory, checkpoint, fmt, weights, input_shape, data_dir, out,
+                        verify_samples, calib_samples, mean, std, class_names, extra_outputs,
+                        opset=opset, precision=precision, exporter=exporter,
+                        static_batch=static_batch, embed_preprocess=embed_preprocess)
+        return
     if checkpoint is None:
         from stn_deploy.defaults import default_checkpoint
 
@@ -82,3 +103,24 @@ def export(checkpoint: Path | None, fmt: str, precision: str, opset: int, out: P
         workspace_mb=workspace_mb, timing_cache=timing_cache, target=target,
     )
     run_export(req, echo=click.echo)
+
+
+def _export_factory(factory: str, checkpoint: Path | None, fmt: str, weights: Path | None,
+                    input_shape: str | None, data_dir: Path | None, out: Path | None,
+                    verify_samples: int, calib_samples: int, mean: str | None, std: str | None,
+                    class_names: str | None, extra_outputs: tuple[str, ...],
+                    **options: object) -> None:
+    from stn_deploy.custom import export_factory, parse_floats
+    from stn_deploy.errors import StnDeployError
+
+    if checkpoint is not None:
+        raise StnDeployError("give a CHECKPOINT or --model, not both")
+    if fmt != "onnx":
+        raise StnDeployError("--model exports --format onnx")
+    if input_shape is None:
+        raise StnDeployError("--model needs --input-shape CxHxW, e.g. 1x28x28")
+    names = tuple(n.strip() for n in class_names.split(",")) if class_names else None
+    export_factory(factory, out, input_shape=input_shape, weights=weights, data_dir=data_dir,
+                   verify_samples=verify_samples, calib_samples=calib_samples, echo=click.echo,
+                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                   class_names=names, extra_outputs=extra_outputs, **options)

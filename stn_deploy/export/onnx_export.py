@@ -11,8 +11,12 @@ dynamo, which writes 18-20 itself; for 16 and 17 its opset-18 graph is brought d
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,18 +134,36 @@ def example_input(config: ModelConfig, batch: int, embed_preprocess: bool) -> Te
     return torch.randn(batch, c, h, w)
 
 
+@contextlib.contextmanager
+def _silent_stdout_fd() -> Iterator[None]:
+    """On failure the TorchScript exporter's C++ side prints the whole graph to file
+    descriptor 1; the user gets our one error line instead."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _export_torchscript(wrapper: nn.Module, x: Tensor, tmp: Path, opset: int,
                         outputs: list[str], dynamic: bool) -> "onnx.ModelProto":
     import onnx
 
     axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]} if dynamic else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _silent_stdout_fd():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (x,), str(tmp), opset_version=opset, dynamo=False,
-            input_names=[INPUT_NAME], output_names=outputs, dynamic_axes=axes,
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                wrapper, (x,), str(tmp), opset_version=opset, dynamo=False,
+                input_names=[INPUT_NAME], output_names=outputs, dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+        except Exception as e:  # unsupported ops, tracing failures: all mean "did not export"
+            raise StnDeployError(f"the torchscript exporter failed: {error_line(e)}") from None
     return onnx.load(str(tmp))
 
 
@@ -176,28 +198,50 @@ def _export_dynamo(wrapper: nn.Module, x: Tensor, opset: int, outputs: list[str]
     return proto
 
 
+def check_opset(opset: int) -> None:
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise StnDeployError(f"opset {opset} is not supported: GridSample needs "
+                             f"opset {MIN_OPSET} or later, and this torch/onnx write up to {top}")
+
+
 def export_onnx(model: STNClassifier, path: str | os.PathLike[str], options: OnnxOptions,
                 extra_metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a single self-contained ONNX file at exactly ``options.opset``."""
-    import onnx
-
-    top = max_opset()
-    if not MIN_OPSET <= options.opset <= top:
-        raise StnDeployError(f"opset {options.opset} is not supported: GridSample needs "
-                             f"opset {MIN_OPSET} or later, and this torch/onnx write up to {top}")
+    check_opset(options.opset)
     if options.affine_grid_op and options.opset < AFFINE_GRID_OP_MIN_OPSET:
         raise StnDeployError(f"the AffineGrid op exists from opset {AFFINE_GRID_OP_MIN_OPSET}; "
                              f"drop --affine-grid-op or pass --opset {AFFINE_GRID_OP_MIN_OPSET}")
-    if options.static_batch is not None and options.static_batch < 1:
-        raise StnDeployError(f"static batch must be positive, got {options.static_batch}")
-    exporter = resolve_exporter(options.exporter)
     model = model.eval().cpu()
     config = model.config
     source = with_affine_grid_op(model) if options.affine_grid_op else model
     wrapper = _ExportWrapper(source, options).eval()
+    outputs = [OUTPUT_NAME, THETA_NAME] if options.with_theta else [OUTPUT_NAME]
+
+    def check(proto: "onnx.ModelProto", exporter: str) -> None:
+        if options.affine_grid_op and not any(n.op_type == "AffineGrid" for n in proto.graph.node):
+            raise StnDeployError(f"the {exporter} exporter decomposed F.affine_grid instead of "
+                                 "writing the AffineGrid op; use --exporter torchscript")
+
+    meta = {"affine_grid": "AffineGrid op" if options.affine_grid_op else "constant+MatMul",
+            **(extra_metadata or {})}
+    return write_onnx(wrapper, config, path, options, outputs, meta, check)
+
+
+def write_onnx(wrapper: nn.Module, config: ModelConfig, path: str | os.PathLike[str],
+               options: OnnxOptions, outputs: list[str], extra_metadata: dict[str, str],
+               check: Callable[["onnx.ModelProto", str], None] | None = None) -> Path:
+    """Export ``wrapper`` (input -> ``outputs``) at exactly ``options.opset``, with ``config``
+    and ``extra_metadata`` in its metadata; ``check`` may refuse the graph before it is saved.
+    Shared by our model and any user's module, so both get the same opset guarantee."""
+    import onnx
+
+    check_opset(options.opset)
+    if options.static_batch is not None and options.static_batch < 1:
+        raise StnDeployError(f"static batch must be positive, got {options.static_batch}")
+    exporter = resolve_exporter(options.exporter)
     batch = options.static_batch or 2
     x = example_input(config, batch, options.embed_preprocess)
-    outputs = [OUTPUT_NAME, THETA_NAME] if options.with_theta else [OUTPUT_NAME]
     dynamic = options.static_batch is None
     target = Path(path)
     with atomic_path(target) as tmp:
@@ -205,9 +249,8 @@ def export_onnx(model: STNClassifier, path: str | os.PathLike[str], options: Onn
             proto = _export_torchscript(wrapper, x, tmp, options.opset, outputs, dynamic)
         else:
             proto = _export_dynamo(wrapper, x, options.opset, outputs, dynamic)
-        if options.affine_grid_op and not any(n.op_type == "AffineGrid" for n in proto.graph.node):
-            raise StnDeployError(f"the {exporter} exporter decomposed F.affine_grid instead of "
-                                 "writing the AffineGrid op; use --exporter torchscript")
+        if check is not None:
+            check(proto, exporter)
         written = {op.domain or "ai.onnx": op.version for op in proto.opset_import}
         if written.get("ai.onnx") != options.opset:
             raise StnDeployError(f"asked for opset {options.opset}, the {exporter} exporter "
@@ -220,10 +263,9 @@ def export_onnx(model: STNClassifier, path: str | os.PathLike[str], options: Onn
             "preprocess": "embedded" if options.embed_preprocess else "none",
             "outputs": ",".join(outputs),
             "exporter": exporter,
-            "affine_grid": "AffineGrid op" if options.affine_grid_op else "constant+MatMul",
             "stn_deploy.version": __version__,
         })
-        meta.update(extra_metadata or {})
+        meta.update(extra_metadata)
         set_metadata(proto, meta)
         proto.producer_name = "stn-deploy"
         proto.producer_version = __version__

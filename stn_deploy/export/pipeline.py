@@ -88,10 +88,6 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
     config = ckpt.config
     logging.getLogger("root").setLevel(logging.ERROR)  # quantizer's pre-processing hint
 
-    def fail(what: str, lines: list[str]) -> StnDeployError:
-        return StnDeployError(f"{what} verification failed, nothing written:\n"
-                              + "\n".join(lines))
-
     with tempfile.TemporaryDirectory(prefix="stn-export-") as work_dir:
         work = Path(work_dir)
         fp32 = work / "fp32.onnx"
@@ -116,7 +112,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         report = verify_file(fp32, reference, images, labels, config, TOLERANCES["fp32"])
         lines += [f"FP32 ONNX on the {note}:", *report.lines()]
         if not report.passed:
-            raise fail("FP32", lines)
+            raise verification_failed("FP32", lines)
         health = measure(model, test.images, applied=test.applied)
         lines.append(f"STN health on the {note}: {health.summary()}")
         lines += [f"warning: {w}" for w in getattr(health, "warnings", [])]
@@ -133,7 +129,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
                                  TOLERANCES[req.precision])
             lines += [f"{req.precision.upper()} ONNX:", *report.lines()]
             if not report.passed:
-                raise fail(req.precision, lines)
+                raise verification_failed(req.precision, lines)
         proto = onnx.load(str(final))
         findings = targets.check_target(proto, target)
         lines += [f"{target} check: {f.line()}" for f in findings]
@@ -148,9 +144,9 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         onnx.save(proto, str(final))
 
         if req.format == "onnx":
-            _move(final, out)
+            move_into_place(final, out)
             lines.append(f"wrote {out}")
-            _emit(lines, echo)
+            emit(lines, echo)
             return ExportResult(out, out, lines, report)
         from stn_deploy.export.tensorrt import build_engine
 
@@ -167,27 +163,32 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
                                       TOLERANCES[req.precision], backend="trt")
             lines += ["TensorRT plan:", *plan_report.lines()]
             if not plan_report.passed:
-                raise fail("TensorRT plan", lines)
+                raise verification_failed("TensorRT plan", lines)
             side["plan_verification"] = plan_report.to_dict()
         else:
             side["plan_verification"] = f"built, not run: {why_not}"
             lines.append(f"TensorRT plan: built, not run ({why_not}); verified: the ONNX it "
                          "was built from")
-        _move(final, onnx_out)
-        _move(built, out)
+        move_into_place(final, onnx_out)
+        move_into_place(built, out)
         write_text_atomic(sidecar_path(out), json.dumps(side, indent=2, sort_keys=True))
         lines.append(f"wrote {out}, {sidecar_path(out).name} and {onnx_out}")
-        _emit(lines, echo)
+        emit(lines, echo)
         return ExportResult(out, onnx_out, lines, report)
 
 
-def _move(src: Path, dst: Path) -> None:
+def verification_failed(what: str, lines: list[str]) -> StnDeployError:
+    return StnDeployError(f"{what} verification failed, nothing written:\n" + "\n".join(lines))
+
+
+def move_into_place(src: Path, dst: Path) -> None:
+    """Copy a checked file from the work folder to ``dst`` atomically."""
     from stn_deploy.fileio import atomic_path
 
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
 
 
-def _emit(lines: list[str], echo: Callable[[str], None]) -> None:
+def emit(lines: list[str], echo: Callable[[str], None]) -> None:
     for line in lines:
         echo(line)
