@@ -23,11 +23,15 @@ class MissingDependencyError(StnDeployError):
         self.install = install
 
 
-def error_line(e: BaseException) -> str:
+def error_line(e: BaseException, with_type: bool = False) -> str:
     """The first line of an exception from a library (ONNX Runtime, OpenVINO, torch, protobuf
-    texts run to pages), or its type name when it has no text: what "Error: ..." shows."""
+    texts run to pages), or its type name when it has no text: what "Error: ..." shows.
+    ``with_type`` prefixes the type, for errors whose text alone is ambiguous."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    first = text.splitlines()[0]
+    return f"{type(e).__name__}: {first}" if with_type else first
 
 
 def require(module: str, install: str, package: str | None = None) -> ModuleType:
