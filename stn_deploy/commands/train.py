@@ -101,12 +101,12 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                    f" after {last['epoch']} epochs; checkpoint {result.checkpoint}")
     if result.health is not None:
         click.echo(f"STN health on the test split: {result.health.summary()}")
-        advice = stn_advice(result.health, opts)
+        advice = stn_advice(result.health, opts, bundle.config.loc_net)
         if advice:
             click.secho(f"warning: {advice}", fg="yellow", err=True)
 
 
-def stn_advice(health: object, opts: object) -> str | None:
+def stn_advice(health: object, opts: object, loc_net: str) -> str | None:
     """One warning that says what is wrong with the STN and what to try, or None."""
     from stn_deploy.health import StnHealth
 
@@ -118,5 +118,9 @@ def stn_advice(health: object, opts: object) -> str | None:
                      "rts recipe's STN settings)")
     if getattr(opts, "redistort", True) is False:
         tries.append("--redistort (with --distort)")
-    tries.append("--loc-net large")
+    if loc_net != "large":
+        tries.append("--loc-net large")
+    if not tries:
+        tries.append("another --seed or more --epochs (the rts recipe is not yet reliable: "
+                     "one seed in three hardly transforms)")
     return f"{health.warnings[0]}; try {'; '.join(tries)} (README: 'Keeping the STN alive')"
