@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from stn_deploy.errors import StnDeployError
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -236,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{backend} {path.name} {opts or ''}")
             row = rep.new_result(str(path), kind, backend, size_mb=path.stat().st_size / 1e6)
             runner = create_runner(backend, path, threads=threads, **opts)
-            bench_runner(runner, row, settings, data, reference)
+            try:
+                bench_runner(runner, row, settings, data, reference)
+            except StnDeployError as e:  # e.g. bf16 on a CPU without it: a row, not a crash
+                row.update(status="skipped", reason=str(e))
+                log(f"  skipped: {e}")
             if "hint" in opts:
                 row["notes"].append(f"OpenVINO hint {opts['hint']}")
             if "memory_format" in opts:
