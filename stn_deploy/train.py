@@ -298,7 +298,10 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                 tqdm.write(f"epoch {epoch}/{opts.epochs}  loss {row['train_loss']:.4f}  "
                            f"train {100 * row['train_acc']:.2f}%  test {100 * test_acc:.2f}%  "
                            f"({row['seconds']:.1f}s)  STN: {health.summary()}")
-    final = measure(model, bundle.test.images, applied=bundle.test.applied)
+    # The last epoch already measured the final weights; only a run with no epoch left to
+    # train (a resume at its --stop-after) measures here.
+    final = health if last_epoch >= start_epoch else measure(
+        model, bundle.test.images, applied=bundle.test.applied)
     if d.main:
         from stn_deploy.viz import save_curves, save_transforms
 
