@@ -18,7 +18,7 @@ from stn_deploy.errors import StnDeployError, error_line
 if TYPE_CHECKING:
     import onnx
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 CONFIG_KEY = "stn_deploy.config"
 SIDECAR_KEYS = ("config", "input_name", "output_names", "precision", "tensorrt_version",

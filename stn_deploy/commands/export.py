@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-OPSETS = (16, 17, 18, 19, 20)
+from stn_deploy.artifacts import PRECISIONS
 
 
 @click.command("export")
@@ -14,7 +14,7 @@ OPSETS = (16, 17, 18, 19, 20)
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx",
               show_default=True, help="engine: a TensorRT plan (needs tensorrt and a GPU).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
               show_default=True, help="fp16/int8 keep the STN path (theta, grid) in FP32.")
 @click.option("--opset", type=click.IntRange(1, None), default=17, show_default=True,
               help="Exact ONNX opset to write (16 up to what torch and onnx support here).")

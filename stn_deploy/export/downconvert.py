@@ -1,7 +1,7 @@
 """Bring an ONNX graph down to a lower opset, one version at a time, for the ops we meet.
 
 ``onnx.version_converter`` fails on the dynamo exporter's graphs ("No Adapter To Version $17
-for Pad") and the dynamo exporter itself writes opset 18 when asked for 16 (FACTS.md). This
+for Pad") and the dynamo exporter itself writes opset 18 when asked for 16 (torch 2.14, measured). This
 converter handles exactly the version changes that the STN's graphs can contain and refuses
 everything else by name, so a converted file is either right or not written.
 

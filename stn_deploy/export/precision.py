@@ -2,7 +2,9 @@
 
 The STN path (every node feeding GridSample's grid input, and GridSample) stays FP32 in both:
 theta decides where every output pixel samples from, so a small theta error moves the whole
-image, and FACTS.md measured both better accuracy and more speed with it left in float.
+image. Measured on CIFAR-10 (JPEG copy) before this module was written: INT8 with the STN
+path in float gave 98.9% top-1 agreement with FP32 against 97.7% fully quantized, and ran
+faster on ONNX Runtime and OpenVINO.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ import torch
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
 
 def _name_nodes(model: onnx.ModelProto) -> None:
     """Block lists work by node name; the exporters leave some empty."""
@@ -79,8 +78,8 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 def _fix_blocked_casts(model: onnx.ModelProto, blocked: set[str]) -> None:
     """Undo two converter slips at FP32 nodes (onnxconverter-common 1.14-1.16): it casts a
-    graph output made by a blocked node to FP16 (the load failure FACTS.md saw, with
-    ``--with-theta``), and round-trips blocked constants through FP16 (losing grid precision).
+    graph output made by a blocked node to FP16 (ONNX Runtime then refuses to load the
+    file, with ``--with-theta``), and round-trips blocked constants through FP16 (losing grid precision).
     """
     producer = {out: node for node in model.graph.node for out in node.output}
     outputs = {o.name for o in model.graph.output}

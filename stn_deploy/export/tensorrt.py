@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from stn_deploy.artifacts import read_sidecar, sidecar_path
+from stn_deploy.artifacts import PRECISIONS, read_sidecar, sidecar_path
 from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 
@@ -74,7 +74,7 @@ def profile_shapes(input_shape: tuple[int, ...], profile: tuple[int, int, int],
 def build_settings(major: int, precision: str) -> dict[str, Any]:
     """Network typing, builder flags to set and flags to clear, per TensorRT major/precision
     (see the module docstring for why)."""
-    if precision not in ("fp32", "fp16", "int8"):
+    if precision not in PRECISIONS:
         raise StnDeployError(f"unknown precision {precision!r}")
     if major >= 11 or precision == "fp16":
         return {"strongly_typed": True, "flags": [], "clear": ["TF32"]}
