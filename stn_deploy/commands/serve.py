@@ -25,9 +25,14 @@ import click
 @click.option("--max-queue", type=click.IntRange(0, None), default=0, show_default=True,
               help="Queued requests beyond which Triton rejects (0: unbounded).")
 @click.option("--threads", type=click.IntRange(1, None), default=None,
-              help="Runner threads [default: all CPUs this process may use].")
+              help="Runner threads per instance [default: half the CPUs over the instances, at "
+                   "least 1: Triton and its clients need the rest].")
+@click.option("--instances", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Model instances, each with its own runner: one can compute while another "
+                   "waits on Triton.")
 def serve(model: Path, backend: str | None, name: str | None, host: str, port: int,
-          max_batch: int, queue_delay_us: int, max_queue: int, threads: int | None) -> None:
+          max_batch: int, queue_delay_us: int, max_queue: int, threads: int | None,
+          instances: int) -> None:
     """Serve MODEL (.onnx, .plan or checkpoint) on Triton Inference Server via PyTriton.
 
     KServe v2 protocol over HTTP and gRPC, readiness and liveness at /v2/health/ready and
@@ -38,4 +43,4 @@ def serve(model: Path, backend: str | None, name: str | None, host: str, port: i
 
     run(ServeOptions(model=model, backend=backend, name=name, host=host, port=port,
                      max_batch=max_batch, queue_delay_us=queue_delay_us, max_queue=max_queue,
-                     threads=threads), echo=lambda line: click.echo(line, err=False))
+                     threads=threads, instances=instances), echo=lambda line: click.echo(line, err=False))

@@ -47,6 +47,7 @@ class LoadRequest:
 @dataclass
 class Level:
     concurrency: int
+    sent: int = 0  # requests handed to the client, counted before each is sent
     latencies_ns: list[int] = field(default_factory=list)
     errors: int = 0
     rejected: int = 0
@@ -127,12 +128,14 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     for c in req.concurrency:
         level = _run_level(mod, proto, req, c, inputs, input_name, want_dtype, name)
         n = len(level.latencies_ns)
-        row: dict[str, Any] = {"concurrency": c, "requests": n + level.errors + level.rejected,
-                               "answered": n, "errors": level.errors,
-                               "rejected": level.rejected}
+        # lost: sent but neither answered nor refused (a hung or dropped request)
+        row: dict[str, Any] = {"concurrency": c, "requests": level.sent, "answered": n,
+                               "errors": level.errors, "rejected": level.rejected,
+                               "lost": level.sent - n - level.errors - level.rejected}
         if level.down:
             raise StnDeployError(f"the server at {req.url} stopped answering at concurrency "
-                                 f"{c}: {level.first_error}")
+                                 f"{c} ({row['requests']} sent, {n} answered, {row['lost']} "
+                                 f"unanswered): {level.first_error}")
         if n:
             stats = summarize(level.latencies_ns, req.batch, "end_to_end", 0)
             idx = np.fromiter(level.answers, dtype=np.int64)
@@ -175,6 +178,7 @@ def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs:
         while not stop.is_set() and time.perf_counter() < deadline:
             with lock:
                 k = next(counter, None)
+                level.sent += k is not None
             if k is None:
                 return
             idx = [(k * req.batch + j) % n_images for j in range(req.batch)]
@@ -234,6 +238,7 @@ def line(row: dict[str, Any]) -> str:
     return (f"concurrency {row['concurrency']}: {row['throughput_ips']:.0f} img/s, p50 "
             f"{row['p50_ms']:.2f} ms, p90 {row['p90_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
             f"{row['answered']} answered, {row['errors']} errors, {row['rejected']} rejected, "
+            f"{row['lost']} lost, "
             f"accuracy {row['accuracy_pct']:.2f}%, agreement {row['agreement_pct']:.2f}%, "
             f"client CPU {row['client_cpu_pct']:.0f}%")
 
@@ -241,7 +246,7 @@ def line(row: dict[str, Any]) -> str:
 COLUMNS = (("concurrency", "Concurrency", "{}"), ("throughput_ips", "img/s", "{:.0f}"),
            ("p50_ms", "p50 ms", "{:.2f}"), ("p90_ms", "p90 ms", "{:.2f}"),
            ("p99_ms", "p99 ms", "{:.2f}"), ("answered", "Answered", "{}"),
-           ("errors", "Errors", "{}"), ("rejected", "Rejected", "{}"),
+           ("errors", "Errors", "{}"), ("rejected", "Rejected", "{}"), ("lost", "Lost", "{}"),
            ("accuracy_pct", "Accuracy %", "{:.2f}"), ("agreement_pct", "Agreement %", "{:.2f}"),
            ("client_cpu_pct", "Client CPU %", "{:.0f}"))
 
