@@ -37,6 +37,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "seed": ("seed", {}, {}),
     "rts": ("rts", {}, {"loc_net": "large"}),  # train's default for --distort data
     "rts-seed-loc": ("rts", {}, {"loc_net": "seed"}),
+    "rts-clean10": ("rts", {"clean_fraction": 0.1}, {"loc_net": "large"}),
+    "rts-clean25": ("rts", {"clean_fraction": 0.25}, {"loc_net": "large"}),
+    "rts-clean50": ("rts", {"clean_fraction": 0.5}, {"loc_net": "large"}),
+    "rts-clean25-stnlr3": ("rts", {"clean_fraction": 0.25, "stn_lr_scale": 3.0},
+                           {"loc_net": "large"}),
+    "rts-clean10-no-stn": ("rts", {"clean_fraction": 0.1}, {"use_stn": False}),
+    "rts-clean25-no-stn": ("rts", {"clean_fraction": 0.25}, {"use_stn": False}),
     "no-stn": ("seed", {}, {"use_stn": False}),
     "redistort": ("seed", {"redistort": True}, {}),
     "stn-wd0": ("seed", {"stn_weight_decay": 0.0}, {}),

@@ -236,22 +236,32 @@ def resize(images: Tensor, size: int) -> Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def rts_thetas(n: int, seed: int, canvas: bool = False) -> Tensor:
+def rts_thetas(n: int, seed: int, canvas: bool = False, clean_fraction: float = 0.0) -> Tensor:
     """Per-sample sampling thetas for the STN paper's rotated, translated, scaled distortion.
 
     In the frame (rts): rotation in +-45 degrees, scale 0.5-0.85 of the frame, shift up to a
     quarter of it. On a canvas (rts-canvas, the paper's 42x42 MNIST): the image fills 1/1.5
     of the canvas at scale 1, is scaled 0.7-1.2 and placed anywhere it stays mostly inside.
+    ``clean_fraction`` of the samples (picked by the seed) keep the original pose:
+    upright, full size, centred.
     """
     # One row of draws per sample: sample i's transform is the same whatever n is.
     u = torch.rand(n, 4, generator=torch.Generator().manual_seed(seed))
+    clean = torch.zeros(n, dtype=torch.bool)
+    if clean_fraction > 0:  # its own draws, so the distortions are those without it
+        clean = torch.rand(n, generator=torch.Generator().manual_seed(seed + 7_919)) \
+            < clean_fraction
     angle = (u[:, 0] * 2 - 1) * math.pi / 4
     if canvas:
         scale = (0.7 + u[:, 1] * 0.5) / CANVAS_FACTOR
         shift = (u[:, 2:] * 2 - 1) * (1.0 - 0.7 * scale[:, None])
+        scale = torch.where(clean, 1.0 / CANVAS_FACTOR, scale)
     else:
         scale = 0.5 + u[:, 1] * 0.35
         shift = (u[:, 2:] * 2 - 1) * 0.25
+        scale = torch.where(clean, 1.0, scale)
+    angle = torch.where(clean, 0.0, angle)
+    shift = torch.where(clean[:, None], 0.0, shift)
     cos, sin = torch.cos(angle), torch.sin(angle)
     # Forward map p = s R q + t; sampling needs its inverse q = R^T (p - t) / s.
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
@@ -274,10 +284,11 @@ def warp_images(images: Tensor, thetas: Tensor, size: int | None = None) -> Tens
     return out
 
 
-def distort(images: Tensor, kind: str, seed: int) -> tuple[Tensor, Tensor]:
+def distort(images: Tensor, kind: str, seed: int,
+            clean_fraction: float = 0.0) -> tuple[Tensor, Tensor]:
     """(distorted images, the sampling thetas applied); deterministic per sample and seed."""
     canvas = kind == "rts-canvas"
-    thetas = rts_thetas(len(images), seed, canvas=canvas)
+    thetas = rts_thetas(len(images), seed, canvas=canvas, clean_fraction=clean_fraction)
     size = round(images.shape[-1] * CANVAS_FACTOR) if canvas else None
     return warp_images(images, thetas, size), thetas
 
@@ -318,14 +329,15 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None,
     return load_imagefolder(split, path, classes, image_size)
 
 
-def prepare(data: ImageSet, image_size: int, kind: str, seed: int) -> ImageSet:
+def prepare(data: ImageSet, image_size: int, kind: str, seed: int,
+            clean_fraction: float = 0.0) -> ImageSet:
     """Resize to the image size, then apply the (seeded) distortion, remembering its thetas."""
     if kind not in DISTORTIONS:
         raise StnDeployError(f"unknown distortion {kind!r}; choose from {', '.join(DISTORTIONS)}")
     images = resize(data.images, image_size)
     if kind == "none":
         return ImageSet(images, data.labels, data.classes)
-    images, thetas = distort(images, kind, seed)
+    images, thetas = distort(images, kind, seed, clean_fraction)
     return ImageSet(images, data.labels, data.classes, thetas)
 
 
@@ -354,12 +366,13 @@ class DataBundle:
     # distortions each epoch; None for undistorted data.
     train_clean: ImageSet | None = None
 
-    def redistort_train(self, seed: int) -> ImageSet:
-        """The training set with a fresh seeded distortion per image (same seed, same set)."""
+    def redistort_train(self, seed: int, clean_fraction: float = 0.0) -> ImageSet:
+        """The training set with a fresh seeded distortion per image (same seed, same set);
+        ``clean_fraction`` of the images keep their original pose this time."""
         if self.train_clean is None:
             return self.train
         return prepare(self.train_clean, self.train_clean.images.shape[-1], self.config.distort,
-                       seed)
+                       seed, clean_fraction)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False,

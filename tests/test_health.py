@@ -14,9 +14,11 @@ from click.testing import CliRunner
 
 from stn_deploy.cli import cli
 from stn_deploy.data import load_dataset, rts_thetas
+from stn_deploy.errors import StnDeployError
 from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
                                displacement_px, from_dict, measure)
 from stn_deploy.model import build_model
+from stn_deploy.train import TrainOptions, train
 
 
 def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
@@ -103,6 +105,29 @@ def test_redistort_draws_fresh_distortions_with_known_thetas() -> None:
     assert not torch.equal(a.images, b.images) and not torch.equal(a.applied, b.applied)
     assert torch.equal(a.images, bundle.redistort_train(1).images)
     assert torch.equal(a.labels, bundle.train.labels)
+
+
+def test_clean_fraction_keeps_that_share_in_the_original_pose() -> None:
+    bundle = load_dataset("digits", distort="rts")
+    plain, mixed = bundle.redistort_train(3), bundle.redistort_train(3, clean_fraction=0.25)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    clean = (mixed.applied == identity).flatten(1).all(dim=1)
+    assert 0.2 < clean.float().mean() < 0.3
+    # the clean images are the undistorted ones; the rest keep the draws made without the option
+    assert torch.equal(mixed.images[clean], bundle.train_clean.images[clean])
+    assert torch.equal(mixed.applied[~clean], plain.applied[~clean])
+    canvas = load_dataset("digits", distort="rts-canvas").redistort_train(3, clean_fraction=0.5)
+    centred = (canvas.applied == identity * 1.5).flatten(1).all(dim=1)  # full size, centred
+    assert 0.4 < centred.float().mean() < 0.6
+
+
+def test_clean_fraction_without_redistort_is_refused(tmp_path: Path) -> None:
+    bundle = load_dataset("digits", distort="rts")
+    opts = TrainOptions.from_recipe("rts", epochs=1, redistort=False, clean_fraction=0.2,
+                                    quiet=True, device="cpu")
+    with pytest.raises(StnDeployError, match="--clean-fraction needs --redistort"):
+        train(bundle, tmp_path, opts)
+    assert not any(tmp_path.iterdir())
 
 
 def test_rts_canvas_places_the_image_on_a_larger_canvas() -> None:
