@@ -4,7 +4,9 @@
 # `stn-deploy bench` (schema in stn_deploy/report.py).
 #
 # NOT RUN: it was written on a 2-core CPU machine without a GPU or TensorRT. It needs an NVIDIA
-# GPU with its driver, `pip install -e .[trt,gpu]` (tensorrt, onnxruntime-gpu) and the data.
+# GPU with its driver, `pip install -e '.[trt]'` ('.[trt-cu12]' with a CUDA 12 torch), then
+# onnxruntime-gpu alone in place of onnxruntime (`pip uninstall -y onnxruntime onnxruntime-gpu
+# && pip install onnxruntime-gpu`: the two share one module folder), and the data.
 #
 #   benchmarks/gpu.sh CHECKPOINT [DATA_DIR]     # DATA_DIR: imagefolder (e.g. the CIFAR-10 JPEG copy)
 #

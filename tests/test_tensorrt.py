@@ -93,6 +93,17 @@ def test_bad_sidecars(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed; the missing-package path cannot run")
+def test_tensorrt_must_match_torchs_cuda_major() -> None:
+    trt_mod.check_cuda_major({"13"}, "13.0")
+    trt_mod.check_cuda_major(set(), "13.0")  # a tar install: nothing to compare
+    trt_mod.check_cuda_major({"12"}, None)  # CPU-only torch: cuda_device() says so
+    with pytest.raises(StnDeployError, match=r"tensorrt-cu12\) than torch \(CUDA 13.0\); "
+                                             r"install stn-deploy\[trt\]"):
+        trt_mod.check_cuda_major({"12"}, "13.0")
+    if importlib.util.find_spec("tensorrt") is None:  # read from the installed wheels' names
+        assert trt_mod.installed_trt_cuda_majors() == set()
+
+
 def test_import_tensorrt_missing() -> None:
     with pytest.raises(MissingDependencyError, match=r"pip install 'stn-deploy\[trt\]'.*NVIDIA GPU"):
         trt_mod.import_tensorrt()

@@ -25,13 +25,43 @@ from stn_deploy.artifacts import PRECISIONS, read_sidecar, sidecar_path
 from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 
-INSTALL = ("pip install 'stn-deploy[trt]' (NVIDIA's tensorrt wheels, from pypi.nvidia.com) "
-           "on a machine with an NVIDIA GPU and driver")
+INSTALL = ("pip install 'stn-deploy[trt]' ('stn-deploy[trt-cu12]' with a CUDA 12 torch) on a "
+           "machine with an NVIDIA GPU and driver")
 SUPPORTED_MAJORS = (10, 11)
 
 
 def import_tensorrt() -> ModuleType:
-    return require("tensorrt", INSTALL)
+    trt = require("tensorrt", INSTALL)
+    import torch
+
+    check_cuda_major(installed_trt_cuda_majors(), torch.version.cuda)
+    return trt
+
+
+def installed_trt_cuda_majors() -> set[str]:
+    """CUDA majors of the installed TensorRT wheels: NVIDIA names them tensorrt-cu12-* and
+    tensorrt-cu13-* (the bare ``tensorrt`` package pulls the cu13 ones)."""
+    import importlib.metadata as md
+
+    majors = set()
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith("tensorrt-cu"):
+            majors.add(name.removeprefix("tensorrt-cu").split("-")[0])
+    return majors
+
+
+def check_cuda_major(trt_majors: set[str], torch_cuda: str | None) -> None:
+    """TensorRT and torch (whose CUDA runtime and streams the runner uses) must share a CUDA
+    major; a cu12 TensorRT beside a cu13 torch fails later, far from the cause."""
+    if not torch_cuda or not trt_majors:
+        return  # a CPU-only torch is caught by cuda_device(); a tar install has no wheel names
+    want = torch_cuda.split(".")[0]
+    if want not in trt_majors:
+        have = ", ".join(f"tensorrt-cu{m}" for m in sorted(trt_majors))
+        raise StnDeployError(f"TensorRT is built for another CUDA ({have}) than torch (CUDA "
+                             f"{torch_cuda}); install stn-deploy[trt] for CUDA 13 torch or "
+                             f"stn-deploy[trt-cu12] for CUDA 12 torch")
 
 
 def trt_major(trt_module: Any) -> int:
