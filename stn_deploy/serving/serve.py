@@ -77,8 +77,8 @@ def libpython_fix(env: dict[str, str] | os._Environ[str] = os.environ) -> str | 
 
 def default_threads(instances: int) -> int:
     """Runner threads per instance: half the CPUs over the instances, at least 1. Triton's
-    front end, the Python hop and the clients need the other half; on 2 cores, one runner
-    thread served 690-726 img/s at concurrency 32 against 578 with two (README)."""
+    front end, the Python hop and the clients need the other half (on 2 cores one runner
+    thread served more than two in quick loadtest runs)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cpus or 1) // 2 // instances)
 
