@@ -20,6 +20,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from stn_deploy.fileio import write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -74,7 +76,7 @@ def main() -> None:
             f"distinct value across the runs. The ratio column divides the medians of the two "
             f"versions ({' / '.join(versions)}); 1.00 = unchanged.\n")
     out = RESULTS / f"cpu_backends_{args.name}.md"
-    out.write_text("\n".join(lines) + "\n" + note)
+    write_text_atomic(out, "\n".join(lines) + "\n" + note)
     print(out.read_text())
 
 

@@ -24,16 +24,19 @@ import argparse
 import datetime
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from stn_deploy.backends import create_runner
+from stn_deploy.fileio import write_text_atomic
 from stn_deploy.harness import measure_latency, system_info
 from stn_deploy.serving.loadtest import LoadRequest, run_loadtest, to_markdown
 from stn_deploy.serving.triton_repo import default_prefix
@@ -41,9 +44,17 @@ from stn_deploy.serving.triton_repo import default_prefix
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def pump(stream: IO[str], lines: queue.Queue[str]) -> None:
+    """Every line of ``stream`` into ``lines``, then "" at its end: in a thread, so waiting for
+    a line can time out (readline blocks), and the server's output never fills its pipe."""
+    for line in stream:
+        lines.put(line)
+    lines.put("")
+
+
 def start_server(args: argparse.Namespace, port: int | None = None) -> subprocess.Popen[str]:
     """``stn-deploy serve`` in its own process group (so a kill takes tritonserver too),
-    returned once it says it is serving."""
+    returned once it says it is serving, or the script ends within 180 s."""
     server = subprocess.Popen([sys.executable, "-m", "stn_deploy", "serve", str(args.model),
                                "--backend", args.backend, "--port", str(port or args.port),
                                "--max-batch", str(args.max_batch),
@@ -53,17 +64,23 @@ def start_server(args: argparse.Namespace, port: int | None = None) -> subproces
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     assert server.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=pump, args=(server.stdout, lines), daemon=True).start()
     deadline = time.monotonic() + 180
     said = []
-    while time.monotonic() < deadline:
-        line = server.stdout.readline()
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
         said.append(line)
         if "serving" in line:
             return server
-        if not line and server.poll() is not None:
+        if not line:  # its output ended: it exited
             break
-    server.kill()
-    sys.exit(f"serve did not start (exit {server.poll()}): {''.join(said[-5:])}")
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    sys.exit(f"serve did not start (exit {server.returncode}): {''.join(said[-5:])}")
 
 
 def counters(metrics_url: str, model: str) -> dict[str, float]:
@@ -122,6 +139,9 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=1, help="serve --instances")
     ap.add_argument("--threads", type=int, default=None, help="serve --threads (per instance)")
     args = ap.parse_args()
+    levels = [int(v) for v in args.concurrency.split(",")]
+    if 1 not in levels:
+        ap.error("--concurrency must include 1: the p99 target is at concurrency 1")
     name = default_prefix(args.model)
     url = f"http://127.0.0.1:{args.port}"
     metrics_url = f"http://127.0.0.1:{args.port + 2}/metrics"
@@ -129,7 +149,7 @@ def main() -> None:
     server = start_server(args)
     try:
         sweep: list[dict[str, Any]] = []
-        for c in (int(v) for v in args.concurrency.split(",")):
+        for c in levels:
             before = counters(metrics_url, name)
             report = run_loadtest(LoadRequest(url=url, model=args.model, backend=args.backend,
                                               concurrency=(c,), duration_s=args.duration,
@@ -172,7 +192,8 @@ def main() -> None:
         r["served_over_in_process_pct"] = 100 * r["throughput_ips"] / inproc[b]["throughput_ips"]
     best = max(rows, key=lambda r: r["throughput_ips"])
     over = overload["results"][0]
-    p99_c1, p99_b1 = rows[0]["p99_ms"], inproc[1]["p99_ms"]
+    p99_c1 = next(r for r in rows if r["concurrency"] == 1)["p99_ms"]
+    p99_b1 = inproc[1]["p99_ms"]
     targets = {
         "agreement_100pct": {"value": min(r["agreement_pct"] for r in rows), "goal": "== 100",
                              "met": all(r["agreement_pct"] == 100.0 for r in rows)},
@@ -202,8 +223,8 @@ def main() -> None:
                "served_sweep": rows, "overload": over,
                "ready_after_overload": ready["results"][0]["answered"] > 0,
                "sigterm_exit_code": exit_code, "killed_mid_run": killed, "targets": targets}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "triton_serving.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text_atomic(RESULTS / "triton_serving.json",
+                      json.dumps(summary, indent=2, default=str) + "\n")
     inproc_md = ["| Batch | img/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"] + [
         f"| {b} | {s['throughput_ips']:.0f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} |"
         for b, s in inproc.items()]
@@ -233,7 +254,7 @@ def main() -> None:
           to_markdown(overload).rstrip(), "",
           f"Server killed (SIGKILL to its process group) after 100 answers of a loadtest: "
           f"{killed['client_error_lines']}", "", *target_md]
-    (RESULTS / "triton_serving.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(RESULTS / "triton_serving.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

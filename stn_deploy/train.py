@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.config import ModelConfig
-from stn_deploy.data import DataBundle, ImageSet, normalize
+from stn_deploy.data import DataBundle, ImageSet, normalize, warp_images
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import Health, measure
@@ -68,6 +68,8 @@ class TrainOptions:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     augment: bool = False  # random crop (pad 4) and horizontal flip
+    affine_deg: float = 0.0  # random rotation within +-this many degrees, per image and step
+    affine_scale: float = 0.0  # random zoom within 1 +- this, per image and step
     stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
     optimizer: str = "sgd"  # sgd (momentum, nesterov as set) or adam (AdamW: decoupled decay)
     stn_weight_decay: float | None = None  # None: the same as weight_decay
@@ -84,8 +86,29 @@ class TrainOptions:
     def from_recipe(cls, recipe: str, **overrides: Any) -> "TrainOptions":
         if recipe not in RECIPES:
             raise StnDeployError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-        values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = {**RECIPES[recipe], **given}
+        if "clean_fraction" not in given and not values.get("redistort", False):
+            values["clean_fraction"] = 0.0  # the recipe's share applies to fresh distortions only
         return cls(recipe=recipe, **values)
+
+
+def affine_batch(x: Tensor, generator: torch.Generator, max_deg: float,
+                 max_scale: float) -> Tensor:
+    """A random rotation and zoom about the centre of each uint8 image.
+
+    On undistorted data this is what gives the STN something to undo: without it the
+    CIFAR-10 STN's theta ends up the same for every image.
+    """
+    u = torch.rand(len(x), 2, generator=generator) * 2 - 1
+    angle = u[:, 0] * math.radians(max_deg)
+    scale = 1 + u[:, 1] * max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    # Sampling theta of the forward map p = s R q: q = R^T p / s.
+    thetas = torch.stack([torch.stack([cos, sin, zero], -1),
+                          torch.stack([-sin, cos, zero], -1)], -2)
+    return warp_images(x, thetas)
 
 
 @dataclass
@@ -195,9 +218,11 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     from tqdm import tqdm
 
     out = Path(out_dir)
-    if opts.clean_fraction and not (opts.redistort and bundle.train_clean is not None):
-        raise StnDeployError("--clean-fraction needs --redistort on --distort data: it picks "
-                             "which of each epoch's fresh distortions stay undistorted")
+    # Like --redistort, a clean fraction does nothing on undistorted data (the CLI refuses an
+    # explicit one there); without --redistort it would silently do nothing, so it is refused.
+    if opts.clean_fraction and not opts.redistort:
+        raise StnDeployError("--clean-fraction needs --redistort: it picks which of each "
+                             "epoch's fresh distortions stay undistorted")
     if not 0 <= opts.clean_fraction < 1:
         raise StnDeployError(f"--clean-fraction must be in [0, 1), got {opts.clean_fraction}")
     device = resolve_device(opts.device)
@@ -262,6 +287,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             xb = train_set.images[sel]
             if opts.augment:
                 xb = augment_batch(xb, g)
+            if opts.affine_deg or opts.affine_scale:
+                xb = affine_batch(xb, g, opts.affine_deg, opts.affine_scale)
             x = normalize(xb.to(device, non_blocking=True), config).contiguous(
                 memory_format=_LAYOUT)
             y = train_set.labels[sel].to(device, non_blocking=True)

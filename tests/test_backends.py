@@ -181,6 +181,18 @@ def test_torch_memory_formats_agree(digits_checkpoint: Path, digits_bundle: Data
         create_runner("torch", digits_checkpoint, memory_format="nhwc")
 
 
+def test_torch_runner_restores_thread_count(digits_checkpoint: Path) -> None:
+    """The thread count is process-wide: a runner must not leave training on its setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with create_runner("torch", digits_checkpoint, threads=other) as r:
+        assert torch.get_num_threads() == other
+        r.infer(np.zeros((1, *r.config.input_shape), np.float32))
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager(digits_checkpoint: Path, digits_bundle: DataBundle) -> None:
     images = digits_bundle.test.images[:8].numpy()

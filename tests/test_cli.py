@@ -70,6 +70,29 @@ def test_train_cli_on_digits(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "last.pt").config.dropout == 0.05  # the seed's
 
 
+def test_clean_fraction_on_undistorted_data_is_one_line(tmp_path: Path) -> None:
+    proc = run("train", "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet",
+               "--clean-fraction", "0.25")
+    assert proc.returncode == 1
+    assert "--clean-fraction needs --distort" in _one_error_line(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:
+    """--recipe rts names optimizer settings; its distortion options are moot without --distort.
+
+    Also --affine: it reaches the training options saved in the checkpoint."""
+    from stn_deploy.checkpoint import load_checkpoint
+
+    result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path),
+                                      "--quiet", "--recipe", "rts", "--affine", "10", "0.1"])
+    assert result.exit_code == 0, result.output
+    args = load_checkpoint(tmp_path / "last.pt").train_args
+    assert (args["affine_deg"], args["affine_scale"], args["clean_fraction"]) == (10.0, 0.1, 0.25)
+    result = CliRunner().invoke(cli, ["train", "--affine", "10", "1.5"])
+    assert result.exit_code == 2 and "--affine" in result.output
+
+
 @pytest.mark.parametrize(("flags", "dropout", "stn_lr"), [
     (["--recipe", "improved"], 0.0, 0.1),
     (["--recipe", "improved", "--dropout", "0.2", "--stn-lr-scale", "0.3"], 0.2, 0.3)])

@@ -130,6 +130,15 @@ def test_clean_fraction_without_redistort_is_refused(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_rts_recipe_without_fresh_distortions_drops_its_clean_fraction(tmp_path: Path) -> None:
+    """The recipe's clean share only applies to fresh distortions; --no-redistort still trains."""
+    assert TrainOptions.from_recipe("rts").clean_fraction == 0.25
+    opts = TrainOptions.from_recipe("rts", epochs=1, redistort=False, quiet=True, device="cpu")
+    assert opts.clean_fraction == 0.0
+    train(load_dataset("digits", distort="rts"), tmp_path, opts)
+    assert (tmp_path / "last.pt").is_file()
+
+
 def test_rts_canvas_places_the_image_on_a_larger_canvas() -> None:
     bundle = load_dataset("digits", distort="rts-canvas")
     assert bundle.config.image_size == 48 and bundle.train.images.shape[-1] == 48

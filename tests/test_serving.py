@@ -10,16 +10,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 
 from stn_deploy.errors import StnDeployError
+from stn_deploy.serving import loadtest
+from stn_deploy.serving.loadtest import LoadRequest, classify
 from stn_deploy.serving.serve import check_ports, libpython_fix
 
 HAS_PYTRITON = importlib.util.find_spec("pytriton") is not None
+HAS_HTTP_CLIENT = importlib.util.find_spec("geventhttpclient") is not None
 
 
 def _free_port() -> int:
@@ -35,6 +42,41 @@ def test_a_taken_port_is_named() -> None:
         port = s.getsockname()[1]
         with pytest.raises(StnDeployError, match=f"gRPC port {port} on 127.0.0.1 is not free"):
             check_ports("127.0.0.1", {"HTTP": _free_port(), "gRPC": port})
+
+
+def test_an_ipv6_loopback_port_is_checked_as_ipv6() -> None:
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(StnDeployError, match=f"HTTP port {port} on ::1 is not free"):
+            check_ports("::1", {"HTTP": port})
+    check_ports("::1", {"HTTP": port})  # closed: free again
+
+
+def test_a_port_in_time_wait_is_free() -> None:
+    """tritonserver binds with SO_REUSEADDR, so a port whose last connection waits in
+    TIME_WAIT (a server restarted at once) is free to it: the check must agree."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver's do
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server's end closes first: it is the one left in TIME_WAIT
+        assert client.recv(1) == b""
+        client.close()
+    time.sleep(0.1)
+    check_ports("127.0.0.1", {"HTTP": port})
+
+
+def test_a_host_that_does_not_resolve_is_one_line() -> None:
+    with pytest.raises(StnDeployError, match="--host no.such.host.invalid is not an address"):
+        check_ports("no.such.host.invalid", {"HTTP": 8000})
 
 
 def test_serve_leaves_half_the_cpus_to_triton() -> None:
@@ -65,6 +107,122 @@ def test_loadtest_without_a_server_is_one_line(digits_onnx: Path) -> None:
                                              f"http://127.0.0.1:{port}"):
         run_loadtest(LoadRequest(url=f"http://127.0.0.1:{port}", model=digits_onnx,
                                  samples=8, timeout_s=2))
+
+
+class _Error(Exception):
+    """What tritonclient raises for an answer: InferenceServerException's str."""
+
+
+@pytest.mark.parametrize("error,expected", [
+    (TimeoutError("timed out"), "lost"),  # geventhttpclient at network_timeout
+    (_Error("[StatusCode.DEADLINE_EXCEEDED] Deadline Exceeded"), "lost"),  # gRPC client_timeout
+    (ConnectionRefusedError(111, "Connection refused"), "down"),
+    (ConnectionResetError(104, "Connection reset by peer"), "down"),
+    (_Error("[StatusCode.UNAVAILABLE] failed to connect to all addresses"), "down"),
+    (_Error("[StatusCode.UNAVAILABLE] Exceeds maximum queue size"), "rejected"),
+    (_Error("Request for unknown model: 'x' is not found"), "error"),
+    (OSError(24, "Too many open files"), "error"),
+])
+def test_failed_requests_are_classified(error: BaseException, expected: str) -> None:
+    assert classify(error) == expected
+
+
+@pytest.mark.skipif(not HAS_HTTP_CLIENT, reason="tritonclient's HTTP client is not installed")
+def test_a_timed_out_http_request_is_lost_not_a_dead_server() -> None:
+    """A server that accepts connections but answers slower than --timeout: each request
+    counts as lost, and the run goes on (it used to end as "stopped answering")."""
+    import tritonclient.http as http
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the connections; nothing ever answers
+        req = LoadRequest(url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                          model=Path("m.onnx"), duration_s=0.2, timeout_s=0.5, max_requests=2)
+        level = loadtest._run_level(http, "http", req, 2, np.zeros((4, 2), np.uint8),
+                                    "input", "UINT8", "m")
+    assert not level.down and level.sent == 2 and level.first_error == "timed out"
+    assert level.errors == level.rejected == len(level.latencies_ns) == 0  # all 2 lost
+
+
+def test_hung_requests_end_a_level_at_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads still stuck in a request are waited for once, not one allowance each."""
+    release = threading.Event()
+
+    class Hung:
+        def infer(self, *args: Any, **kwargs: Any) -> None:
+            release.wait()
+            raise TimeoutError("timed out")
+
+        def close(self) -> None:
+            pass
+
+    class Input:
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def set_data_from_numpy(self, x: np.ndarray) -> None:
+            pass
+
+    mod = SimpleNamespace(InferInput=Input)
+    monkeypatch.setattr(loadtest, "_client", lambda *args: (mod, Hung(), "http"))
+    monkeypatch.setattr(loadtest, "JOIN_GRACE_S", 0.3)
+    req = LoadRequest(url="http://127.0.0.1:1", model=Path("m.onnx"), duration_s=0.1,
+                      timeout_s=0.1)
+    t0 = time.perf_counter()
+    try:
+        level = loadtest._run_level(mod, "http", req, 8, np.zeros((4, 2), np.uint8), "input",
+                                    "UINT8", "m")
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 2.0  # one deadline: 0.5 s; one each: 8 x 0.5 s
+    assert level.down and level.first_error == "requests hung past their timeout"
+
+
+def _probe(outputs: list[str], seen: dict[str, Any]) -> Any:
+    """A gRPC-like client for the readiness probe, serving a float32 NCHW digits model."""
+
+    class Probe:
+        def is_server_ready(self, **kwargs: Any) -> bool:
+            seen["ready"] = kwargs
+            return True
+
+        def get_model_metadata(self, name: str, **kwargs: Any) -> Any:
+            seen["metadata"] = kwargs
+            return SimpleNamespace(
+                inputs=[SimpleNamespace(name="input", datatype="FP32", shape=[-1, 1, 32, 32])],
+                outputs=[SimpleNamespace(name=n) for n in outputs])
+
+    return Probe()
+
+
+def test_a_model_without_logits_is_one_line_and_grpc_probes_time_out(
+        digits_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(loadtest, "_client",
+                        lambda *args: (None, _probe(["scores"], seen), "grpc"))
+    with pytest.raises(StnDeployError, match=r"digits at grpc://h:1 has no logits output "
+                                             r"\(it has: scores\)"):
+        loadtest.run_loadtest(LoadRequest(url="grpc://h:1", model=digits_onnx, samples=8),
+                              echo=lambda _: None)
+    assert seen == {"ready": {"client_timeout": 10.0}, "metadata": {"client_timeout": 10.0}}
+
+
+def test_loadtest_passes_its_dataset_and_folder_on(digits_onnx: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import stn_deploy.bench
+
+    asked = []
+
+    def no_data(config: Any, dataset: str | None, data_dir: str | None,
+                samples: int | None) -> tuple[None, str]:
+        asked.append((dataset, data_dir, samples))
+        return None, "none here"
+
+    monkeypatch.setattr(stn_deploy.bench, "load_eval_data", no_data)
+    with pytest.raises(StnDeployError, match="no test images for .*digits.onnx: none here"):
+        loadtest.run_loadtest(LoadRequest(url="http://h:1", model=digits_onnx, samples=8,
+                                          dataset="imagefolder", data_dir="/data/x"))
+    assert asked == [("imagefolder", "/data/x", 8)]
 
 
 NEEDS_PYTRITON = pytest.mark.skipif(not HAS_PYTRITON, reason="nvidia-pytriton is not installed "
@@ -132,6 +290,42 @@ def test_serve_and_loadtest_round_trip_on_loopback(digits_checkpoint: Path,
         assert server.stdout is not None and "stopping" in server.stdout.read()
     finally:
         _kill(server)
+
+
+def _ports_free_from(port: int) -> bool:
+    return not any(socket.socket().connect_ex(("127.0.0.1", p)) == 0
+                   for p in (port, port + 1, port + 2))
+
+
+@pytest.mark.slow
+@NEEDS_PYTRITON
+def test_serve_refuses_a_static_batch_and_closes_its_runners(
+        digits_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stn_deploy.backends
+    from stn_deploy.export.pipeline import ExportRequest, run_export
+    from stn_deploy.serving.serve import ServeOptions, serve
+
+    static = tmp_path / "static.onnx"
+    run_export(ExportRequest(checkpoint=digits_checkpoint, embed_preprocess=True, static_batch=4,
+                             verify_samples=16, out=static), echo=lambda _: None)
+    made: list[Any] = []
+    create = stn_deploy.backends.create_runner
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(stn_deploy.backends, "create_runner", recorded)
+    port = _free_port()
+    while not _ports_free_from(port):
+        port = _free_port()
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(StnDeployError, match=r"static.onnx has a static batch \(4\); Triton's "
+                                             "dynamic batcher needs one exported without "
+                                             "--static-batch"):
+        serve(ServeOptions(model=static, port=port, instances=2), echo=lambda _: None)
+    assert len(made) == 2 and not any(r.is_active for r in made)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
 @pytest.mark.slow

@@ -92,7 +92,6 @@ def test_bad_sidecars(tmp_path: Path) -> None:
         artifacts.read_sidecar(plan)
 
 
-@pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed; the missing-package path cannot run")
 def test_tensorrt_must_match_torchs_cuda_major() -> None:
     trt_mod.check_cuda_major({"13"}, "13.0")
     trt_mod.check_cuda_major(set(), "13.0")  # a tar install: nothing to compare
@@ -104,6 +103,7 @@ def test_tensorrt_must_match_torchs_cuda_major() -> None:
         assert trt_mod.installed_trt_cuda_majors() == set()
 
 
+@pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed; the missing-package path cannot run")
 def test_import_tensorrt_missing() -> None:
     with pytest.raises(MissingDependencyError, match=r"pip install 'stn-deploy\[trt\]'.*NVIDIA GPU"):
         trt_mod.import_tensorrt()

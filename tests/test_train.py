@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.errors import StnDeployError
-from stn_deploy.train import TrainOptions, augment_batch, evaluate, train
+from stn_deploy.train import TrainOptions, affine_batch, augment_batch, evaluate, train
 
 
 def test_short_training_beats_chance(digits_checkpoint: Path, digits_bundle) -> None:
@@ -59,6 +60,28 @@ def test_augment_is_a_crop_and_flip() -> None:
         for c in range(3):
             vals = set(out[i, c].flatten().tolist()) - {0}
             assert vals <= set(x[i, c].flatten().tolist())
+
+
+def test_affine_rotates_and_zooms_by_the_drawn_amounts() -> None:
+    """A bar's orientation follows the drawn angle; a square's area the drawn zoom squared."""
+    n = 6
+    bar = torch.zeros(n, 1, 33, 33, dtype=torch.uint8)
+    bar[:, :, 16, 4:29] = 255
+    out = affine_batch(bar, torch.Generator().manual_seed(1), 30.0, 0.0).float()[:, 0]
+    drawn = torch.rand(n, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ys, xs = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
+    for i in range(n):
+        w = out[i] / out[i].sum()
+        cxx, cyy, cxy = (w * xs * xs).sum(), (w * ys * ys).sum(), (w * xs * ys).sum()
+        angle = 0.5 * math.degrees(math.atan2(float(2 * cxy), float(cxx - cyy)))
+        assert angle == pytest.approx(30.0 * float(drawn[i, 0]), abs=0.1)
+    square = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    square[:, :, 8:24, 8:24] = 255
+    zoomed = affine_batch(square, torch.Generator().manual_seed(2), 0.0, 0.3).float()
+    drawn = torch.rand(4, 2, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    area = zoomed.sum((1, 2, 3)) / square.float().sum((1, 2, 3))
+    torch.testing.assert_close(area, (1 + 0.3 * drawn[:, 1]) ** 2, atol=0.03, rtol=0)
+    assert torch.equal(affine_batch(square, torch.Generator(), 0.0, 0.0), square)
 
 
 @pytest.mark.slow

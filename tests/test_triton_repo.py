@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -98,10 +100,52 @@ def test_gpu_onnxruntime_with_tensorrt_fp16_and_a_plan(served_onnx: Path,
 
 
 def test_unverified_and_static_batch_exports_are_refused(digits_onnx: Path,
+                                                         digits_checkpoint: Path,
                                                          tmp_path: Path) -> None:
+    from stn_deploy.export.pipeline import ExportRequest, run_export
+
     with pytest.raises(StnDeployError, match="carries no verification record"):
         write_repository(digits_onnx, tmp_path / "repo", RepoOptions())
     assert not (tmp_path / "repo").exists()
+    static = tmp_path / "static.onnx"  # verified, but with a batch of 4 fixed in the graph
+    run_export(ExportRequest(checkpoint=digits_checkpoint, embed_preprocess=True, static_batch=4,
+                             verify_samples=16, out=static), echo=lambda _: None)
+    with pytest.raises(StnDeployError, match=r"static.onnx has a static batch \(4\); Triton's "
+                                             "dynamic batcher needs one exported without "
+                                             "--static-batch"):
+        write_repository(static, tmp_path / "repo", RepoOptions())
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_kind_twice_is_written_once(served_onnx: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    folders = write_repository(served_onnx, repo,
+                               RepoOptions(kinds=("onnxruntime", "onnxruntime"), name="m"))
+    assert folders == [repo / "m-onnxruntime"]
+    assert [p.name for p in repo.iterdir()] == ["m-onnxruntime"]
+
+
+def test_a_failed_rename_leaves_the_repository_as_it_was(served_onnx: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(name="a"))
+    rename = os.replace
+
+    def second_fails(src: Path, dst: Path) -> None:  # the first kind is already in place
+        if Path(dst).name.endswith("-openvino"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(StnDeployError, match="cannot write .*repo: Invalid cross-device link"):
+        write_repository(served_onnx, repo, RepoOptions(kinds=("onnxruntime", "openvino"),
+                                                        name="b"))
+    assert [p.name for p in repo.iterdir()] == ["a-onnxruntime"]
+    # a repository folder this call created goes too
+    with pytest.raises(StnDeployError, match="Invalid cross-device link"):
+        write_repository(served_onnx, tmp_path / "new", RepoOptions(
+            kinds=("onnxruntime", "openvino"), name="b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temporary folder left
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -148,7 +192,8 @@ def test_mismatched_repository_is_refused_by_name(served_onnx: Path, digits_onnx
     shutil.copyfile(digits_onnx, model / "1" / "model.onnx")
     problems = validate_repository(repo)
     assert any("data_type: TYPE_UINT8, the model's is TYPE_FP32" in p for p in problems)
-    assert any("\"theta\" of model.onnx is not declared" not in p for p in problems)
+    # an output the config leaves out (theta) is not served, which is no problem
+    assert not any("theta" in p for p in problems), problems
     (model / "labels.txt").write_text("a\nb\n")
     shutil.rmtree(model / "1")
     problems = validate_repository(repo)
@@ -156,6 +201,21 @@ def test_mismatched_repository_is_refused_by_name(served_onnx: Path, digits_onnx
     (model / "1").mkdir()
     assert validate_repository(repo) == ["m-onnxruntime/config.pbtxt: platform: 1/model.onnx "
                                          "is missing"]
+
+
+@needs_schema
+def test_openvino_loads_its_ir_by_default(served_onnx: Path, tmp_path: Path) -> None:
+    """Without default_model_filename, Triton's openvino backend loads 1/model.xml (an IR, with
+    its weights in model.bin): a valid model, whose tensors validate does not read."""
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(kinds=("openvino",), name="m"))
+    model = repo / "m-openvino"
+    _edit(model / "config.pbtxt", 'default_model_filename: "model.onnx"\n', "")
+    (model / "1" / "model.onnx").rename(model / "1" / "model.xml")
+    assert validate_repository(repo) == ["m-openvino/config.pbtxt: backend: 1/model.bin (the "
+                                         "weights of model.xml) is missing"]
+    (model / "1" / "model.bin").write_bytes(b"")
+    assert validate_repository(repo) == []
 
 
 @needs_schema

@@ -89,6 +89,7 @@ class TorchRunner(Runner):
         import torch
 
         if not self.device.startswith("cuda"):
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
         elif self.precision == "fp32":
             self._tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -134,6 +135,9 @@ class TorchRunner(Runner):
             backends = self._torch.backends
             backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = self._tf32
             self._tf32 = None
+        if getattr(self, "_threads_before", None) is not None:
+            self._torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 class TorchCompileRunner(TorchRunner):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from stn_deploy.commands.options import DATASET_CHOICES
+
 
 @click.command("loadtest")
 @click.argument("url")
@@ -24,6 +26,10 @@ import click
               help="Images a request.")
 @click.option("--timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
               help="Seconds a request may take.")
+@click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
+              help="Test images from [default: the model's own dataset].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Dataset folder (needed for cifar10 and imagefolder).")
 @click.option("--samples", type=click.IntRange(1, None), default=None,
               help="Test images to use [default: the whole test split].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
@@ -32,7 +38,8 @@ import click
               help="Write the table as markdown.")
 def loadtest(url: str, model: Path, model_name: str | None, backend: str | None,
              concurrency: str, duration: float, max_requests: int, batch: int, timeout: float,
-             samples: int | None, json_out: Path | None, markdown: Path | None) -> None:
+             dataset: str | None, data_dir: str | None, samples: int | None,
+             json_out: Path | None, markdown: Path | None) -> None:
     """Load-test the Triton endpoint URL (http://HOST:PORT or grpc://HOST:PORT).
 
     Per concurrency: throughput, p50/p90/p99 latency, errors and rejections, accuracy and
@@ -53,7 +60,7 @@ def loadtest(url: str, model: Path, model_name: str | None, backend: str | None,
     report = run_loadtest(LoadRequest(
         url=url, model=model, model_name=model_name, backend=backend, concurrency=levels,
         duration_s=duration, max_requests=max_requests, batch=batch, timeout_s=timeout,
-        samples=samples), echo=lambda line: click.echo(line, err=True))
+        samples=samples, dataset=dataset, data_dir=data_dir), echo=lambda line: click.echo(line, err=True))
     print_table(report)
     if json_out:
         write_text_atomic(json_out, to_json(report))

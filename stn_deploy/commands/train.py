@@ -37,6 +37,11 @@ from stn_deploy.defaults import TRAIN_OUT
               help="One-cycle peak learning rate [default: 0.05].")
 @click.option("--augment/--no-augment", default=None,
               help="Random crop and flip [default: by recipe].")
+@click.option("--affine", type=(click.FloatRange(0, 180), click.FloatRange(0, 1, max_open=True)),
+              default=None, metavar="DEGREES ZOOM",
+              help="Random rotation within +-DEGREES and zoom within 1+-ZOOM of every training "
+                   "image each step: something for the STN to undo on undistorted data "
+                   "[default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
@@ -65,6 +70,7 @@ from stn_deploy.defaults import TRAIN_OUT
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           image_size: int | None, no_stn: bool, loc_net: str, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
+          affine: tuple[float, float] | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
           stn_weight_decay: float | None, weight_decay: float | None,
           redistort: bool | None, clean_fraction: float | None, seed: int, device: str, out_dir: str, resume: bool,
@@ -77,12 +83,17 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
     from stn_deploy.train import TrainOptions
     from stn_deploy.train import train as run_training
 
+    if clean_fraction and distort == "none":
+        raise StnDeployError("--clean-fraction needs --distort data: it picks which of each "
+                             "epoch's fresh distortions stay undistorted")
     if recipe == "auto":
         recipe = "seed" if distort == "none" else "rts"
     if loc_net == "auto":
         loc_net = "seed" if distort == "none" else "large"
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                     augment=augment, dropout=dropout,
+                                    affine_deg=affine[0] if affine else None,
+                                    affine_scale=affine[1] if affine else None,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
                                     stn_weight_decay=stn_weight_decay,
                                     weight_decay=weight_decay, redistort=redistort,
@@ -119,7 +130,7 @@ def stn_advice(health: object, opts: object, loc_net: str) -> str | None:
         return None
     tries = []
     if getattr(opts, "optimizer", "sgd") == "sgd":
-        tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 1 --stn-weight-decay 0 (the "
+        tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 3 --stn-weight-decay 0 (the "
                      "rts recipe's STN settings)")
     if getattr(opts, "redistort", True) is False:
         tries.append("--redistort (with --distort)")

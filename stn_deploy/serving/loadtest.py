@@ -28,6 +28,12 @@ REJECT_MARKERS = ("exceeds maximum queue size", "queue", "unavailable", "503")
 DOWN_MARKERS = ("connection refused", "failed to connect", "connection reset",
                 "broken pipe", "remotedisconnected", "connect failed", "socket closed",
                 "server disconnected", "statuscode.unavailable")
+# A request past its timeout (geventhttpclient: TimeoutError "timed out"; gRPC:
+# DEADLINE_EXCEEDED): the server may only be slow, so the request is lost, the run goes on.
+TIMEOUT_MARKERS = ("timed out", "deadline exceeded", "deadline_exceeded",
+                   "failed to obtain inference response")
+# Seconds a level waits, beyond a request's timeout, for its threads to come back.
+JOIN_GRACE_S = 5.0
 
 
 @dataclass
@@ -42,6 +48,8 @@ class LoadRequest:
     batch: int = 1  # images per request
     timeout_s: float = 10.0  # per request
     samples: int | None = None  # test images used [default: the whole test split]
+    dataset: str | None = None  # test images from [default: the model's own dataset]
+    data_dir: str | None = None  # dataset folder (needed for cifar10 and imagefolder)
 
 
 @dataclass
@@ -76,9 +84,19 @@ def _client(url: str, concurrency: int, timeout_s: float) -> tuple[Any, Any, str
     return mod, client, proto
 
 
-def _is_down(e: BaseException) -> bool:
+def classify(e: BaseException) -> str:
+    """What a failed request counts as: "lost" (timed out: the server may only be slow),
+    "down" (connection refused or reset: the server is gone), "rejected" (Triton's queue
+    policy turned it away) or "error" (anything else the server answered)."""
     text = f"{type(e).__name__} {e}".lower()
-    return any(m in text for m in DOWN_MARKERS) or isinstance(e, (ConnectionError, OSError))
+    if isinstance(e, TimeoutError) or any(m in text for m in TIMEOUT_MARKERS):
+        return "lost"
+    if "queue" not in text and (isinstance(e, ConnectionError)
+                                or any(m in text for m in DOWN_MARKERS)):
+        return "down"
+    if any(m in text for m in REJECT_MARKERS):
+        return "rejected"
+    return "error"
 
 
 def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -93,7 +111,7 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     name = req.model_name or default_prefix(req.model)
     backend = req.backend or DEFAULT_BACKENDS[model_kind(req.model)][0]
     with create_runner(backend, req.model) as runner:
-        data, why = load_eval_data(runner.config, None, None, req.samples)
+        data, why = load_eval_data(runner.config, req.dataset, req.data_dir, req.samples)
         if data is None:
             raise StnDeployError(f"no test images for {req.model}: {why}")
         local = run_batched(runner, data.images)
@@ -103,10 +121,12 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     local_top1 = np.asarray(local["logits"]).argmax(axis=1)
 
     mod, probe, proto = _client(req.url, 1, req.timeout_s)
+    # HTTP clients carry their timeouts; gRPC calls take one each, else they wait forever.
+    timeout = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
     try:
-        if not probe.is_server_ready():
+        if not probe.is_server_ready(**timeout):
             raise StnDeployError(f"{req.url} is up but not ready")
-        meta = probe.get_model_metadata(name)
+        meta = probe.get_model_metadata(name, **timeout)
     except StnDeployError:
         raise
     except Exception as e:
@@ -115,6 +135,12 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     served = meta["inputs"][0] if isinstance(meta, dict) else {
         "name": meta.inputs[0].name, "datatype": meta.inputs[0].datatype,
         "shape": list(meta.inputs[0].shape)}
+    outputs = [o["name"] for o in meta["outputs"]] if isinstance(meta, dict) else [
+        o.name for o in meta.outputs]
+    if "logits" not in outputs:
+        raise StnDeployError(f"{name} at {req.url} has no logits output (it has: "
+                             f"{', '.join(outputs) or 'none'}); loadtest compares served "
+                             f"logits with {req.model.name}'s")
     want_dtype = {"uint8": "UINT8", "float32": "FP32"}[spec.dtype]
     if served["datatype"] != want_dtype or [int(d) for d in served["shape"][1:]] != \
             list(spec.shape[1:]):
@@ -128,7 +154,7 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     for c in req.concurrency:
         level = _run_level(mod, proto, req, c, inputs, input_name, want_dtype, name)
         n = len(level.latencies_ns)
-        # lost: sent but neither answered nor refused (a hung or dropped request)
+        # lost: sent but neither answered nor refused (timed out, or hung past the level)
         row: dict[str, Any] = {"concurrency": c, "requests": level.sent, "answered": n,
                                "errors": level.errors, "rejected": level.rejected,
                                "lost": level.sent - n - level.errors - level.rejected}
@@ -188,21 +214,21 @@ def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs:
             try:
                 kwargs = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
                 result = client.infer(name, [x], **kwargs)
-                logits = result.as_numpy("logits")
+                dt = time.perf_counter_ns() - t0
+                top1 = np.asarray(result.as_numpy("logits")).argmax(axis=1)
             except Exception as e:  # tritonclient raises InferenceServerException and socket errors
-                text = error_line(e)
+                what = classify(e)
                 with lock:
-                    level.first_error = level.first_error or text
-                    if _is_down(e) and "queue" not in text.lower():
+                    level.first_error = level.first_error or error_line(e)
+                    if what == "down":
                         level.down = True
                         stop.set()
-                    elif any(m in text.lower() for m in REJECT_MARKERS):
+                    elif what == "rejected":
                         level.rejected += 1
-                    else:
+                    elif what == "error":
                         level.errors += 1
+                    # "lost": counted as sent and not answered, nothing more
                 continue
-            dt = time.perf_counter_ns() - t0
-            top1 = np.asarray(logits).argmax(axis=1)
             with lock:
                 level.latencies_ns.append(dt)
                 for i, p in zip(idx, top1):
@@ -218,8 +244,10 @@ def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs:
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
-    for t in threads:  # a request outlives the deadline by at most its timeout
-        t.join(req.duration_s + req.timeout_s + 5)
+    # One deadline for all: a request outlives the level by at most its timeout.
+    join_by = deadline + req.timeout_s + JOIN_GRACE_S
+    for t in threads:
+        t.join(max(0.0, join_by - time.perf_counter()))
     stop.set()
     level.seconds = time.perf_counter() - start
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -234,7 +262,7 @@ def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs:
 def line(row: dict[str, Any]) -> str:
     if not row["answered"]:
         return (f"concurrency {row['concurrency']}: no answers ({row['errors']} errors, "
-                f"{row['rejected']} rejected; {row['first_error']})")
+                f"{row['rejected']} rejected, {row['lost']} lost; {row['first_error']})")
     return (f"concurrency {row['concurrency']}: {row['throughput_ips']:.0f} img/s, p50 "
             f"{row['p50_ms']:.2f} ms, p90 {row['p90_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
             f"{row['answered']} answered, {row['errors']} errors, {row['rejected']} rejected, "

@@ -23,7 +23,6 @@ import numpy as np
 from stn_deploy.errors import StnDeployError, error_line, require
 
 INSTALL = "pip install 'stn-deploy[serve]' (nvidia-pytriton needs numpy<2)"
-OUTPUT_DIMS = {"theta": (2, 3)}
 
 
 @dataclass
@@ -48,11 +47,21 @@ class ServeOptions:
 
 
 def check_ports(host: str, ports: dict[str, int]) -> None:
-    """One line naming a taken port, before tritonserver starts and dies with a page of log."""
+    """One line naming a taken port, before tritonserver starts and dies with a page of log.
+
+    The host's own address family (``::1`` is IPv6), and SO_REUSEADDR as servers bind: a port
+    whose last connection is in TIME_WAIT is free to listen on, only a listener takes it."""
     for what, port in ports.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            raise StnDeployError(f"--host {host} is not an address here ({e.strerror or e})") \
+                from None
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((host, port))
+                s.bind(address)
             except OSError as e:
                 raise StnDeployError(f"{what} port {port} on {host} is not free "
                                      f"({e.strerror or e}); pass another --port") from None
@@ -114,39 +123,48 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print,
     check_ports(opts.host, opts.ports)
     backend = opts.backend or DEFAULT_BACKENDS[model_kind(opts.model)][0]
     threads = opts.threads or default_threads(opts.instances)
-    runners = [create_runner(backend, opts.model, threads=threads)
-               for _ in range(opts.instances)]
-    runner = runners[0]
-    try:
-        for r in runners:
-            r.activate()
-        spec = runner.input_spec
-        probe = np.zeros((1, *spec.shape[1:]), dtype=spec.dtype)
-        outputs = runner.infer(probe)  # a bad model fails here, in one line, not in Triton
-    except StnDeployError:
-        raise
-    except Exception as e:  # runtimes raise their own types
-        raise StnDeployError(f"{opts.model} does not run on {backend}: {error_line(e)}") \
-            from None
     name = opts.name or default_prefix(opts.model)
-    added = libpython_fix()
-    ports = opts.ports
-    # tritonserver's log (a page at start, PyTriton's stub chatter at stop) goes to a file.
-    log = Path(tempfile.mkdtemp(prefix="stn-serve-")) / "tritonserver.log"
-    config = TritonConfig(http_address=opts.host, http_port=ports["HTTP"],
-                          grpc_address=opts.host, grpc_port=ports["gRPC"],
-                          metrics_address=opts.host, metrics_port=ports["metrics"],
-                          log_verbose=0, log_file=log, exit_on_error=True)
-    policy = (QueuePolicy(max_queue_size=opts.max_queue, timeout_action=TimeoutAction.REJECT)
-              if opts.max_queue else None)
-    batcher = DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us,
-                             default_queue_policy=policy)
     stop = stop or threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set())
-                for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    triton = Triton(config=config)
+    runners: list[Any] = []
+    previous: dict[int, Any] = {}
+    triton: Any = None
+    # From the first runner on, one finally: whatever fails, handlers go back, runners close.
     try:
+        runners += [create_runner(backend, opts.model, threads=threads)
+                    for _ in range(opts.instances)]
+        runner = runners[0]
+        try:
+            for r in runners:
+                r.activate()
+            spec = runner.input_spec
+            if spec.static_batch is not None:  # as triton_repo.check_options refuses it
+                raise StnDeployError(f"{opts.model.name} has a static batch ({spec.static_batch});"
+                                     " Triton's dynamic batcher needs one exported without "
+                                     "--static-batch")
+            probe = np.zeros((1, *spec.shape[1:]), dtype=spec.dtype)
+            outputs = runner.infer(probe)  # a bad model fails here, in one line, not in Triton
+        except StnDeployError:
+            raise
+        except Exception as e:  # runtimes raise their own types
+            raise StnDeployError(f"{opts.model} does not run on {backend}: {error_line(e)}") \
+                from None
+        added = libpython_fix()
+        ports = opts.ports
+        # tritonserver's log (a page at start, PyTriton's stub chatter at stop) goes to a file.
+        log = Path(tempfile.mkdtemp(prefix="stn-serve-")) / "tritonserver.log"
+        config = TritonConfig(http_address=opts.host, http_port=ports["HTTP"],
+                              grpc_address=opts.host, grpc_port=ports["gRPC"],
+                              metrics_address=opts.host, metrics_port=ports["metrics"],
+                              log_verbose=0, log_file=log, exit_on_error=True)
+        policy = (QueuePolicy(max_queue_size=opts.max_queue,
+                              timeout_action=TimeoutAction.REJECT)
+                  if opts.max_queue else None)
+        batcher = DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us,
+                                 default_queue_policy=policy)
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, lambda *_: stop.set())
+                        for s in (signal.SIGINT, signal.SIGTERM)}
+        triton = Triton(config=config)
         triton.bind(
             model_name=name, infer_func=[make_infer(r) for r in runners],  # one per instance
             inputs=[Tensor(name=spec.name, dtype=np.dtype(spec.dtype), shape=spec.shape[1:])],
@@ -161,21 +179,24 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print,
                                  + ("" if added else "; if the log shows '_recursion_count', "
                                     "put this Python's libpython folder on LD_LIBRARY_PATH"))\
                 from None
-        url = f"http://{opts.host}:{ports['HTTP']}"
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host  # an IPv6 address in a URL
+        url = f"http://{host}:{ports['HTTP']}"
         echo(f"serving {name} ({backend} on {runner.device_name}, {spec.dtype} "
              f"{spec.layout} input, max batch {opts.max_batch}, {opts.instances} "
              f"instance{'s' if opts.instances > 1 else ''} of {threads} thread"
              f"{'s' if threads > 1 else ''}) at {url}/v2/models/{name}")
-        echo(f"gRPC {opts.host}:{ports['gRPC']}; ready {url}/v2/health/ready; live "
-             f"{url}/v2/health/live; metrics http://{opts.host}:{ports['metrics']}/metrics; "
+        echo(f"gRPC {host}:{ports['gRPC']}; ready {url}/v2/health/ready; live "
+             f"{url}/v2/health/live; metrics http://{host}:{ports['metrics']}/metrics; "
              f"server log {log}; Ctrl-C or SIGTERM stops")
         while not stop.wait(0.5):
             if not triton.is_alive():
                 raise StnDeployError(f"tritonserver exited (log: {log})")
         echo("stopping")
     finally:
-        triton.stop()
+        if triton is not None:
+            triton.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         for r in runners:
-            r.deactivate()
+            if r.is_active:
+                r.deactivate()

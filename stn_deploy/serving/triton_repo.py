@@ -14,6 +14,8 @@ sidecar, since a plan runs only on the compute capability it was built for).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -239,12 +241,14 @@ def write_repository(model: str | os.PathLike[str], out: str | os.PathLike[str],
     """Write one model folder per kind into ``out`` (created if absent) and return them.
 
     Every folder is built and validated in a temporary folder beside ``out`` and renamed
-    into place, so a failure leaves ``out`` as it was; an existing model folder is refused,
-    not overwritten."""
+    into place; if a rename fails, the folders already renamed are removed again (and ``out``
+    too if this call created it), so a failure leaves ``out`` as it was. An existing model
+    folder is refused, not overwritten; a kind given twice is written once."""
     facts = model_facts(model)
     if "verification" not in facts.meta and "plan_verification" not in facts.meta:
         raise StnDeployError(f"{facts.path} carries no verification record; write it with "
                              "stn-deploy export, which verifies before writing")
+    opts = dataclasses.replace(opts, kinds=tuple(dict.fromkeys(opts.kinds)))
     check_options(facts, opts)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -259,6 +263,8 @@ def write_repository(model: str | os.PathLike[str], out: str | os.PathLike[str],
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as e:
         raise StnDeployError(f"cannot write {out}: {e.strerror or e}") from None
+    created = not out.exists()
+    moved: list[Path] = []
     try:
         for kind, name in zip(opts.kinds, names):
             _write_model(facts, kind, name, opts, work / name)
@@ -266,6 +272,16 @@ def write_repository(model: str | os.PathLike[str], out: str | os.PathLike[str],
         out.mkdir(exist_ok=True)
         for name in names:
             os.replace(work / name, out / name)
+            moved.append(out / name)
+    except BaseException as e:
+        for folder in moved:  # written by this call: out is left as it was
+            shutil.rmtree(folder, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+                out.rmdir()
+        if isinstance(e, OSError):
+            raise StnDeployError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return [out / n for n in names]

@@ -26,6 +26,11 @@ PLATFORMS: dict[str, tuple[str, str]] = {
     "tensorrt_plan": ("plan", "model.plan"),
     "tensorrt": ("plan", "model.plan"),
 }
+# The model files each platform or backend loads (OpenVINO: ONNX or its own IR, .xml + .bin).
+PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "onnxruntime_onnx": (".onnx",), "onnxruntime": (".onnx",), "openvino": (".onnx", ".xml"),
+    "tensorrt_plan": PLAN_SUFFIXES, "tensorrt": PLAN_SUFFIXES}
 
 
 def schema_module() -> ModuleType:
@@ -114,7 +119,8 @@ def validate_model(folder: Path) -> list[str]:
         problems.append(f"{folder.name}: no version folder (1/)")
         return problems
     filename = cfg.default_model_filename or default_file
-    field = "default_model_filename" if cfg.default_model_filename else "platform"
+    field = ("default_model_filename" if cfg.default_model_filename
+             else "platform" if cfg.platform else "backend")
     files = [filename, *cfg.cc_model_filenames.values()]
     facts = None
     for version in versions:
@@ -124,10 +130,17 @@ def validate_model(folder: Path) -> list[str]:
                     f"{version.name}/{name} is missing")
         model_path = version / filename
         if model_path.is_file() and facts is None:
-            if Path(filename).suffix.lower() not in ((".onnx",) if kind == "onnx"
-                                                     else (".plan", ".engine", ".trt")):
+            suffix = Path(filename).suffix.lower()
+            if suffix not in SUFFIXES[key]:
                 bad(field, f"{filename} is not a {kind} file, which {key} loads")
                 return problems
+            if suffix == ".xml":  # OpenVINO IR (its default file): nothing here reads it, so
+                # its tensors are not cross-checked; its weights must lie beside it
+                weights = model_path.with_suffix(".bin")
+                if not weights.is_file():
+                    bad(field, f"{version.name}/{weights.name} (the weights of {filename}) "
+                        "is missing")
+                continue
             try:
                 facts = model_facts(model_path)
             except StnDeployError as e:
