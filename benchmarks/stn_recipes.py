@@ -19,7 +19,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,39 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "seed": ("seed", {}, {}),
     "rts": ("rts", {}, {"loc_net": "large"}),  # train's default for --distort data
-    "rts-seed-loc": ("rts", {}, {"loc_net": "seed"}),
-    "rts-clean10": ("rts", {"clean_fraction": 0.1}, {"loc_net": "large"}),
-    "rts-clean25": ("rts", {"clean_fraction": 0.25}, {"loc_net": "large"}),
-    "rts-clean50": ("rts", {"clean_fraction": 0.5}, {"loc_net": "large"}),
-    "rts-clean25-stnlr3": ("rts", {"clean_fraction": 0.25, "stn_lr_scale": 3.0},
+    # The rts recipe before its last change (STN at 1x, every image distorted): what the
+    # results files written before that change call "rts". The variants below pin the values
+    # they ran with, so that they mean the same whatever the recipe becomes.
+    "rts-1x": ("rts", {"stn_lr_scale": 1.0, "clean_fraction": 0.0}, {"loc_net": "large"}),
+    "rts-seed-loc": ("rts", {"stn_lr_scale": 1.0, "clean_fraction": 0.0}, {"loc_net": "seed"}),
+    "rts-clean10": ("rts", {"stn_lr_scale": 1.0, "clean_fraction": 0.1}, {"loc_net": "large"}),
+    "rts-clean25": ("rts", {"stn_lr_scale": 1.0, "clean_fraction": 0.25}, {"loc_net": "large"}),
+    "rts-clean50": ("rts", {"stn_lr_scale": 1.0, "clean_fraction": 0.5}, {"loc_net": "large"}),
+    "rts-clean25-stnlr3": ("rts", {"stn_lr_scale": 3.0, "clean_fraction": 0.25},
+                           {"loc_net": "large"}),
+    "rts-clean50-stnlr3": ("rts", {"stn_lr_scale": 3.0, "clean_fraction": 0.5},
                            {"loc_net": "large"}),
     "rts-clean10-no-stn": ("rts", {"clean_fraction": 0.1}, {"use_stn": False}),
     "rts-clean25-no-stn": ("rts", {"clean_fraction": 0.25}, {"use_stn": False}),
     "no-stn": ("seed", {}, {"use_stn": False}),
+    # CIFAR-10 (no distortion): what keeps theta input-dependent under the improved recipe.
+    "improved": ("improved", {}, {}),
+    "improved-stn-wd0": ("improved", {"stn_weight_decay": 0.0}, {}),
+    "improved-stn-wd0-lr0.3": ("improved", {"stn_weight_decay": 0.0, "stn_lr_scale": 0.3}, {}),
+    "improved-affine15": ("improved", {"affine_deg": 15.0, "affine_scale": 0.1,
+                                       "stn_weight_decay": 0.0, "stn_lr_scale": 0.3}, {}),
+    "improved-adamw-affine15": ("improved", {"optimizer": "adam", "lr": 1e-3,
+                                             "weight_decay": 0.05, "stn_weight_decay": 0.0,
+                                             "stn_lr_scale": 1.0, "affine_deg": 15.0,
+                                             "affine_scale": 0.1}, {}),
+    "improved-stnadam-affine15": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
+                                               "stn_weight_decay": 0.0, "affine_deg": 15.0,
+                                               "affine_scale": 0.1}, {}),
+    "improved-stnadam-rts50": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
+                                            "stn_weight_decay": 0.0, "rts_augment": 0.5}, {}),
+    "rts-recipe-rts50": ("rts", {"rts_augment": 0.5, "augment": True}, {}),
+    "improved-adamw": ("improved", {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.05,
+                                    "stn_weight_decay": 0.0, "stn_lr_scale": 1.0}, {}),
     "redistort": ("seed", {"redistort": True}, {}),
     "stn-wd0": ("seed", {"stn_weight_decay": 0.0}, {}),
     "peak0.01": ("seed", {"lr": 0.01}, {}),
@@ -84,10 +108,14 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
         result = train(bundle, tmp, opts)
     last = result.history[-1]
     row: dict[str, Any] = {"variant": variant, "seed": seed, "parameters": result.parameters,
+                           "options": asdict(opts),
                            "test_acc": last["test_acc"], "minutes": round(
                                (time.perf_counter() - t0) / 60, 2),
                            "history_rotation_undone": [h.get("stn", {}).get("rotation_undone")
-                                                       for h in result.history]}
+                                                       for h in result.history],
+                           "history_theta_spread_px": [h.get("stn", {}).get("theta_spread_px")
+                                                       for h in result.history],
+                           "history_test_acc": [h["test_acc"] for h in result.history]}
     if isinstance(result.health, StnHealth):
         row["health"] = result.health.to_dict()
     return row

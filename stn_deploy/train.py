@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.config import ModelConfig
-from stn_deploy.data import DataBundle, ImageSet, normalize, warp_images
+from stn_deploy.data import DataBundle, ImageSet, normalize, rts_thetas, warp_images
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import Health, measure
@@ -70,8 +70,11 @@ class TrainOptions:
     augment: bool = False  # random crop (pad 4) and horizontal flip
     affine_deg: float = 0.0  # random rotation within +-this many degrees, per image and step
     affine_scale: float = 0.0  # random zoom within 1 +- this, per image and step
+    rts_augment: float = 0.0  # this share of each batch gets a fresh --distort rts distortion
     stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
     optimizer: str = "sgd"  # sgd (momentum, nesterov as set) or adam (AdamW: decoupled decay)
+    stn_optimizer: str | None = None  # None: the same as optimizer; else the STN's own
+    stn_lr: float | None = None  # the STN's one-cycle peak; None: lr * stn_lr_scale
     stn_weight_decay: float | None = None  # None: the same as weight_decay
     redistort: bool = False  # distorted data: a fresh distortion per image every epoch
     clean_fraction: float = 0.0  # with redistort: this share of each epoch's images undistorted
@@ -109,6 +112,15 @@ def affine_batch(x: Tensor, generator: torch.Generator, max_deg: float,
     thetas = torch.stack([torch.stack([cos, sin, zero], -1),
                           torch.stack([-sin, cos, zero], -1)], -2)
     return warp_images(x, thetas)
+
+
+def rts_batch(x: Tensor, seed: int, share: float) -> Tensor:
+    """A fresh ``--distort rts`` distortion for ``share`` of the uint8 images.
+
+    Training-time RTS for data that is not distorted (CIFAR-10): the STN gets a pose to undo,
+    and the undistorted rest is the pose it should map to. The test set is left as it is.
+    """
+    return warp_images(x, rts_thetas(len(x), seed, clean_fraction=1 - share))
 
 
 @dataclass
@@ -183,25 +195,73 @@ def evaluate(model: nn.Module, data: ImageSet, config: ModelConfig, device: torc
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
-def _param_groups(model: STNClassifier, opts: TrainOptions) -> list[dict[str, Any]]:
-    stn = list(model.stn.parameters()) if model.stn is not None else []
-    stn_ids = {id(p) for p in stn}
-    rest = [p for p in model.parameters() if id(p) not in stn_ids]
-    groups = [{"params": rest, "lr": opts.lr, "weight_decay": opts.weight_decay}]
-    if stn:
-        decay = opts.weight_decay if opts.stn_weight_decay is None else opts.stn_weight_decay
-        groups.append({"params": stn, "lr": opts.lr * opts.stn_lr_scale, "weight_decay": decay})
-    return groups
+def _make(kind: str, groups: list[dict[str, Any]], opts: TrainOptions) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.AdamW(groups)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, momentum=opts.momentum, nesterov=opts.nesterov)
+    raise StnDeployError(f"unknown optimizer {kind!r}; use sgd or adam")
 
 
-def _optimizer(model: STNClassifier, opts: TrainOptions) -> torch.optim.Optimizer:
-    groups = _param_groups(model, opts)
-    if opts.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=opts.lr)
-    if opts.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum,
-                               nesterov=opts.nesterov)
-    raise StnDeployError(f"unknown optimizer {opts.optimizer!r}; use sgd or adam")
+class _Optimizers:
+    """The classifier's optimizer and, when it differs, the STN's own (AdamW beside SGD),
+    each under its one-cycle schedule; stepped, saved and restored as one."""
+
+    def __init__(self, model: STNClassifier, opts: TrainOptions, steps_per_epoch: int) -> None:
+        stn = list(model.stn.parameters()) if model.stn is not None else []
+        stn_ids = {id(p) for p in stn}
+        rest = {"params": [p for p in model.parameters() if id(p) not in stn_ids],
+                "lr": opts.lr, "weight_decay": opts.weight_decay}
+        groups = [[rest]]
+        if stn:
+            decay = opts.weight_decay if opts.stn_weight_decay is None else opts.stn_weight_decay
+            stn_group = {"params": stn, "weight_decay": decay,
+                         "lr": opts.stn_lr if opts.stn_lr is not None
+                         else opts.lr * opts.stn_lr_scale}
+            if opts.stn_optimizer in (None, opts.optimizer):
+                groups[0].append(stn_group)
+            else:
+                groups.append([stn_group])
+        kinds = [opts.optimizer, opts.stn_optimizer or opts.optimizer]
+        self.optimizers = [_make(kind, g, opts) for kind, g in zip(kinds, groups)]
+        self.schedulers = [torch.optim.lr_scheduler.OneCycleLR(
+            o, max_lr=[g["lr"] for g in o.param_groups], epochs=opts.epochs,
+            steps_per_epoch=steps_per_epoch) for o in self.optimizers]
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+        for sch in self.schedulers:
+            sch.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.schedulers[0].get_last_lr()[0])
+
+    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One optimizer's state as torch writes it (checkpoints before the split read the
+        same); two as {"main": ..., "stn": ...}."""
+        opt = [o.state_dict() for o in self.optimizers]
+        sch = [s.state_dict() for s in self.schedulers]
+        if len(opt) == 1:
+            return opt[0], sch[0]
+        return {"main": opt[0], "stn": opt[1]}, {"main": sch[0], "stn": sch[1]}
+
+    def load_state_dicts(self, optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
+        split = "main" in optimizer
+        if split != (len(self.optimizers) == 2):
+            raise StnDeployError("the checkpoint was trained with another --stn-optimizer; "
+                                 "resume with the same one")
+        opt = [optimizer["main"], optimizer["stn"]] if split else [optimizer]
+        sch = [scheduler["main"], scheduler["stn"]] if split else [scheduler]
+        for o, state in zip(self.optimizers, opt):
+            o.load_state_dict(state)
+        for s, state in zip(self.schedulers, sch):
+            s.load_state_dict(state)
 
 
 @dataclass
@@ -223,6 +283,10 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     if opts.clean_fraction and not opts.redistort:
         raise StnDeployError("--clean-fraction needs --redistort: it picks which of each "
                              "epoch's fresh distortions stay undistorted")
+    if opts.stn_optimizer not in (None, opts.optimizer) and opts.stn_lr is None:
+        raise StnDeployError(f"--stn-optimizer {opts.stn_optimizer} beside --optimizer "
+                             f"{opts.optimizer} needs --stn-lr: a fraction of the other's rate "
+                             "means nothing across optimizers")
     if not 0 <= opts.clean_fraction < 1:
         raise StnDeployError(f"--clean-fraction must be in [0, 1), got {opts.clean_fraction}")
     device = resolve_device(opts.device)
@@ -255,13 +319,9 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     n_train = len(bundle.train)
     per_rank = math.ceil(n_train / d.world)
     steps = math.ceil(per_rank / opts.batch_size)
-    optimizer = _optimizer(model, opts)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-        epochs=opts.epochs, steps_per_epoch=steps)
+    optimizer = _Optimizers(model, opts, steps)
     if state is not None and state.optimizer is not None and state.scheduler is not None:
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
+        optimizer.load_state_dicts(state.optimizer, state.scheduler)
     criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
     ckpt_path = out / "last.pt"
     if d.main:
@@ -289,15 +349,17 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                 xb = augment_batch(xb, g)
             if opts.affine_deg or opts.affine_scale:
                 xb = affine_batch(xb, g, opts.affine_deg, opts.affine_scale)
+            if opts.rts_augment:
+                xb = rts_batch(xb, _epoch_seed(opts.seed, epoch) * 10_000 + step,
+                               opts.rts_augment)
             x = normalize(xb.to(device, non_blocking=True), config).contiguous(
                 memory_format=_LAYOUT)
             y = train_set.labels[sel].to(device, non_blocking=True)
             logits = net(x)
             loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            scheduler.step()
             loss_sum += loss.detach().double().cpu() * len(sel)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(sel)
@@ -316,17 +378,18 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             "train_acc": round(float(train_stats[1] / train_stats[2]), 5),
             "test_loss": round(test_loss, 5),
             "test_acc": round(test_acc, 5),
-            "lr": round(scheduler.get_last_lr()[0], 6),
+            "lr": round(optimizer.lr, 6),
             "seconds": round(time.perf_counter() - t0, 2),
             "stn": health.headline(),
         }
         history.append(row)
         if d.main:
+            opt_state, sched_state = optimizer.state_dicts()
             save_checkpoint(ckpt_path, Checkpoint(
                 config=config, state_dict={k: v.detach().cpu().contiguous()
                                            for k, v in model.state_dict().items()},
                 epoch=epoch, history=history, train_args=asdict(opts),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()))
+                optimizer=opt_state, scheduler=sched_state))
             write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),
                           d.world)
             if not opts.quiet:

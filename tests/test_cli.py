@@ -85,10 +85,12 @@ def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:
     from stn_deploy.checkpoint import load_checkpoint
 
     result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path),
-                                      "--quiet", "--recipe", "rts", "--affine", "10", "0.1"])
+                                      "--quiet", "--recipe", "rts", "--affine", "10", "0.1",
+                                      "--rts-augment", "0.5"])
     assert result.exit_code == 0, result.output
     args = load_checkpoint(tmp_path / "last.pt").train_args
-    assert (args["affine_deg"], args["affine_scale"], args["clean_fraction"]) == (10.0, 0.1, 0.25)
+    assert (args["affine_deg"], args["affine_scale"], args["clean_fraction"],
+            args["rts_augment"]) == (10.0, 0.1, 0.25, 0.5)
     result = CliRunner().invoke(cli, ["train", "--affine", "10", "1.5"])
     assert result.exit_code == 2 and "--affine" in result.output
 

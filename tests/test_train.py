@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataclasses import replace
 
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.errors import StnDeployError
-from stn_deploy.train import TrainOptions, affine_batch, augment_batch, evaluate, train
+from stn_deploy.train import (TrainOptions, affine_batch, augment_batch, evaluate, rts_batch,
+                               train)
 
 
 def test_short_training_beats_chance(digits_checkpoint: Path, digits_bundle) -> None:
@@ -50,6 +52,28 @@ def test_resume_continues_exactly(digits_checkpoint: Path, digits_bundle, tmp_pa
               resume=tmp_path / "last.pt")
 
 
+def test_stn_optimizer_of_its_own_resumes_exactly(digits_bundle, tmp_path: Path) -> None:
+    """AdamW for the STN beside SGD: both optimizers' states travel in the checkpoint."""
+    opts = TrainOptions(epochs=2, quiet=True, device="cpu", stn_optimizer="adam", stn_lr=1e-3)
+    train(digits_bundle, tmp_path / "straight", opts)
+    train(digits_bundle, tmp_path / "c", replace(opts, epochs=3, stop_after=1))
+    train(digits_bundle, tmp_path / "split", replace(opts, stop_after=1))
+    train(digits_bundle, tmp_path / "split", opts, resume=tmp_path / "split" / "last.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "last.pt")
+    for k, v in straight.state_dict.items():
+        assert torch.equal(v, resumed.state_dict[k]), k
+    assert type(straight.optimizer["stn"]["state"][0]["exp_avg"]) is torch.Tensor  # AdamW's
+    assert "momentum_buffer" in straight.optimizer["main"]["state"][0]  # SGD's
+    assert [g["max_lr"] for g in straight.optimizer["stn"]["param_groups"]] == [1e-3]
+    with pytest.raises(StnDeployError, match="another --stn-optimizer"):
+        train(digits_bundle, tmp_path / "split", TrainOptions(epochs=3, quiet=True),
+              resume=tmp_path / "c" / "last.pt")
+    with pytest.raises(StnDeployError, match="needs --stn-lr"):
+        train(digits_bundle, tmp_path / "x", TrainOptions(stn_optimizer="adam", quiet=True))
+    assert not (tmp_path / "x").exists()
+
+
 def test_augment_is_a_crop_and_flip() -> None:
     x = torch.arange(2 * 3 * 8 * 8).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
@@ -82,6 +106,15 @@ def test_affine_rotates_and_zooms_by_the_drawn_amounts() -> None:
     area = zoomed.sum((1, 2, 3)) / square.float().sum((1, 2, 3))
     torch.testing.assert_close(area, (1 + 0.3 * drawn[:, 1]) ** 2, atol=0.03, rtol=0)
     assert torch.equal(affine_batch(square, torch.Generator(), 0.0, 0.0), square)
+
+
+def test_rts_batch_distorts_that_share_and_keeps_the_rest() -> None:
+    x = torch.randint(1, 255, (400, 3, 32, 32), dtype=torch.uint8)
+    out = rts_batch(x, 7, 0.5)
+    kept = (out == x).flatten(1).all(dim=1)
+    assert 0.4 < kept.float().mean() < 0.6
+    assert (out[~kept] == 0).flatten(1).any(dim=1).all()  # shrunk: zero borders appear
+    assert torch.equal(rts_batch(x, 7, 0.5), out) and not torch.equal(rts_batch(x, 8, 0.5), out)
 
 
 @pytest.mark.slow

@@ -42,12 +42,21 @@ from stn_deploy.defaults import TRAIN_OUT
               help="Random rotation within +-DEGREES and zoom within 1+-ZOOM of every training "
                    "image each step: something for the STN to undo on undistorted data "
                    "[default: by recipe].")
+@click.option("--rts-augment", type=click.FloatRange(0, 1), default=None, metavar="SHARE",
+              help="Give this share of each training batch a fresh --distort rts distortion "
+                   "(the test set stays as it is) [default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
               help="The STN's learning rate relative to the rest [default: by recipe].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
               help="sgd (momentum) or adam (AdamW) [default: by recipe].")
+@click.option("--stn-optimizer", type=click.Choice(["sgd", "adam"]), default=None,
+              help="The STN's own optimizer, e.g. AdamW beside the classifier's SGD "
+                   "[default: --optimizer].")
+@click.option("--stn-lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="The STN's one-cycle peak, instead of --lr times --stn-lr-scale "
+                   "(needed when --stn-optimizer differs).")
 @click.option("--stn-weight-decay", type=click.FloatRange(0), default=None,
               help="Weight decay on the STN's parameters [default: by recipe].")
 @click.option("--weight-decay", type=click.FloatRange(0), default=None,
@@ -70,8 +79,9 @@ from stn_deploy.defaults import TRAIN_OUT
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           image_size: int | None, no_stn: bool, loc_net: str, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
-          affine: tuple[float, float] | None,
+          affine: tuple[float, float] | None, rts_augment: float | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
+          stn_optimizer: str | None, stn_lr: float | None,
           stn_weight_decay: float | None, weight_decay: float | None,
           redistort: bool | None, clean_fraction: float | None, seed: int, device: str, out_dir: str, resume: bool,
           stop_after: int | None, quiet: bool) -> None:
@@ -94,7 +104,9 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     augment=augment, dropout=dropout,
                                     affine_deg=affine[0] if affine else None,
                                     affine_scale=affine[1] if affine else None,
+                                    rts_augment=rts_augment,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
+                                    stn_optimizer=stn_optimizer, stn_lr=stn_lr,
                                     stn_weight_decay=stn_weight_decay,
                                     weight_decay=weight_decay, redistort=redistort,
                                     clean_fraction=clean_fraction, seed=seed,
