@@ -90,6 +90,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "adam-redistort-large-stnlr3": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 3.0,
                                              "stn_weight_decay": 0.0, "weight_decay": 1e-4,
                                              "redistort": True}, {"loc_net": "large"}),
+    # LeakyReLU in the STN (--loc-act leaky): units that cannot die, no parameters added.
+    "rts-leaky": ("rts", {}, {"loc_net": "large", "loc_act": "leaky"}),
+    # Two passes of the same localization net (--stn-passes 2): it refines its own output.
+    "rts-2pass": ("rts", {}, {"loc_net": "large", "stn_passes": 2}),
+    "improved-stnadam-affine15-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
+                                                     "stn_weight_decay": 0.0, "affine_deg": 15.0,
+                                                     "affine_scale": 0.1}, {"loc_act": "leaky"}),
+    "improved-stnadam-rts50-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
+                                                  "stn_weight_decay": 0.0, "rts_augment": 0.5},
+                                     {"loc_act": "leaky"}),
+    "improved-stn-wd0-leaky": ("improved", {"stn_weight_decay": 0.0}, {"loc_act": "leaky"}),
     "adam-large": ("seed", {"optimizer": "adam", "lr": 1e-3, "stn_lr_scale": 1.0,
                             "stn_weight_decay": 0.0, "weight_decay": 1e-4}, {"loc_net": "large"}),
 }
@@ -100,7 +111,9 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
     recipe, overrides, model = VARIANTS[variant]
     bundle = load_dataset(dataset, data_dir, distort=distort, seed=seed,
                           use_stn=model.get("use_stn", True),
-                          loc_net=model.get("loc_net", "seed"))
+                          loc_net=model.get("loc_net", "seed"),
+                          loc_act=model.get("loc_act", "relu"),
+                          stn_passes=model.get("stn_passes", 1))
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, quiet=True, device="cpu", seed=seed)
     opts = replace(opts, **overrides)
     t0 = time.perf_counter()

@@ -23,22 +23,40 @@ CHANGES = {
     "improved-stnadam-rts50": "STN on its own AdamW 1e-3 without decay, --rts-augment 0.5",
     "rts-recipe-rts50": "--recipe rts (AdamW 1e-3, STN 3x without decay) + crop/flip, "
                         "--rts-augment 0.5",
+    # 2026-12-01: LeakyReLU in the STN (--loc-act leaky), so no unit can die.
+    "improved-stnadam-affine15-leaky": "as improved-stnadam-affine15, --loc-act leaky",
+    "improved-stnadam-rts50-leaky": "as improved-stnadam-rts50, --loc-act leaky",
+    "rts-recipe-rts50-leaky": "as rts-recipe-rts50, --loc-act leaky",
+    "rts-recipe1x-rts50-leaky": "as rts-recipe-rts50-leaky, the STN at 1x (--stn-lr-scale 1)",
 }
+# Where each probe ran (the 2026-11-25 ones on a 2-core AMD EPYC, the rest on a 2-core Xeon).
+DATES = {name: "2026-12-01" for name in CHANGES if name.endswith("-leaky")}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def main() -> None:
-    rows = ["| probe | change from `improved` | epochs run | theta spread per epoch (px) | "
-            "dead regressor units per epoch | test accuracy at the last |",
-            "|---|---|---:|---|---|---:|"]
+    rows = ["| probe | change from `improved` | date | epochs run | theta spread per epoch (px) | "
+            "dead regressor units per epoch | RTS-distorted test: rotation undone per epoch | "
+            "test accuracy at the last |",
+            "|---|---|---|---:|---|---|---|---:|"]
     for path in sorted((HERE / "cifar_stn_probes").glob("*.json")):
         name = path.stem.split("_")[0]
-        history = json.loads(path.read_text())["history"]
+        doc = json.loads(path.read_text())
+        history = doc["history"]
         spreads = ", ".join(f"{h['stn']['theta_spread_px']:.3f}" for h in history)
-        dead = ", ".join(f"{100 * h['stn']['dead_fraction']:.0f}%" for h in history)
-        rows.append(f"| {name} | {CHANGES.get(name, '?')} | {len(history)} of 10 | {spreads} | "
-                    f"{dead} | {100 * history[-1]['test_acc']:.2f}% |")
-    head = ("CIFAR-10 (JPEG copy), 145,104-parameter model, seed 0, 1 thread per run, "
-            "2026-11-25. Below 0.5 px theta is taken as constant (COLLAPSED).\n\n")
+        # None: LeakyReLU units, which cannot die.
+        dead = ", ".join(_pct(h["stn"]["dead_fraction"]) for h in history)
+        rts = ", ".join(_pct(h["stn_rts"]["rotation_undone"]) for h in history
+                        if "stn_rts" in h) or "-"
+        rows.append(f"| {name} | {CHANGES.get(name, '?')} | {DATES.get(name, '2026-11-25')} | "
+                    f"{len(history)} of {doc['options']['epochs']} | {spreads} | {dead} | {rts} | "
+                    f"{100 * history[-1]['test_acc']:.2f}% |")
+    head = ("CIFAR-10 (JPEG copy), 145,104-parameter model, seed 0, 1 thread per run, two runs "
+            "at a time. Below 0.5 px theta is taken as constant (COLLAPSED); above the 32-px "
+            "frame it has run away.\n\n")
     (HERE / "cifar_stn_probes.md").write_text(head + "\n".join(rows) + "\n")
 
 

@@ -17,6 +17,10 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 LOC_NETS = ("seed", "large")
+# The STN's activations: "relu" (the design's) or "leaky" (LeakyReLU 0.1: no parameters added,
+# and a unit that goes negative for every image still passes gradient, so it cannot die).
+LOC_ACTS = ("relu", "leaky")
+MAX_STN_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class ModelConfig:
     dataset: str = "cifar10"
     distort: str = "none"
     loc_net: str = "seed"  # the STN's localization net: "seed" (the design's) or "large"
+    loc_act: str = "relu"  # the STN's activations: "relu" or "leaky" (see LOC_ACTS)
+    stn_passes: int = 1  # > 1: the localization net refines its own output (same weights)
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON; keep the dataclass hashable and comparable.
@@ -59,6 +65,12 @@ class ModelConfig:
         if self.loc_net not in LOC_NETS:
             raise StnDeployError(f"unknown loc_net {self.loc_net!r}; choose from "
                                  f"{', '.join(LOC_NETS)}")
+        if self.loc_act not in LOC_ACTS:
+            raise StnDeployError(f"unknown loc_act {self.loc_act!r}; choose from "
+                                 f"{', '.join(LOC_ACTS)}")
+        if not 1 <= self.stn_passes <= MAX_STN_PASSES:
+            raise StnDeployError(f"stn_passes must be 1 to {MAX_STN_PASSES}, got "
+                                 f"{self.stn_passes}")
         # The localization net's valid convolutions and two poolings need at least 22 pixels.
         if self.image_size < 22:
             raise StnDeployError(f"image_size must be at least 22, got {self.image_size}")

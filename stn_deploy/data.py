@@ -378,7 +378,8 @@ class DataBundle:
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False,
                  image_size: int | None = None, distort: str = "none", seed: int = 0,
                  use_stn: bool = True, align_corners: bool = False,
-                 loc_net: str = "seed") -> DataBundle:
+                 loc_net: str = "seed", loc_act: str = "relu",
+                 stn_passes: int = 1) -> DataBundle:
     """Train and test splits at the model's input size, and the config that fits them."""
     size = image_size or DEFAULT_SIZE.get(name)
     if size is not None and distort == "rts-canvas":  # image_size is the canvas's
@@ -396,6 +397,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         num_classes=len(train.classes),
         class_names=train.classes, mean=mean, std=std, use_stn=use_stn,
         align_corners=align_corners, dataset=name, distort=distort, loc_net=loc_net,
+        loc_act=loc_act, stn_passes=stn_passes,
     )
     return DataBundle(train, test, config, None if distort == "none" else clean)
 

@@ -30,6 +30,9 @@ COLLAPSE_PX = 0.5
 # A regressor whose hidden units are nearly all dead can no longer move theta. Working STNs
 # here run with 40-78% dead (benchmarks/results/stn_recipes_*.json), so the line is 90%.
 DEAD_WARN = 0.9
+# Sampling points spread over more than the frame itself: theta has run away (a known STN
+# instability at too high a rate), and the classifier sees mostly padding.
+RUNAWAY_FRAMES = 1.0
 # Fewer images than this give no meaningful spread.
 MIN_IMAGES = 8
 COMPONENTS = ("rotation_deg", "log_scale", "log_aniso", "shear", "tx", "ty")
@@ -121,7 +124,7 @@ class StnHealth:
     theta_spread_px: float
     spread: dict[str, float]  # per component, std across images
     mean_pose: dict[str, float]
-    dead_fraction: float | None = None  # regressor hidden units that never fire
+    dead_fraction: float | None = None  # regressor ReLUs that never fire (None: LeakyReLU)
     undone: dict[str, float] | None = None  # rotation / scale / translation, on distorted data
     canonical_pose: dict[str, float] | None = None
     collapsed: bool = False
@@ -219,6 +222,10 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
         health.warnings.append(
             f"the STN has collapsed: theta moves sampling points by {health.theta_spread_px:.2f}"
             f" px across images (< {COLLAPSE_PX} px), so it does not depend on the input")
+    elif health.theta_spread_px > RUNAWAY_FRAMES * image_size or not np.isfinite(t).all():
+        health.warnings.append(
+            f"theta has run away: sampling points spread by {health.theta_spread_px:.0f} px "
+            f"across images, more than the {image_size}-pixel frame")
     elif dead_fraction is not None and dead_fraction > DEAD_WARN:
         health.warnings.append(f"{100 * dead_fraction:.0f}% of the STN regressor's hidden units "
                                "never fire")
@@ -237,7 +244,9 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hidden = stn.regressor[1]  # the ReLU between the two linear layers
+    hidden = stn.regressor[1]  # the activation between the two linear layers
+    # Only ReLU units die (zero output and gradient for every image); LeakyReLU's cannot.
+    can_die = isinstance(hidden, torch.nn.ReLU)
     fired: list[torch.Tensor] = []
     handle = hidden.register_forward_hook(lambda m, i, o: fired.append((o > 0).any(dim=0)))
     thetas = []
@@ -252,7 +261,7 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 
     if not fired:
         return NotMeasured("no images to measure theta on")
     alive = torch.stack(fired).any(dim=0)
-    dead = 1.0 - float(alive.float().mean())
+    dead = 1.0 - float(alive.float().mean()) if can_die else None
     theta = torch.cat(thetas).double().numpy()
     applied_np = None if applied is None else np.asarray(applied, dtype=np.float64)
     return assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead)

@@ -49,53 +49,82 @@ def _loc_feature_size(image_size: int) -> int:
     return s // 2  # pool
 
 
+LEAKY_SLOPE = 0.1
+
+
+def _act(config: ModelConfig) -> nn.Module:
+    """The STN's activation: ReLU units can die (output 0 and gradient 0 for every image), and a
+    regressor with most of them dead no longer moves theta; LeakyReLU units cannot."""
+    return nn.LeakyReLU(LEAKY_SLOPE, True) if config.loc_act == "leaky" else nn.ReLU(True)
+
+
 def _localization(config: ModelConfig) -> tuple[nn.Sequential, int, int]:
     """(conv stack, flattened feature size, regressor width) for ``config.loc_net``."""
     c = config.in_channels
     if config.loc_net == "large":
-        # Padded 5x5/5x5/3x3 convolutions with a ReLU after each pooling: each stage sees
+        # Padded 5x5/5x5/3x3 convolutions with an activation after each pooling: each stage sees
         # twice the extent of the last, enough to tell a digit's orientation and extent.
         net = nn.Sequential(
-            nn.Conv2d(c, 16, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(True),
-            nn.Conv2d(16, 32, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(True),
-            nn.Conv2d(32, 32, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(True),
+            nn.Conv2d(c, 16, 5, padding=2), nn.MaxPool2d(2), _act(config),
+            nn.Conv2d(16, 32, 5, padding=2), nn.MaxPool2d(2), _act(config),
+            nn.Conv2d(32, 32, 3, padding=1), nn.MaxPool2d(2), _act(config),
         )
         side = config.image_size // 8
         return net, 32 * side * side, 64
     net = nn.Sequential(
         nn.Conv2d(c, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 7),
-        nn.MaxPool2d(2), nn.ReLU(True),
-        nn.Conv2d(8, 10, 5), nn.MaxPool2d(2), nn.ReLU(True),
+        nn.MaxPool2d(2), _act(config),
+        nn.Conv2d(8, 10, 5), nn.MaxPool2d(2), _act(config),
     )
     side = _loc_feature_size(config.image_size)
     return net, 10 * side * side, 32
 
 
+def compose_thetas(outer: Tensor, inner: Tensor) -> Tensor:
+    """The sampling theta of warping by ``outer`` and then by ``inner``: a point p of the
+    final output samples the input at outer([inner(p); 1])."""
+    a = torch.matmul(outer[:, :, :2], inner[:, :, :2])
+    t = torch.matmul(outer[:, :, :2], inner[:, :, 2:]) + outer[:, :, 2:]
+    return torch.cat([a, t], dim=2)
+
+
 class SpatialTransformer(nn.Module):
-    """Regresses a 2x3 affine theta (initialised to identity) and warps the input with it."""
+    """Regresses a 2x3 affine theta (initialised to identity) and warps the input with it.
+
+    With ``stn_passes`` > 1 the same localization net looks again at its own output and
+    regresses a correction, composed into theta (the compositional STN of Lin & Lucey 2017):
+    no parameters are added, and the input is still sampled once, through the composed theta.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.localization, features, width = _localization(config)
         self.regressor = nn.Sequential(
-            nn.Linear(features, width), nn.ReLU(True), nn.Linear(width, 6)
+            nn.Linear(features, width), _act(config), nn.Linear(width, 6)
         )
         nn.init.zeros_(self.regressor[2].weight)
         with torch.no_grad():
             self.regressor[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
         self.grid = AffineGrid(config.image_size, config.image_size, config.align_corners)
         self.align_corners = config.align_corners
+        self.passes = config.stn_passes
+
+    def _regress(self, x: Tensor) -> Tensor:
+        return self.regressor(torch.flatten(self.localization(x), 1)).view(-1, 2, 3)
+
+    def _sample(self, x: Tensor, theta: Tensor) -> Tensor:
+        return F.grid_sample(x, self.grid(theta), mode="bilinear", padding_mode="zeros",
+                             align_corners=self.align_corners)
 
     def theta(self, x: Tensor) -> Tensor:
-        return self.regressor(torch.flatten(self.localization(x), 1)).view(-1, 2, 3)
+        theta = self._regress(x)
+        for _ in range(self.passes - 1):
+            theta = compose_thetas(theta, self._regress(self._sample(x, theta)))
+        return theta
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         theta = self.theta(x)
-        warped = F.grid_sample(
-            x, self.grid(theta), mode="bilinear", padding_mode="zeros",
-            align_corners=self.align_corners,
-        )
-        return warped, theta
+        return self._sample(x, theta), theta
 
 
 def _block(cin: int, cout: int, dropout: float, *, stride: int = 1, dilation: int = 1,

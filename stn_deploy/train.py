@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.config import ModelConfig
-from stn_deploy.data import DataBundle, ImageSet, normalize, rts_thetas, warp_images
+from stn_deploy.data import (DataBundle, ImageSet, distort, normalize, rts_thetas,
+                             warp_images)
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import Health, measure
@@ -121,6 +122,20 @@ def rts_batch(x: Tensor, seed: int, share: float) -> Tensor:
     and the undistorted rest is the pose it should map to. The test set is left as it is.
     """
     return warp_images(x, rts_thetas(len(x), seed, clean_fraction=1 - share))
+
+
+def rts_probe(bundle: DataBundle, opts: TrainOptions) -> ImageSet | None:
+    """With --rts-augment on undistorted data: the test split RTS-distorted once (seeded, as
+    --distort rts distorts it), with each image's transform known.
+
+    The undistorted test images alone cannot show whether the STN undoes the distortion it is
+    trained on: the pose it should map them to is the one they have, so a working STN may
+    leave them nearly alone.
+    """
+    if not opts.rts_augment or bundle.test.applied is not None:
+        return None
+    images, thetas = distort(bundle.test.images, "rts", opts.seed + 1_000_003)
+    return ImageSet(images, bundle.test.labels, bundle.test.classes, thetas)
 
 
 @dataclass
@@ -270,6 +285,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     parameters: int = 0
     health: Health | None = None
+    health_rts: Health | None = None  # on the RTS-distorted test split (see rts_probe)
 
 
 def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
@@ -328,6 +344,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         out.mkdir(parents=True, exist_ok=True)
 
     last_epoch = min(opts.epochs, opts.stop_after or opts.epochs)
+    probe = rts_probe(bundle, opts)
+    health_rts: Health | None = None
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(_epoch_seed(opts.seed, epoch))
@@ -382,6 +400,10 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             "seconds": round(time.perf_counter() - t0, 2),
             "stn": health.headline(),
         }
+        if probe is not None:
+            row["rts_test_acc"] = round(evaluate(model, probe, config, device, dist_info=d)[1], 5)
+            health_rts = measure(model, probe.images, applied=probe.applied)
+            row["stn_rts"] = health_rts.headline()
         history.append(row)
         if d.main:
             opt_state, sched_state = optimizer.state_dicts()
@@ -395,28 +417,34 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             if not opts.quiet:
                 tqdm.write(f"epoch {epoch}/{opts.epochs}  loss {row['train_loss']:.4f}  "
                            f"train {100 * row['train_acc']:.2f}%  test {100 * test_acc:.2f}%  "
-                           f"({row['seconds']:.1f}s)  STN: {health.summary()}")
+                           f"({row['seconds']:.1f}s)  STN: {health.summary()}"
+                           + (f"; RTS-distorted test {100 * row['rts_test_acc']:.2f}%, STN: "
+                              f"{health_rts.summary()}" if health_rts is not None else ""))
     # The last epoch already measured the final weights; only a run with no epoch left to
     # train (a resume at its --stop-after) measures here.
     final = health if last_epoch >= start_epoch else measure(
         model, bundle.test.images, applied=bundle.test.applied)
+    if probe is not None and health_rts is None:
+        health_rts = measure(model, probe.images, applied=probe.applied)
     if d.main:
         from stn_deploy.viz import save_curves, save_transforms
 
         save_transforms(model, bundle.test, out / "transforms.png", health=final)
         save_curves(history, out / "curves.png")
         write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),
-                      d.world, final)
+                      d.world, final, health_rts)
     if d.world > 1:
         dist.barrier()
-    return TrainResult(ckpt_path, history, count_parameters(model), final)
+    return TrainResult(ckpt_path, history, count_parameters(model), final, health_rts)
 
 
 def write_metrics(path: Path, config: ModelConfig, opts: TrainOptions,
                   history: list[dict[str, Any]], parameters: int, world: int,
-                  health: Health | None = None) -> None:
+                  health: Health | None = None, health_rts: Health | None = None) -> None:
     doc = {"config": config.to_dict(), "options": asdict(opts), "parameters": parameters,
            "world_size": world, "torch": torch.__version__, "history": history}
     if health is not None:
         doc["stn_health"] = health.to_dict()
+    if health_rts is not None:
+        doc["stn_health_rts"] = health_rts.to_dict()
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")

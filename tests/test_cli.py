@@ -95,6 +95,25 @@ def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--affine" in result.output
 
 
+def test_loc_act_and_stn_passes_travel_in_the_checkpoint(tmp_path: Path) -> None:
+    from stn_deploy.checkpoint import load_checkpoint
+
+    result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path),
+                                      "--quiet", "--loc-act", "leaky", "--stn-passes", "2"])
+    assert result.exit_code == 0, result.output
+    assert "seed localization net, LeakyReLU, 2 passes" in result.output
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt.config.loc_act, ckpt.config.stn_passes) == ("leaky", 2)
+    model = ckpt.model()
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
+    assert model.stn is not None and model.stn.passes == 2
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "last.pt")])
+    assert r.exit_code == 0 and "STN (seed localization net, leaky, 2 passes)" in r.output
+    for bad in (["--stn-passes", "0"], ["--loc-act", "tanh"]):
+        result = CliRunner().invoke(cli, ["train", *bad])
+        assert result.exit_code == 2 and bad[0] in result.output
+
+
 @pytest.mark.parametrize(("flags", "dropout", "stn_lr"), [
     (["--recipe", "improved"], 0.0, 0.1),
     (["--recipe", "improved", "--dropout", "0.2", "--stn-lr-scale", "0.3"], 0.2, 0.3)])

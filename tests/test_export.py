@@ -261,3 +261,32 @@ def test_cli_engine_without_tensorrt_writes_nothing(digits_checkpoint: Path,
         "no CUDA device" in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_leaky_stn_exports_at_16_with_parity(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(loc_act="leaky")).eval()
+    with torch.no_grad():
+        assert model.stn is not None
+        model.stn.regressor[2].weight.normal_(0, 0.01)
+    path = export_onnx(model, tmp_path / "leaky.onnx", OnnxOptions(opset=16, with_theta=True))
+    assert _opset(path) == 16
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "LeakyRelu" in ops and "GridSample" in ops
+    assert config_from_onnx(path).loc_act == "leaky"
+    _parity(model, path)
+
+
+def test_two_pass_stn_exports_at_16_with_parity(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(stn_passes=2)).eval()
+    with torch.no_grad():
+        assert model.stn is not None
+        model.stn.regressor[2].weight.normal_(0, 0.01)
+        model.stn.regressor[2].bias.add_(torch.tensor([-0.1, 0.05, 0.02, 0.03, -0.08, -0.04]))
+    path = export_onnx(model, tmp_path / "two.onnx", OnnxOptions(opset=16, with_theta=True))
+    assert _opset(path) == 16
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("GridSample") == 2  # the look at its own output, and the final warp
+    assert config_from_onnx(path).stn_passes == 2
+    _parity(model, path)

@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from stn_deploy.cli import cli
+from stn_deploy.commands.train import stn_advice
+from stn_deploy.config import ModelConfig
 from stn_deploy.data import load_dataset, rts_thetas
 from stn_deploy.errors import StnDeployError
 from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
@@ -79,6 +81,32 @@ def test_half_the_rotation_undone() -> None:
     assert "scale" not in h.undone  # nothing applied, nothing to undo
 
 
+def test_a_runaway_theta_is_flagged_not_taken_for_a_working_stn() -> None:
+    # The CIFAR-10 rts-recipe probe with the STN at 3x (benchmarks/results/cifar_stn_probes.md):
+    # theta blew up to a spread of ~3,000 px and accuracy fell to chance.
+    rng = np.random.default_rng(0)
+    ran_away = _rotation(rng.uniform(-45, 45, 64), rng.uniform(50, 500, 64))
+    h = assess(ran_away, 32)
+    assert isinstance(h, StnHealth) and not h.collapsed and h.theta_spread_px > 32
+    assert h.warnings and h.warnings[0].startswith("theta has run away")
+    nan = assess(np.full((16, 2, 3), np.nan), 32)
+    assert isinstance(nan, StnHealth) and nan.warnings[0].startswith("theta has run away")
+    # A working STN's spread (RTS digits: 4-8 px) gets no warning.
+    working = assess(_rotation(rng.uniform(-45, 45, 64)), 32)
+    assert isinstance(working, StnHealth) and not working.warnings
+    assert stn_advice(working, TrainOptions(), ModelConfig()) is None
+    advice = stn_advice(h, TrainOptions(), ModelConfig())
+    assert advice is not None and "--stn-lr-scale" in advice
+
+
+def test_advice_names_leaky_units_for_a_dead_regressor_only_where_they_are_relu() -> None:
+    dead = assess(np.tile(np.eye(2, 3), (16, 1, 1)), 32, dead_fraction=0.95)
+    relu = stn_advice(dead, TrainOptions(), ModelConfig())
+    assert relu is not None and "--loc-act leaky" in relu
+    leaky = stn_advice(dead, TrainOptions(), ModelConfig(loc_act="leaky"))
+    assert leaky is not None and "--loc-act" not in leaky
+
+
 def test_too_few_images_and_no_stn_are_not_errors() -> None:
     few = assess(np.zeros((3, 2, 3)), 32)
     assert isinstance(few, NotMeasured) and "too few" in few.summary()
@@ -97,6 +125,17 @@ def test_untrained_stn_is_collapsed_on_real_distorted_digits() -> None:
     assert h.images == 450 and h.undone is not None and abs(h.undone["rotation"]) < 1e-6
     assert h.dead_fraction is not None and 0.0 <= h.dead_fraction <= 1.0
     assert from_dict(json.loads(json.dumps(h.to_dict()))).summary() == h.summary()
+
+
+def test_leaky_stn_reports_no_dead_units() -> None:
+    bundle = load_dataset("digits", distort="rts", loc_act="leaky")
+    torch.manual_seed(0)
+    model = build_model(bundle.config)
+    with torch.no_grad():  # every hidden unit negative: dead for ReLU, alive for LeakyReLU
+        model.stn.regressor[0].bias.fill_(-1e3)
+    h = measure(model, bundle.test.images, applied=bundle.test.applied)
+    assert isinstance(h, StnHealth) and h.dead_fraction is None
+    assert "dead units" not in h.summary() and h.headline()["dead_fraction"] is None
 
 
 def test_redistort_draws_fresh_distortions_with_known_thetas() -> None:
@@ -128,6 +167,26 @@ def test_clean_fraction_without_redistort_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StnDeployError, match="--clean-fraction needs --redistort"):
         train(bundle, tmp_path, opts)
     assert not any(tmp_path.iterdir())
+
+
+def test_rts_augment_also_measures_the_stn_on_an_rts_distorted_test_split(
+        tmp_path: Path) -> None:
+    """Undistorted data: the clean test images show no distortion to undo, so --rts-augment
+    measures the STN on the test split RTS-distorted too, with each image's transform known."""
+    bundle = load_dataset("digits")  # undistorted
+    opts = TrainOptions.from_recipe("rts", epochs=2, rts_augment=0.5, quiet=True, device="cpu")
+    result = train(bundle, tmp_path, opts)
+    row = result.history[-1]
+    assert 0.0 <= row["rts_test_acc"] <= 1.0 and row["rts_test_acc"] != row["test_acc"]
+    assert "rotation_undone" in row["stn_rts"] and row["stn"]["rotation_undone"] is None
+    h = result.health_rts
+    assert isinstance(h, StnHealth) and h.images == len(bundle.test) and h.undone is not None
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["stn_health_rts"]["undone"] == h.to_dict()["undone"]
+    # Without --rts-augment there is no second split, and none on --distort data either.
+    plain = train(bundle, tmp_path / "plain", TrainOptions.from_recipe(
+        "seed", epochs=1, quiet=True, device="cpu"))
+    assert plain.health_rts is None and "stn_rts" not in plain.history[-1]
 
 
 def test_rts_recipe_without_fresh_distortions_drops_its_clean_fraction(tmp_path: Path) -> None:

@@ -102,3 +102,24 @@ def test_int8_with_embedded_preprocess(trained, digits_checkpoint: Path) -> None
     report = verify_file(q, first, test.images[:200].numpy(), test.labels[:200].numpy(), config,
                          TOLERANCES["int8"])
     assert report.passed, report.lines()
+
+
+def test_two_pass_stn_stays_float_in_fp16_and_int8(digits_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Both GridSamples of a two-pass STN, and the second look's localization net between
+    them, stay FP32: the STN path is read from the graph, not from names."""
+    import torch
+
+    from stn_deploy.model import build_model
+
+    config = digits_bundle.config.replace(stn_passes=2)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.stn.regressor[2].weight.normal_(0, 0.01)
+    path = export_onnx(model, tmp_path / "two.onnx", OnnxOptions(opset=17, with_theta=True))
+    grids = [n for n in onnx.load(str(path)).graph.node if n.op_type == "GridSample"]
+    assert len(grids) == 2
+    _float_stn(convert_fp16(path, tmp_path / "two-fp16.onnx"))
+    q = quantize_int8(path, tmp_path / "two-int8.onnx", digits_bundle.train.images[:64], config)
+    assert count_qdq(q) > 10
+    _float_stn(q)

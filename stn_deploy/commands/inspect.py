@@ -103,7 +103,8 @@ def _inspect_checkpoint(path: Path, data_dir: str | None) -> None:
                f"{sum(p.numel() for p in model.parameters()):,} parameters")
     click.echo(f"model:   {c.dataset}, input {'x'.join(map(str, c.input_shape))}, "
                f"{c.num_classes} classes, distort {c.distort}, "
-               f"{'STN (' + c.loc_net + ' localization net)' if c.use_stn else 'no STN'}")
+               + (f"STN ({c.loc_net} localization net, {c.loc_act}, {c.stn_passes} "
+                  f"pass{'es' if c.stn_passes > 1 else ''})" if c.use_stn else "no STN"))
     if ckpt.history:
         last = ckpt.history[-1]
         click.echo(f"trained: test accuracy {100 * last['test_acc']:.2f}% after epoch "

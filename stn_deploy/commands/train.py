@@ -23,6 +23,13 @@ from stn_deploy.defaults import TRAIN_OUT
               show_default=True,
               help="The STN's localization net: the seed design's (8,928 parameters for 1x32x32)"
                    " or a larger one (55,718). auto: large with --distort, else seed.")
+@click.option("--loc-act", type=click.Choice(["relu", "leaky"]), default="relu",
+              show_default=True,
+              help="The STN's activations: ReLU (the seed design's) or LeakyReLU 0.1, whose units "
+                   "cannot die (no parameters added).")
+@click.option("--stn-passes", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="Passes of the localization net: from 2 on it looks again at its own output "
+                   "and refines theta (same weights, no parameters added).")
 @click.option("--align-corners", is_flag=True, help="grid_sample/affine_grid align_corners=True.")
 @click.option("--recipe", type=click.Choice(["auto", "seed", "improved", "rts"]), default="auto",
               show_default=True,
@@ -77,7 +84,8 @@ from stn_deploy.defaults import TRAIN_OUT
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines (the summary "
               "at the start and the end still prints).")
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
-          image_size: int | None, no_stn: bool, loc_net: str, align_corners: bool, recipe: str,
+          image_size: int | None, no_stn: bool, loc_net: str, loc_act: str,
+          stn_passes: int, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
           affine: tuple[float, float] | None, rts_augment: float | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
@@ -116,31 +124,43 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
         raise StnDeployError(f"--resume: no checkpoint at {resume_from}")
     bundle = load_dataset(dataset, data_dir, download=download, image_size=image_size,
                           distort=distort, seed=seed, use_stn=not no_stn,
-                          align_corners=align_corners, loc_net=loc_net)
+                          align_corners=align_corners, loc_net=loc_net,
+                          loc_act=loc_act, stn_passes=stn_passes)
     # What was picked is said even with --quiet, which silences only per-epoch output.
     click.echo(f"{dataset}: {len(bundle.train)} train, {len(bundle.test)} test images, "
                f"input {'x'.join(map(str, bundle.config.input_shape))}, "
                f"{bundle.config.num_classes} classes; recipe {recipe}, "
-               + ("no STN" if no_stn else f"{loc_net} localization net"))
+               + ("no STN" if no_stn else f"{loc_net} localization net"
+                  + (", LeakyReLU" if loc_act == "leaky" else "")
+                  + (f", {stn_passes} passes" if stn_passes > 1 else "")))
     result = run_training(bundle, out_dir, opts, resume=resume_from)
     if result.history:
         last = result.history[-1]
         click.echo(f"{result.parameters:,} parameters; test accuracy {100 * last['test_acc']:.2f}%"
                    f" after {last['epoch']} epochs; checkpoint {result.checkpoint}")
+    if result.health_rts is not None:
+        click.echo(f"STN health on the test split RTS-distorted (--rts-augment): "
+                   f"{result.health_rts.summary()}")
     if result.health is not None:
         click.echo(f"STN health on the test split: {result.health.summary()}")
-        advice = stn_advice(result.health, opts, bundle.config.loc_net)
+        advice = stn_advice(result.health, opts, bundle.config)
         if advice:
             click.secho(f"warning: {advice}", fg="yellow", err=True)
 
 
-def stn_advice(health: object, opts: object, loc_net: str) -> str | None:
+def stn_advice(health: object, opts: object, config: object) -> str | None:
     """One warning that says what is wrong with the STN and what to try, or None."""
     from stn_deploy.health import StnHealth
 
     if not isinstance(health, StnHealth) or not health.warnings:
         return None
+    loc_net = getattr(config, "loc_net", "seed")
+    if health.warnings[0].startswith("theta has run away"):
+        return (f"{health.warnings[0]}; try a lower --stn-lr-scale (or --stn-lr) "
+                "(README: 'Keeping the STN alive')")
     tries = []
+    if (health.dead_fraction or 0) > 0.5 and getattr(config, "loc_act", "relu") == "relu":
+        tries.append("--loc-act leaky (units that cannot die)")
     if getattr(opts, "optimizer", "sgd") == "sgd":
         tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 3 --stn-weight-decay 0 (the "
                      "rts recipe's STN settings)")
