@@ -14,6 +14,7 @@ distorted (theta_d), and reports per component
   how far the STN maps each distorted image to where it maps that image undistorted.
 
 Usage: python benchmarks/stn_pose_ceiling.py CHECKPOINT [CHECKPOINT ...] --name NAME
+           [--labels A,B,...]
 Writes benchmarks/results/stn_pose_ceiling_<NAME>.{json,md}.
 """
 
@@ -97,10 +98,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--name", required=True)
+    ap.add_argument("--labels", default=None, help="comma-separated, one per checkpoint")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [analyse(p) for p in args.checkpoints]
+    labels = args.labels.split(",") if args.labels else args.checkpoints
+    if len(labels) != len(args.checkpoints):
+        ap.error("--labels needs one label per checkpoint")
+    rows = [{"label": label, **analyse(p)} for label, p in zip(labels, args.checkpoints)]
     doc = {"date": datetime.date.today().isoformat(),
            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -114,7 +119,7 @@ def main() -> None:
     for r in rows:
         a, o = r["applied_spread"], r["own_pose_spread"]
         acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
-        md.append(f"| {r['checkpoint']} | {r['seed']} | {acc} | {a['rotation_deg']:.1f} / "
+        md.append(f"| {r['label']} | {r['seed']} | {acc} | {a['rotation_deg']:.1f} / "
                   f"{a['log_scale']:.3f} | {o['rotation_deg']:.1f} / {o['log_scale']:.3f} | "
                   f"{100 * r['rotation_undone']:.0f}% | {100 * r['scale_undone']:.0f}% | "
                   f"{100 * r['rotation_undone_own_pose_aside']:.0f}% | "

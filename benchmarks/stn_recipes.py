@@ -35,7 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (recipe, TrainOptions overrides, model overrides). "seed" is the design's recipe.
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "seed": ("seed", {}, {}),
-    "rts": ("rts", {}, {"loc_net": "large"}),  # train's default for --distort data
+    # train's default for --distort data up to 2026-11-25 (one pass); now "rts-2pass".
+    "rts": ("rts", {}, {"loc_net": "large"}),
     # The rts recipe before its last change (STN at 1x, every image distorted): what the
     # results files written before that change call "rts". The variants below pin the values
     # they ran with, so that they mean the same whatever the recipe becomes.
@@ -93,6 +94,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # LeakyReLU in the STN (--loc-act leaky): units that cannot die, no parameters added.
     "rts-leaky": ("rts", {}, {"loc_net": "large", "loc_act": "leaky"}),
     # Two passes of the same localization net (--stn-passes 2): it refines its own output.
+    # train's default for --distort data since 2026-12-01.
     "rts-2pass": ("rts", {}, {"loc_net": "large", "stn_passes": 2}),
     "improved-stnadam-affine15-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
                                                      "stn_weight_decay": 0.0, "affine_deg": 15.0,

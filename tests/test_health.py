@@ -252,7 +252,7 @@ def test_train_picks_the_rts_recipe_and_warns_on_a_collapsed_stn(tmp_path: Path)
               "--device", "cpu"]
     r = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "auto")])
     assert r.exit_code == 0, r.output
-    assert "recipe rts, large localization net" in r.output
+    assert "recipe rts, large localization net, 2 passes" in r.output
     assert "STN health on the test split: theta spread" in r.output
     # The seed recipe moves the STN at a tenth of the rate: after one epoch theta is still the
     # identity for every image, and train says so, with what to try.

@@ -20,9 +20,9 @@ def _step(title: str, args: list[str]) -> None:
 @click.option("--opset", type=click.IntRange(16), default=16, show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer epochs and iterations (a smoke run).")
 def demo(out_dir: str, epochs: int, opset: int, quick: bool) -> None:
-    """Train on RTS-distorted digits (the rts recipe, large localization net), export verified
-    FP32 and INT8 ONNX at --opset, and benchmark them on PyTorch, ONNX Runtime and OpenVINO
-    (those installed)."""
+    """Train on RTS-distorted digits (the rts recipe, large localization net, two passes),
+    export verified FP32 and INT8 ONNX at --opset, and benchmark them on PyTorch, ONNX Runtime
+    and OpenVINO (those installed)."""
     from pathlib import Path
 
     out = Path(out_dir)

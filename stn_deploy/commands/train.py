@@ -27,9 +27,10 @@ from stn_deploy.defaults import TRAIN_OUT
               show_default=True,
               help="The STN's activations: ReLU (the seed design's) or LeakyReLU 0.1, whose units "
                    "cannot die (no parameters added).")
-@click.option("--stn-passes", type=click.IntRange(1, 4), default=1, show_default=True,
+@click.option("--stn-passes", type=click.IntRange(1, 4), default=None,
               help="Passes of the localization net: from 2 on it looks again at its own output "
-                   "and refines theta (same weights, no parameters added).")
+                   "and refines theta (same weights, no parameters added) [default: 2 with "
+                   "--distort, else 1].")
 @click.option("--align-corners", is_flag=True, help="grid_sample/affine_grid align_corners=True.")
 @click.option("--recipe", type=click.Choice(["auto", "seed", "improved", "rts"]), default="auto",
               show_default=True,
@@ -85,7 +86,7 @@ from stn_deploy.defaults import TRAIN_OUT
               "at the start and the end still prints).")
 def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           image_size: int | None, no_stn: bool, loc_net: str, loc_act: str,
-          stn_passes: int, align_corners: bool, recipe: str,
+          stn_passes: int | None, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
           affine: tuple[float, float] | None, rts_augment: float | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
@@ -108,6 +109,8 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
         recipe = "seed" if distort == "none" else "rts"
     if loc_net == "auto":
         loc_net = "seed" if distort == "none" else "large"
+    if stn_passes is None:
+        stn_passes = 1 if distort == "none" else 2
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                     augment=augment, dropout=dropout,
                                     affine_deg=affine[0] if affine else None,
