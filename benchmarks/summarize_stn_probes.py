@@ -28,9 +28,10 @@ CHANGES = {
     "improved-stnadam-rts50-leaky": "as improved-stnadam-rts50, --loc-act leaky",
     "rts-recipe-rts50-leaky": "as rts-recipe-rts50, --loc-act leaky",
     "rts-recipe1x-rts50-leaky": "as rts-recipe-rts50-leaky, the STN at 1x (--stn-lr-scale 1)",
+    "rts-recipe1x-rts50-leaky-30ep": "as rts-recipe1x-rts50-leaky, on a 30-epoch schedule",
 }
 # Where each probe ran (the 2026-11-25 ones on a 2-core AMD EPYC, the rest on a 2-core Xeon).
-DATES = {name: "2026-12-01" for name in CHANGES if name.endswith("-leaky")}
+DATES = {name: "2026-12-01" for name in CHANGES if "-leaky" in name}
 
 
 def _pct(v: float | None) -> str:
