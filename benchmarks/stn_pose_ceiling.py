@@ -31,7 +31,8 @@ import torch
 
 from stn_deploy.backends.base import cpu_name
 from stn_deploy.checkpoint import load_checkpoint
-from stn_deploy.data import CANVAS_FACTOR, load_split, normalize, prepare, warp_images
+from stn_deploy.data import (CANVAS_FACTOR, TEST_SEED_OFFSET, load_split, normalize, prepare,
+                             warp_images)
 from stn_deploy.health import compose, decompose, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,7 +64,7 @@ def analyse(path: str) -> dict[str, Any]:
         else cfg.image_size
     clean = prepare(load_split(cfg.dataset, "test", None, image_size=size), size, "none", 0)
     # The same seed as load_dataset's test split, so these are the images health measures.
-    distorted = prepare(clean, size, cfg.distort, seed + 1_000_003)
+    distorted = prepare(clean, size, cfg.distort, seed + TEST_SEED_OFFSET)
     assert distorted.applied is not None
     applied = distorted.applied.double().numpy()
     if cfg.distort == "rts-canvas":  # the undistorted image centred on the canvas, at scale 1

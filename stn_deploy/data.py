@@ -27,6 +27,9 @@ DATASETS = ("digits", "cifar10", "imagefolder", "fashion-mnist")
 # rts: the digit rotated, scaled and shifted inside its own frame. rts-canvas: the paper's
 # 42x42 RTS MNIST setting, the image on a canvas 1.5x its size, so the STN must find and zoom.
 DISTORTIONS = ("none", "rts", "rts-canvas")
+# The test split's distortions are drawn from seed + this, so no test image is a distorted
+# copy of a training one; everything that rebuilds the test split uses the same offset.
+TEST_SEED_OFFSET = 1_000_003
 CANVAS_FACTOR = 1.5
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".webp", ".tif",
                   ".tiff"}
@@ -354,7 +357,7 @@ def model_split(config: ModelConfig, split: str, data_dir: str | Path | None, *,
     classes = tuple(config.class_names) if own and name == "imagefolder" else None
     data = load_split(name, split, data_dir, classes=classes, image_size=size)
     return prepare(data, size, config.distort if own else "none",
-                   seed + (1_000_003 if split == "test" else 0))
+                   seed + (TEST_SEED_OFFSET if split == "test" else 0))
 
 
 @dataclass
@@ -390,7 +393,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     clean = ImageSet(resize(train.images, size), train.labels, train.classes)
     # Test seed differs from train's, so no test image is a distorted copy of a training one.
     train = prepare(clean, size, distort, seed)
-    test = prepare(test, size, distort, seed + 1_000_003)
+    test = prepare(test, size, distort, seed + TEST_SEED_OFFSET)
     mean, std = channel_stats(train.images)
     config = ModelConfig(
         in_channels=int(train.images.shape[1]), image_size=int(train.images.shape[-1]),

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from stn_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stn_deploy.config import ModelConfig
-from stn_deploy.data import (DataBundle, ImageSet, distort, normalize, rts_thetas,
-                             warp_images)
+from stn_deploy.data import (TEST_SEED_OFFSET, DataBundle, ImageSet, distort, normalize,
+                             rts_thetas, warp_images)
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import Health, measure
@@ -134,7 +134,7 @@ def rts_probe(bundle: DataBundle, opts: TrainOptions) -> ImageSet | None:
     """
     if not opts.rts_augment or bundle.test.applied is not None:
         return None
-    images, thetas = distort(bundle.test.images, "rts", opts.seed + 1_000_003)
+    images, thetas = distort(bundle.test.images, "rts", opts.seed + TEST_SEED_OFFSET)
     return ImageSet(images, bundle.test.labels, bundle.test.classes, thetas)
 
 
