@@ -33,6 +33,7 @@ from stn_deploy.backends.base import cpu_name
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import (CANVAS_FACTOR, TEST_SEED_OFFSET, load_split, normalize, prepare,
                              warp_images)
+from stn_deploy.errors import StnDeployError
 from stn_deploy.health import compose, decompose, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,7 +107,10 @@ def main() -> None:
     labels = args.labels.split(",") if args.labels else args.checkpoints
     if len(labels) != len(args.checkpoints):
         ap.error("--labels needs one label per checkpoint")
-    rows = [{"label": label, **analyse(p)} for label, p in zip(labels, args.checkpoints)]
+    try:
+        rows = [{"label": label, **analyse(p)} for label, p in zip(labels, args.checkpoints)]
+    except StnDeployError as e:
+        raise SystemExit(f"Error: {e}") from None
     doc = {"date": datetime.date.today().isoformat(),
            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "rows": rows}
     RESULTS.mkdir(exist_ok=True)
