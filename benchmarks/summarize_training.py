@@ -36,6 +36,10 @@ def main() -> None:
         "best_test_acc": max(h["test_acc"] for h in hist),
         "median_epoch_seconds": statistics.median(secs),
         "total_minutes": round(sum(secs) / 60, 1),
+        # The final STN health (train's last measurement), on the test split and, with
+        # --rts-augment, on it RTS-distorted: a run whose theta is constant says so here.
+        "stn_health": doc.get("stn_health"),
+        "stn_health_rts": doc.get("stn_health_rts"),
         "history": hist,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

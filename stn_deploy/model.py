@@ -7,6 +7,8 @@ itself only exports as the AffineGrid op at opset 20+.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -187,8 +189,16 @@ class STNClassifier(nn.Module):
             x, theta = self.stn(x)
         return self.classifier(x), theta
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_theta(x)[0]
+    @overload
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    @overload
+    def forward(self, x: Tensor, with_theta: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, x: Tensor, with_theta: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        # with_theta through forward (not forward_with_theta) so DDP's wrapper sees the call.
+        out = self.forward_with_theta(x)
+        return out if with_theta else out[0]
 
     def warp(self, x: Tensor) -> Tensor:
         """What the classifier sees: the STN's output (the input itself without an STN)."""

@@ -27,7 +27,7 @@ from stn_deploy.data import (TEST_SEED_OFFSET, DataBundle, ImageSet, distort, no
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import Health, measure
-from stn_deploy.model import STNClassifier, build_model, count_parameters
+from stn_deploy.model import STNClassifier, build_model, compose_thetas, count_parameters
 
 # NHWC activations: oneDNN's convolutions (forward and backward) run about 1.3x faster in it
 # on the CPU than in NCHW; the weights are the same numbers, saved contiguous.
@@ -72,6 +72,7 @@ class TrainOptions:
     affine_deg: float = 0.0  # random rotation within +-this many degrees, per image and step
     affine_scale: float = 0.0  # random zoom within 1 +- this, per image and step
     rts_augment: float = 0.0  # this share of each batch gets a fresh --distort rts distortion
+    stn_pose_loss: float = 0.0  # weight of pose_loss on the --rts-augment batches (0: off)
     stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
     optimizer: str = "sgd"  # sgd (momentum, nesterov as set) or adam (AdamW: decoupled decay)
     stn_optimizer: str | None = None  # None: the same as optimizer; else the STN's own
@@ -115,13 +116,29 @@ def affine_batch(x: Tensor, generator: torch.Generator, max_deg: float,
     return warp_images(x, thetas)
 
 
-def rts_batch(x: Tensor, seed: int, share: float) -> Tensor:
-    """A fresh ``--distort rts`` distortion for ``share`` of the uint8 images.
+def rts_batch(x: Tensor, seed: int, share: float) -> tuple[Tensor, Tensor]:
+    """A fresh ``--distort rts`` distortion for ``share`` of the uint8 images, and every
+    image's sampling theta (identity for the rest).
 
     Training-time RTS for data that is not distorted (CIFAR-10): the STN gets a pose to undo,
     and the undistorted rest is the pose it should map to. The test set is left as it is.
     """
-    return warp_images(x, rts_thetas(len(x), seed, clean_fraction=1 - share))
+    thetas = rts_thetas(len(x), seed, clean_fraction=1 - share)
+    return warp_images(x, thetas), thetas
+
+
+def pose_loss(applied: Tensor, theta: Tensor) -> Tensor:
+    """Mean squared displacement (in half-frames, over the frame) between the identity and the
+    distortion followed by the STN's theta: zero when the STN undoes exactly what was applied.
+
+    The augmentation's transform is known, so the STN can be told what to undo. On CIFAR-10
+    the classification loss alone never made theta depend on the input (every recipe in
+    benchmarks/results/cifar_stn_probes collapsed within four epochs).
+    """
+    eye = torch.eye(2, 3, dtype=theta.dtype, device=theta.device)
+    m = compose_thetas(applied.to(theta), theta) - eye
+    # Over p uniform in [-1, 1]^2: E|M [p; 1]|^2 = (|m_x|^2 + |m_y|^2) / 3 + |m_t|^2.
+    return ((m[:, :, :2] ** 2).sum((1, 2)) / 3 + (m[:, :, 2] ** 2).sum(1)).mean()
 
 
 def rts_probe(bundle: DataBundle, opts: TrainOptions) -> ImageSet | None:
@@ -305,6 +322,9 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                              "means nothing across optimizers")
     if not 0 <= opts.clean_fraction < 1:
         raise StnDeployError(f"--clean-fraction must be in [0, 1), got {opts.clean_fraction}")
+    if opts.stn_pose_loss and not (opts.rts_augment and bundle.config.use_stn):
+        raise StnDeployError("--stn-pose-loss needs --rts-augment and an STN: it tells the STN "
+                             "to undo the distortions --rts-augment applies")
     device = resolve_device(opts.device)
     d = _init_distributed(device)
     config = replace(bundle.config, dropout=opts.dropout)
@@ -357,6 +377,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             if opts.redistort else bundle.train
         net.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
+        pose_sum = torch.zeros((), dtype=torch.float64)
         correct, seen = 0, 0
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{opts.epochs}", unit="batch",
                    disable=opts.quiet or not d.main, leave=False, dynamic_ncols=True)
@@ -367,14 +388,21 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                 xb = augment_batch(xb, g)
             if opts.affine_deg or opts.affine_scale:
                 xb = affine_batch(xb, g, opts.affine_deg, opts.affine_scale)
+            applied: Tensor | None = None
             if opts.rts_augment:
-                xb = rts_batch(xb, _epoch_seed(opts.seed, epoch) * 10_000 + step,
-                               opts.rts_augment)
+                xb, applied = rts_batch(xb, _epoch_seed(opts.seed, epoch) * 10_000 + step,
+                                        opts.rts_augment)
             x = normalize(xb.to(device, non_blocking=True), config).contiguous(
                 memory_format=_LAYOUT)
             y = train_set.labels[sel].to(device, non_blocking=True)
-            logits = net(x)
-            loss = criterion(logits, y)
+            if opts.stn_pose_loss and applied is not None:
+                logits, theta = net(x, with_theta=True)
+                pose = pose_loss(applied, theta)
+                loss = criterion(logits, y) + opts.stn_pose_loss * pose
+                pose_sum += pose.detach().double().cpu() * len(sel)
+            else:
+                logits = net(x)
+                loss = criterion(logits, y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -384,7 +412,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
-        train_stats = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64,
+        train_stats = torch.tensor([float(loss_sum), correct, seen, float(pose_sum)],
+                                   dtype=torch.float64,
                                    device=device)
         if d.world > 1:
             dist.all_reduce(train_stats)
@@ -394,6 +423,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             "epoch": epoch,
             "train_loss": round(float(train_stats[0] / train_stats[2]), 5),
             "train_acc": round(float(train_stats[1] / train_stats[2]), 5),
+            **({"train_pose_loss": round(float(train_stats[3] / train_stats[2]), 5)}
+               if opts.stn_pose_loss else {}),
             "test_loss": round(test_loss, 5),
             "test_acc": round(test_acc, 5),
             "lr": round(optimizer.lr, 6),

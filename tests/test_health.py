@@ -19,8 +19,8 @@ from stn_deploy.data import load_dataset, rts_thetas
 from stn_deploy.errors import StnDeployError
 from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
                                displacement_px, from_dict, measure)
-from stn_deploy.model import build_model
-from stn_deploy.train import TrainOptions, train
+from stn_deploy.model import build_model, compose_thetas
+from stn_deploy.train import TrainOptions, pose_loss, train
 
 
 def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
@@ -107,6 +107,16 @@ def test_advice_names_leaky_units_for_a_dead_regressor_only_where_they_are_relu(
     assert leaky is not None and "--loc-act" not in leaky
 
 
+def test_advice_names_the_pose_loss_on_undistorted_data_until_it_is_on() -> None:
+    flat = assess(np.tile(np.eye(2, 3), (16, 1, 1)), 32, dead_fraction=0.0)
+    plain = stn_advice(flat, TrainOptions(), ModelConfig())
+    assert plain is not None and "--stn-pose-loss 1" in plain
+    told = stn_advice(flat, TrainOptions(rts_augment=0.25, stn_pose_loss=1.0), ModelConfig())
+    assert told is not None and "--stn-pose-loss" not in told
+    distorted = stn_advice(flat, TrainOptions(), ModelConfig(distort="rts"))
+    assert distorted is not None and "--stn-pose-loss" not in distorted
+
+
 def test_too_few_images_and_no_stn_are_not_errors() -> None:
     few = assess(np.zeros((3, 2, 3)), 32)
     assert isinstance(few, NotMeasured) and "too few" in few.summary()
@@ -187,6 +197,44 @@ def test_rts_augment_also_measures_the_stn_on_an_rts_distorted_test_split(
     plain = train(bundle, tmp_path / "plain", TrainOptions.from_recipe(
         "seed", epochs=1, quiet=True, device="cpu"))
     assert plain.health_rts is None and "stn_rts" not in plain.history[-1]
+
+
+def test_pose_loss_is_zero_exactly_when_the_stn_undoes_the_distortion() -> None:
+    applied = rts_thetas(64, seed=5, clean_fraction=0.25)
+    eye = torch.eye(3)[:2].expand(64, 2, 3)
+    h = torch.cat([applied, torch.tensor([0.0, 0.0, 1.0]).expand(64, 1, 3)], 1)
+    inverse = torch.linalg.inv(h)[:, :2]
+    assert float(pose_loss(applied, inverse)) == pytest.approx(0.0, abs=1e-10)
+    # Otherwise it is the mean squared displacement over the frame, here by sampling it.
+    p = torch.rand(200_000, 2, dtype=torch.float64) * 2 - 1
+    m = compose_thetas(applied.double(), eye.double()) - torch.eye(2, 3, dtype=torch.float64)
+    moved = torch.einsum("nij,pj->npi", m[:, :, :2], p) + m[:, None, :, 2]
+    expect = (moved ** 2).sum(-1).mean()
+    assert float(pose_loss(applied.double(), eye.double())) == pytest.approx(float(expect),
+                                                                             rel=1e-2)
+
+
+def test_pose_loss_makes_the_stn_undo_the_augmentation_it_is_told_about(
+        tmp_path: Path) -> None:
+    """Digits, undistorted, --rts-augment 0.5, two epochs of the rts recipe: told the transform
+    it should undo, the STN undoes more of the RTS-distorted test split than without."""
+    bundle = load_dataset("digits")
+    runs = {w: train(bundle, tmp_path / str(w), TrainOptions.from_recipe(
+        "rts", epochs=2, rts_augment=0.5, stn_pose_loss=w, quiet=True, device="cpu"))
+        for w in (0.0, 1.0)}
+    told, untold = runs[1.0].health_rts, runs[0.0].health_rts
+    assert told is not None and untold is not None and told.undone and untold.undone
+    assert told.undone["scale"] > 0.15 and told.undone["scale"] > untold.undone["scale"] + 0.1
+    assert not told.collapsed
+    pose = [row["train_pose_loss"] for row in runs[1.0].history]
+    assert pose[1] < pose[0] and "train_pose_loss" not in runs[0.0].history[-1]
+
+
+def test_pose_loss_without_rts_augment_is_refused(tmp_path: Path) -> None:
+    opts = TrainOptions.from_recipe("rts", epochs=1, stn_pose_loss=1.0, quiet=True, device="cpu")
+    with pytest.raises(StnDeployError, match="--stn-pose-loss needs --rts-augment"):
+        train(load_dataset("digits"), tmp_path, opts)
+    assert not any(tmp_path.iterdir())
 
 
 def test_rts_recipe_without_fresh_distortions_drops_its_clean_fraction(tmp_path: Path) -> None:

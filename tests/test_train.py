@@ -13,6 +13,7 @@ import torch
 from dataclasses import replace
 
 from stn_deploy.checkpoint import load_checkpoint
+from stn_deploy.data import warp_images
 from stn_deploy.errors import StnDeployError
 from stn_deploy.train import (TrainOptions, affine_batch, augment_batch, evaluate, rts_batch,
                                train)
@@ -110,11 +111,16 @@ def test_affine_rotates_and_zooms_by_the_drawn_amounts() -> None:
 
 def test_rts_batch_distorts_that_share_and_keeps_the_rest() -> None:
     x = torch.randint(1, 255, (400, 3, 32, 32), dtype=torch.uint8)
-    out = rts_batch(x, 7, 0.5)
+    out, thetas = rts_batch(x, 7, 0.5)
     kept = (out == x).flatten(1).all(dim=1)
     assert 0.4 < kept.float().mean() < 0.6
     assert (out[~kept] == 0).flatten(1).any(dim=1).all()  # shrunk: zero borders appear
-    assert torch.equal(rts_batch(x, 7, 0.5), out) and not torch.equal(rts_batch(x, 8, 0.5), out)
+    # The thetas returned are those applied: the identity for exactly the images kept.
+    identity = (thetas == torch.eye(2, 3)).flatten(1).all(dim=1)
+    assert torch.equal(identity, kept)
+    assert torch.equal(warp_images(x, thetas), out)
+    assert torch.equal(rts_batch(x, 7, 0.5)[0], out)
+    assert not torch.equal(rts_batch(x, 8, 0.5)[0], out)
 
 
 @pytest.mark.slow

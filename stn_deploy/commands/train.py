@@ -53,6 +53,10 @@ from stn_deploy.defaults import TRAIN_OUT
 @click.option("--rts-augment", type=click.FloatRange(0, 1), default=None, metavar="SHARE",
               help="Give this share of each training batch a fresh --distort rts distortion "
                    "(the test set stays as it is) [default: by recipe].")
+@click.option("--stn-pose-loss", type=click.FloatRange(0), default=None, metavar="WEIGHT",
+              help="With --rts-augment: also tell the STN to undo each distortion it applied "
+                   "(its known transform), at this weight beside the classification loss "
+                   "[default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
@@ -89,6 +93,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           stn_passes: int | None, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
           affine: tuple[float, float] | None, rts_augment: float | None,
+          stn_pose_loss: float | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
           stn_optimizer: str | None, stn_lr: float | None,
           stn_weight_decay: float | None, weight_decay: float | None,
@@ -115,7 +120,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     augment=augment, dropout=dropout,
                                     affine_deg=affine[0] if affine else None,
                                     affine_scale=affine[1] if affine else None,
-                                    rts_augment=rts_augment,
+                                    rts_augment=rts_augment, stn_pose_loss=stn_pose_loss,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
                                     stn_optimizer=stn_optimizer, stn_lr=stn_lr,
                                     stn_weight_decay=stn_weight_decay,
@@ -162,6 +167,9 @@ def stn_advice(health: object, opts: object, config: object) -> str | None:
         return (f"{health.warnings[0]}; try a lower --stn-lr-scale (or --stn-lr) "
                 "(README: 'Keeping the STN alive')")
     tries = []
+    if getattr(config, "distort", "none") == "none" and not getattr(opts, "stn_pose_loss", 0):
+        tries.append("--rts-augment 0.25 --stn-pose-loss 1 --stn-optimizer adam --stn-lr 1e-3 "
+                     "--stn-weight-decay 0 (undistorted data: tell the STN what to undo)")
     if (health.dead_fraction or 0) > 0.5 and getattr(config, "loc_act", "relu") == "relu":
         tries.append("--loc-act leaky (units that cannot die)")
     if getattr(opts, "optimizer", "sgd") == "sgd":
