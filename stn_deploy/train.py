@@ -461,6 +461,9 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         from stn_deploy.viz import save_curves, save_transforms
 
         save_transforms(model, bundle.test, out / "transforms.png", health=final)
+        if probe is not None:  # what the STN does to what it was trained to undo
+            save_transforms(model, probe, out / "transforms_rts.png", health=health_rts,
+                            distort="test split RTS-distorted (--rts-augment)")
         save_curves(history, out / "curves.png")
         write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),
                       d.world, final, health_rts)

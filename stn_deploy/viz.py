@@ -20,7 +20,7 @@ def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
 
 @torch.no_grad()
 def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: int = 32,
-                    health: Any = None) -> None:
+                    health: Any = None, distort: str | None = None) -> None:
     """Test images beside their STN-warped versions, as the seed and the PyTorch tutorial show;
     the caption states the STN's health, so a picture of a collapsed STN says so."""
     import matplotlib
@@ -46,7 +46,9 @@ def save_transforms(model: STNClassifier, data: ImageSet, path: str | Path, n: i
         ax.set_title(title)
         ax.axis("off")
     stn = "STN" if config.use_stn else "no STN (identity)"
-    distort = "no distortion" if config.distort == "none" else f"{config.distort} distortion"
+    # ``distort`` names data distorted other than the config says (the --rts-augment probe).
+    distort = distort or ("no distortion" if config.distort == "none"
+                          else f"{config.distort} distortion")
     title = f"{config.dataset}, {distort}: {stn}"
     if health is not None:
         title += f"\n{health.summary()}"

@@ -193,10 +193,12 @@ def test_rts_augment_also_measures_the_stn_on_an_rts_distorted_test_split(
     assert isinstance(h, StnHealth) and h.images == len(bundle.test) and h.undone is not None
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["stn_health_rts"]["undone"] == h.to_dict()["undone"]
+    assert (tmp_path / "transforms_rts.png").stat().st_size > 1000
     # Without --rts-augment there is no second split, and none on --distort data either.
     plain = train(bundle, tmp_path / "plain", TrainOptions.from_recipe(
         "seed", epochs=1, quiet=True, device="cpu"))
     assert plain.health_rts is None and "stn_rts" not in plain.history[-1]
+    assert not (tmp_path / "plain" / "transforms_rts.png").exists()
 
 
 def test_pose_loss_is_zero_exactly_when_the_stn_undoes_the_distortion() -> None:

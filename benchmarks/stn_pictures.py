@@ -1,0 +1,55 @@
+"""What a trained STN does, as pictures: test images beside their warped versions, and, for a
+model trained with --rts-augment (or any model on undistorted data), the same for the test
+split RTS-distorted as train's probe distorts it. Each caption carries the STN's health.
+
+For a run still training (or one trained before train drew the RTS copy): the pictures
+train draws at its end, from any checkpoint.
+
+Usage: python benchmarks/stn_pictures.py CHECKPOINT --name NAME [--data-dir DIR]
+Writes benchmarks/results/<NAME>_transforms.png and, on undistorted data,
+<NAME>_transforms_rts.png; prints both health summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stn_deploy.checkpoint import load_checkpoint
+from stn_deploy.data import DataBundle, model_split
+from stn_deploy.errors import StnDeployError
+from stn_deploy.health import measure
+from stn_deploy.train import TrainOptions, rts_probe
+from stn_deploy.viz import save_transforms
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = ckpt.model().eval()
+        seed = int(ckpt.train_args.get("seed", 0) or 0)
+        test = model_split(ckpt.config, "test", args.data_dir, seed=seed)
+    except StnDeployError as e:
+        raise SystemExit(f"Error: {e}") from None
+    health = measure(model, test.images, applied=test.applied)
+    save_transforms(model, test, RESULTS / f"{args.name}_transforms.png", health=health)
+    print(f"test split ({ckpt.epoch} epochs): {health.summary()}")
+    # The probe train measures: the same seed, whatever share --rts-augment had.
+    probe = rts_probe(DataBundle(train=test, test=test, config=ckpt.config),
+                      TrainOptions(rts_augment=1.0, seed=seed))
+    if probe is not None:
+        health_rts = measure(model, probe.images, applied=probe.applied)
+        save_transforms(model, probe, RESULTS / f"{args.name}_transforms_rts.png",
+                        health=health_rts, distort="test split RTS-distorted (--rts-augment)")
+        print(f"test split RTS-distorted: {health_rts.summary()}")
+
+
+if __name__ == "__main__":
+    main()
