@@ -15,6 +15,11 @@ On data whose applied distortion is known (``--distort rts``), each image's dist
 the warped output back to the undistorted image. A perfect STN makes that composition the
 same for every image (the canonical pose); none leaves it equal to D. The fraction undone
 of a component is ``1 - spread(composed) / spread(D)``.
+
+On undistorted images a small spread is ambiguous: an STN that has learned to undo rotation
+and scale rightly leaves upright, full-size images nearly as they are. So when it is below
+the line there, the same images are measured once more RTS-distorted (a fixed seed): a
+collapsed STN gives the same constant theta on them, a working one moves with the pose.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ DEAD_WARN = 0.9
 RUNAWAY_FRAMES = 1.0
 # Fewer images than this give no meaningful spread.
 MIN_IMAGES = 8
+# The seed of the RTS-distorted copy of undistorted images (see the module docstring).
+RTS_COPY_SEED = 20_151
 COMPONENTS = ("rotation_deg", "log_scale", "log_aniso", "shear", "tx", "ty")
 
 
@@ -127,6 +134,9 @@ class StnHealth:
     dead_fraction: float | None = None  # regressor ReLUs that never fire (None: LeakyReLU)
     undone: dict[str, float] | None = None  # rotation / scale / translation, on distorted data
     canonical_pose: dict[str, float] | None = None
+    # Undistorted images with a spread below COLLAPSE_PX: the spread on their RTS-distorted
+    # copy, which decides whether theta depends on the input (None: not needed).
+    rts_copy_spread_px: float | None = None
     collapsed: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -149,6 +159,8 @@ class StnHealth:
                     parts.append(f"{key} undone {100 * self.undone[key]:.0f}%")
         if self.dead_fraction is not None:
             parts.append(f"dead units {100 * self.dead_fraction:.0f}%")
+        if self.rts_copy_spread_px is not None:
+            parts.append(f"{self.rts_copy_spread_px:.2f} px on an RTS-distorted copy")
         if self.collapsed:
             parts.append("COLLAPSED")
         return ", ".join(parts)
@@ -159,6 +171,8 @@ class StnHealth:
         d["theta_spread_px"] = round(self.theta_spread_px, 4)
         if self.undone is not None:
             d["undone"] = {k: round(v, 4) for k, v in self.undone.items()}
+        if self.rts_copy_spread_px is not None:
+            d["rts_copy_spread_px"] = round(self.rts_copy_spread_px, 4)
         return d
 
 
@@ -197,8 +211,9 @@ def from_dict(d: dict[str, Any]) -> Health:
 
 
 def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = None,
-           dead_fraction: float | None = None) -> Health:
-    """Health from thetas (N, 2, 3), optionally the applied distortions and dead units."""
+           dead_fraction: float | None = None, rts_copy: np.ndarray | None = None) -> Health:
+    """Health from thetas (N, 2, 3), optionally the applied distortions, dead units and the
+    thetas of an RTS-distorted copy of the same (undistorted) images."""
     t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
     if len(t) < MIN_IMAGES:
         return NotMeasured(f"{len(t)} images are too few to measure theta's spread (need at "
@@ -217,11 +232,17 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
                 undone[name] = 1.0 - after[key] / before[key]
         health.undone = undone
         health.canonical_pose = pose(compose(a, t))
-    health.collapsed = health.theta_spread_px < COLLAPSE_PX or dead_fraction == 1.0
+    still = health.theta_spread_px < COLLAPSE_PX
+    if still and rts_copy is not None:
+        health.rts_copy_spread_px = theta_spread_px(rts_copy, image_size)
+        still = health.rts_copy_spread_px < COLLAPSE_PX
+    health.collapsed = still or dead_fraction == 1.0
     if health.collapsed:
+        copy = "" if health.rts_copy_spread_px is None else (
+            f", {health.rts_copy_spread_px:.2f} px on an RTS-distorted copy")
         health.warnings.append(
             f"the STN has collapsed: theta moves sampling points by {health.theta_spread_px:.2f}"
-            f" px across images (< {COLLAPSE_PX} px), so it does not depend on the input")
+            f" px across images{copy} (< {COLLAPSE_PX} px), so it does not depend on the input")
     elif health.theta_spread_px > RUNAWAY_FRAMES * image_size or not np.isfinite(t).all():
         health.warnings.append(
             f"theta has run away: sampling points spread by {health.theta_spread_px:.0f} px "
@@ -234,12 +255,28 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
 
 def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 500) -> Health:
     """Health of a torch STNClassifier on uint8 NCHW images (in eval mode, on its device)."""
+    from stn_deploy.data import distort
+
+    if getattr(model, "stn", None) is None:
+        return NotMeasured(NO_STN)
+    if len(images_uint8) == 0:
+        return NotMeasured("no images to measure theta on")
+    theta, dead = _thetas(model, images_uint8, batch)
+    applied_np = None if applied is None else np.asarray(applied, dtype=np.float64)
+    health = assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead)
+    if (applied is None and isinstance(health, StnHealth) and health.collapsed
+            and dead != 1.0):
+        copy, _ = _thetas(model, distort(images_uint8, "rts", RTS_COPY_SEED)[0], batch)
+        health = assess(theta, model.config.image_size, dead_fraction=dead, rts_copy=copy)
+    return health
+
+
+def _thetas(model: Any, images_uint8: Any, batch: int) -> tuple[np.ndarray, float | None]:
+    """(thetas, share of the regressor's ReLUs that never fired; None for LeakyReLU)."""
     import torch
 
     from stn_deploy.data import normalize
 
-    if getattr(model, "stn", None) is None:
-        return NotMeasured(NO_STN)
     stn = model.stn
     was_training = model.training
     model.eval()
@@ -258,10 +295,6 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 
     finally:
         handle.remove()
         model.train(was_training)
-    if not fired:
-        return NotMeasured("no images to measure theta on")
     alive = torch.stack(fired).any(dim=0)
     dead = 1.0 - float(alive.float().mean()) if can_die else None
-    theta = torch.cat(thetas).double().numpy()
-    applied_np = None if applied is None else np.asarray(applied, dtype=np.float64)
-    return assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead)
+    return torch.cat(thetas).double().numpy(), dead

@@ -117,6 +117,27 @@ def test_advice_names_the_pose_loss_on_undistorted_data_until_it_is_on() -> None
     assert distorted is not None and "--stn-pose-loss" not in distorted
 
 
+def test_small_spread_on_upright_images_is_judged_on_an_rts_copy() -> None:
+    """An STN that straightens distorted images may leave upright ones nearly alone: below the
+    line on undistorted images, the verdict comes from an RTS-distorted copy of them."""
+    rng = np.random.default_rng(0)
+    eye = np.tile(np.eye(2, 3), (64, 1, 1))
+    calm = eye + rng.normal(0, 0.002, eye.shape)  # about 0.05 px
+    moving = _rotation(rng.uniform(-30, 30, 64), rng.uniform(0.7, 1.3, 64))
+    working = assess(calm, 32, rts_copy=moving)
+    assert isinstance(working, StnHealth) and not working.collapsed
+    assert working.theta_spread_px < COLLAPSE_PX < working.rts_copy_spread_px
+    assert "on an RTS-distorted copy" in working.summary() and not working.warnings
+    flat = assess(calm, 32, rts_copy=calm)
+    assert isinstance(flat, StnHealth) and flat.collapsed
+    assert "RTS-distorted copy" in flat.warnings[0]
+    assert from_dict(json.loads(json.dumps(working.to_dict()))).summary() == working.summary()
+    # measure does it itself: the identity-initialised STN is constant on the copy too.
+    bundle = load_dataset("digits")
+    h = measure(build_model(bundle.config), bundle.test.images)
+    assert isinstance(h, StnHealth) and h.collapsed and h.rts_copy_spread_px == pytest.approx(0)
+
+
 def test_too_few_images_and_no_stn_are_not_errors() -> None:
     few = assess(np.zeros((3, 2, 3)), 32)
     assert isinstance(few, NotMeasured) and "too few" in few.summary()
