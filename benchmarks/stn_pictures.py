@@ -16,10 +16,10 @@ import argparse
 from pathlib import Path
 
 from stn_deploy.checkpoint import load_checkpoint
-from stn_deploy.data import DataBundle, model_split
+from stn_deploy.data import model_split
 from stn_deploy.errors import StnDeployError
 from stn_deploy.health import measure
-from stn_deploy.train import TrainOptions, rts_probe
+from stn_deploy.train import rts_test_copy
 from stn_deploy.viz import save_transforms
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,10 +41,8 @@ def main() -> None:
     health = measure(model, test.images, applied=test.applied)
     save_transforms(model, test, RESULTS / f"{args.name}_transforms.png", health=health)
     print(f"test split ({ckpt.epoch} epochs): {health.summary()}")
-    # The probe train measures: the same seed, whatever share --rts-augment had.
-    probe = rts_probe(DataBundle(train=test, test=test, config=ckpt.config),
-                      TrainOptions(rts_augment=1.0, seed=seed))
-    if probe is not None:
+    if test.applied is None:  # the copy train's --rts-augment probe measures
+        probe = rts_test_copy(test, seed)
         health_rts = measure(model, probe.images, applied=probe.applied)
         save_transforms(model, probe, RESULTS / f"{args.name}_transforms_rts.png",
                         health=health_rts, distort="test split RTS-distorted (--rts-augment)")

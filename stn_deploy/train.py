@@ -151,8 +151,13 @@ def rts_probe(bundle: DataBundle, opts: TrainOptions) -> ImageSet | None:
     """
     if not opts.rts_augment or bundle.test.applied is not None:
         return None
-    images, thetas = distort(bundle.test.images, "rts", opts.seed + TEST_SEED_OFFSET)
-    return ImageSet(images, bundle.test.labels, bundle.test.classes, thetas)
+    return rts_test_copy(bundle.test, opts.seed)
+
+
+def rts_test_copy(test: ImageSet, seed: int) -> ImageSet:
+    """The test split RTS-distorted as rts_probe distorts it for a run of that seed."""
+    images, thetas = distort(test.images, "rts", seed + TEST_SEED_OFFSET)
+    return ImageSet(images, test.labels, test.classes, thetas)
 
 
 @dataclass
@@ -413,8 +418,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
         train_stats = torch.tensor([float(loss_sum), correct, seen, float(pose_sum)],
-                                   dtype=torch.float64,
-                                   device=device)
+                                   dtype=torch.float64, device=device)
         if d.world > 1:
             dist.all_reduce(train_stats)
         test_loss, test_acc = evaluate(model, bundle.test, config, device, dist_info=d)
