@@ -253,8 +253,15 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
     return health
 
 
-def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 500) -> Health:
-    """Health of a torch STNClassifier on uint8 NCHW images (in eval mode, on its device)."""
+def measure(model: Any, images_uint8: Any, *, applied: Any = None, rts_copy: Any = None,
+            batch: int = 500) -> Health:
+    """Health of a torch STNClassifier on uint8 NCHW images (in eval mode, on its device).
+
+    A still theta on undistorted images is re-judged on ``rts_copy`` (uint8 images, an
+    RTS-distorted copy of them); without one, on the images distorted with RTS_COPY_SEED. A
+    caller that already holds such a copy (train's --rts-augment probe) passes it, so that
+    the verdict and the copy's own health come from the same images.
+    """
     from stn_deploy.data import distort
 
     if getattr(model, "stn", None) is None:
@@ -266,7 +273,9 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, batch: int = 
     health = assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead)
     if (applied is None and isinstance(health, StnHealth) and health.collapsed
             and dead != 1.0):
-        copy, _ = _thetas(model, distort(images_uint8, "rts", RTS_COPY_SEED)[0], batch)
+        if rts_copy is None:
+            rts_copy = distort(images_uint8, "rts", RTS_COPY_SEED)[0]
+        copy, _ = _thetas(model, rts_copy, batch)
         health = assess(theta, model.config.image_size, dead_fraction=dead, rts_copy=copy)
     return health
 

@@ -370,6 +370,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
 
     last_epoch = min(opts.epochs, opts.stop_after or opts.epochs)
     probe = rts_probe(bundle, opts)
+    copy_images = None if probe is None else probe.images  # health re-judges a still theta on it
     health_rts: Health | None = None
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
@@ -422,7 +423,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         if d.world > 1:
             dist.all_reduce(train_stats)
         test_loss, test_acc = evaluate(model, bundle.test, config, device, dist_info=d)
-        health = measure(model, bundle.test.images, applied=bundle.test.applied)
+        health = measure(model, bundle.test.images, applied=bundle.test.applied,
+                         rts_copy=copy_images)
         row = {
             "epoch": epoch,
             "train_loss": round(float(train_stats[0] / train_stats[2]), 5),
@@ -458,7 +460,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     # The last epoch already measured the final weights; only a run with no epoch left to
     # train (a resume at its --stop-after) measures here.
     final = health if last_epoch >= start_epoch else measure(
-        model, bundle.test.images, applied=bundle.test.applied)
+        model, bundle.test.images, applied=bundle.test.applied, rts_copy=copy_images)
     if probe is not None and health_rts is None:
         health_rts = measure(model, probe.images, applied=probe.applied)
     if d.main:

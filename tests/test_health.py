@@ -138,6 +138,23 @@ def test_small_spread_on_upright_images_is_judged_on_an_rts_copy() -> None:
     assert isinstance(h, StnHealth) and h.collapsed and h.rts_copy_spread_px == pytest.approx(0)
 
 
+def test_measure_re_judges_on_the_copy_it_is_handed() -> None:
+    """train hands its --rts-augment probe in, so the verdict and the probe's health share
+    one copy; handed the undistorted images themselves, the copy's spread is theirs."""
+    bundle = load_dataset("digits")
+    model = build_model(bundle.config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a theta that depends on the input, but only slightly
+        model.stn.regressor[2].weight.normal_(0, 1e-4)
+    images = bundle.test.images
+    same = measure(model, images, rts_copy=images)
+    assert isinstance(same, StnHealth) and same.theta_spread_px < COLLAPSE_PX
+    assert same.rts_copy_spread_px == pytest.approx(same.theta_spread_px, rel=1e-6)
+    own = measure(model, images)
+    assert isinstance(own, StnHealth) and own.rts_copy_spread_px is not None
+    assert own.rts_copy_spread_px != pytest.approx(same.rts_copy_spread_px, rel=1e-3)
+
+
 def test_too_few_images_and_no_stn_are_not_errors() -> None:
     few = assess(np.zeros((3, 2, 3)), 32)
     assert isinstance(few, NotMeasured) and "too few" in few.summary()
