@@ -34,6 +34,8 @@ def main() -> None:
         "epochs": len(hist),
         "final_test_acc": hist[-1]["test_acc"],
         "best_test_acc": max(h["test_acc"] for h in hist),
+        # With --ema, test_acc is the averaged weights' (the checkpoint's model), this the raw.
+        "final_raw_test_acc": hist[-1].get("raw_test_acc"),
         "median_epoch_seconds": statistics.median(secs),
         "total_minutes": round(sum(secs) / 60, 1),
         # The final STN health (train's last measurement), on the test split and, with

@@ -32,6 +32,9 @@ class Checkpoint:
     train_args: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
+    # With --ema, state_dict holds the averaged weights (what every later step uses) and this
+    # the raw ones that --resume continues from; None without --ema.
+    train_state_dict: dict[str, torch.Tensor] | None = None
     path: Path | None = None
 
     def model(self) -> STNClassifier:
@@ -59,6 +62,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         "train_args": ckpt.train_args,
         "optimizer": ckpt.optimizer,
         "scheduler": ckpt.scheduler,
+        "train_state_dict": ckpt.train_state_dict,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -93,6 +97,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             train_args=dict(payload.get("train_args") or {}),
             optimizer=payload.get("optimizer"),
             scheduler=payload.get("scheduler"),
+            train_state_dict=payload.get("train_state_dict"),
             path=p,
         )
     except KeyError as e:

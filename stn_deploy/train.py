@@ -7,6 +7,8 @@ runs DistributedDataParallel (gloo on the CPU, nccl on GPUs); only rank 0 writes
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import os
@@ -86,6 +88,7 @@ class TrainOptions:
     recipe: str = "seed"
     quiet: bool = False
     stop_after: int | None = None  # end this run after that epoch; --resume finishes the schedule
+    ema: float = 0.0  # per-step decay of a moving average of the weights (0: off); see WeightEma
 
     @classmethod
     def from_recipe(cls, recipe: str, **overrides: Any) -> "TrainOptions":
@@ -177,6 +180,10 @@ def _init_distributed(device: torch.device) -> _Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -301,6 +308,35 @@ class _Optimizers:
             s.load_state_dict(state)
 
 
+class WeightEma:
+    """An exponential moving average of the model's weights (and BN statistics), updated after
+    every optimizer step; with --ema it is the model the checkpoint carries.
+
+    Averaging the last few thousand steps smooths the noise of SGD at a high learning rate;
+    the decay ramps up as (1 + t) / (10 + t) so that early on the average follows the weights.
+    """
+
+    def __init__(self, model: STNClassifier, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise StnDeployError(f"--ema must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        theirs = model.state_dict()
+        self._pairs = [(mine, theirs[k]) for k, mine in self.model.state_dict().items()]
+
+    @torch.no_grad()
+    def update(self, t: int) -> None:
+        """After optimizer step number ``t`` (from 0, counted over the whole schedule)."""
+        decay = min(self.decay, (1 + t) / (10 + t))
+        for mine, theirs in self._pairs:
+            if mine.is_floating_point():
+                mine.lerp_(theirs, 1 - decay)
+            else:
+                mine.copy_(theirs)
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
@@ -343,6 +379,9 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         if state.train_args.get("epochs", opts.epochs) != opts.epochs:
             raise StnDeployError(f"{resume} follows a {state.train_args['epochs']}-epoch schedule;"
                                  " resume with the same --epochs")
+        if float(state.train_args.get("ema", 0.0) or 0.0) != opts.ema:
+            raise StnDeployError(f"{resume} was trained with --ema "
+                                 f"{state.train_args.get('ema', 0.0) or 0}; resume with the same")
         if state.epoch >= opts.epochs:
             raise StnDeployError(f"{resume} already has {state.epoch} epochs; pass --epochs "
                                  f"above {state.epoch} to train further")
@@ -351,7 +390,12 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     torch.manual_seed(opts.seed)
     model = build_model(config).to(device, memory_format=_LAYOUT)
     if state is not None:
-        model.load_state_dict(state.state_dict)
+        model.load_state_dict(state.train_state_dict or state.state_dict)
+    ema = WeightEma(model, opts.ema) if opts.ema else None
+    if ema is not None and state is not None:
+        ema.model.load_state_dict(state.state_dict)
+    # What is measured, pictured and saved: the average with --ema, else the weights trained.
+    kept: STNClassifier = model if ema is None else ema.model
     net: nn.Module = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -412,6 +456,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update((epoch - 1) * steps + step)
             loss_sum += loss.detach().double().cpu() * len(sel)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(sel)
@@ -422,8 +468,10 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                                    dtype=torch.float64, device=device)
         if d.world > 1:
             dist.all_reduce(train_stats)
-        test_loss, test_acc = evaluate(model, bundle.test, config, device, dist_info=d)
-        health = measure(model, bundle.test.images, applied=bundle.test.applied,
+        test_loss, test_acc = evaluate(kept, bundle.test, config, device, dist_info=d)
+        raw = {} if ema is None else {"raw_test_acc": round(
+            evaluate(model, bundle.test, config, device, dist_info=d)[1], 5)}
+        health = measure(kept, bundle.test.images, applied=bundle.test.applied,
                          rts_copy=copy_images)
         row = {
             "epoch": epoch,
@@ -433,22 +481,22 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                if opts.stn_pose_loss else {}),
             "test_loss": round(test_loss, 5),
             "test_acc": round(test_acc, 5),
+            **raw,
             "lr": round(optimizer.lr, 6),
             "seconds": round(time.perf_counter() - t0, 2),
             "stn": health.headline(),
         }
         if probe is not None:
-            row["rts_test_acc"] = round(evaluate(model, probe, config, device, dist_info=d)[1], 5)
-            health_rts = measure(model, probe.images, applied=probe.applied)
+            row["rts_test_acc"] = round(evaluate(kept, probe, config, device, dist_info=d)[1], 5)
+            health_rts = measure(kept, probe.images, applied=probe.applied)
             row["stn_rts"] = health_rts.headline()
         history.append(row)
         if d.main:
             opt_state, sched_state = optimizer.state_dicts()
             save_checkpoint(ckpt_path, Checkpoint(
-                config=config, state_dict={k: v.detach().cpu().contiguous()
-                                           for k, v in model.state_dict().items()},
-                epoch=epoch, history=history, train_args=asdict(opts),
-                optimizer=opt_state, scheduler=sched_state))
+                config=config, state_dict=_cpu_state(kept), epoch=epoch, history=history,
+                train_args=asdict(opts), optimizer=opt_state, scheduler=sched_state,
+                train_state_dict=None if ema is None else _cpu_state(model)))
             write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),
                           d.world)
             if not opts.quiet:
@@ -460,15 +508,15 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     # The last epoch already measured the final weights; only a run with no epoch left to
     # train (a resume at its --stop-after) measures here.
     final = health if last_epoch >= start_epoch else measure(
-        model, bundle.test.images, applied=bundle.test.applied, rts_copy=copy_images)
+        kept, bundle.test.images, applied=bundle.test.applied, rts_copy=copy_images)
     if probe is not None and health_rts is None:
-        health_rts = measure(model, probe.images, applied=probe.applied)
+        health_rts = measure(kept, probe.images, applied=probe.applied)
     if d.main:
         from stn_deploy.viz import save_curves, save_transforms
 
-        save_transforms(model, bundle.test, out / "transforms.png", health=final)
+        save_transforms(kept, bundle.test, out / "transforms.png", health=final)
         if probe is not None:  # what the STN does to what it was trained to undo
-            save_transforms(model, probe, out / "transforms_rts.png", health=health_rts,
+            save_transforms(kept, probe, out / "transforms_rts.png", health=health_rts,
                             distort="test split RTS-distorted (--rts-augment)")
         save_curves(history, out / "curves.png")
         write_metrics(out / "metrics.json", config, opts, history, count_parameters(model),

@@ -15,8 +15,9 @@ from dataclasses import replace
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import warp_images
 from stn_deploy.errors import StnDeployError
-from stn_deploy.train import (TrainOptions, affine_batch, augment_batch, evaluate, rts_batch,
-                               train)
+from stn_deploy.model import build_model
+from stn_deploy.train import (TrainOptions, WeightEma, affine_batch, augment_batch, evaluate,
+                               rts_batch, train)
 
 
 def test_short_training_beats_chance(digits_checkpoint: Path, digits_bundle) -> None:
@@ -73,6 +74,60 @@ def test_stn_optimizer_of_its_own_resumes_exactly(digits_bundle, tmp_path: Path)
     with pytest.raises(StnDeployError, match="needs --stn-lr"):
         train(digits_bundle, tmp_path / "x", TrainOptions(stn_optimizer="adam", quiet=True))
     assert not (tmp_path / "x").exists()
+
+
+def test_weight_ema_is_the_moving_average_of_the_weights(digits_bundle) -> None:
+    model = build_model(digits_bundle.config)
+    ema = WeightEma(model, 0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+        for k, b in model.named_buffers():
+            if not b.is_floating_point():
+                b.fill_(7)  # BN's num_batches_tracked: copied, not averaged
+    ema.update(10**6)  # the ramp has reached the decay
+    for k, v in ema.model.state_dict().items():
+        if k in params:
+            assert torch.allclose(v, before[k] + 0.1, atol=1e-5), k
+        elif not v.is_floating_point():
+            assert int(v) == 7, k
+    key = "classifier.features.13.weight"
+    ema.update(0)  # the first step: decay 1/10, the average mostly follows the weights
+    assert torch.allclose(ema.model.state_dict()[key],
+                          0.1 * (before[key] + 0.1) + 0.9 * params[key], atol=1e-5)
+    with pytest.raises(StnDeployError, match="--ema must be in"):
+        WeightEma(model, 1.0)
+
+
+def test_ema_checkpoint_carries_the_average_and_resumes_exactly(digits_bundle,
+                                                               tmp_path: Path) -> None:
+    opts = TrainOptions(epochs=2, quiet=True, device="cpu", ema=0.99)
+    train(digits_bundle, tmp_path / "straight", opts)
+    train(digits_bundle, tmp_path / "split", replace(opts, stop_after=1))
+    train(digits_bundle, tmp_path / "split", opts, resume=tmp_path / "split" / "last.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert straight.train_state_dict is not None
+    for k, v in straight.state_dict.items():
+        assert torch.equal(v, resumed.state_dict[k]), k
+        assert torch.equal(straight.train_state_dict[k], resumed.train_state_dict[k]), k
+    moved = [k for k, v in straight.state_dict.items()
+             if v.is_floating_point() and not torch.equal(v, straight.train_state_dict[k])]
+    assert moved  # the average is not the last weights
+    # test_acc is the saved (averaged) model's; raw_test_acc the trained weights'.
+    last = straight.history[-1]
+    _, acc = evaluate(straight.model(), digits_bundle.test, straight.config,
+                      torch.device("cpu"))
+    assert acc == pytest.approx(last["test_acc"], abs=1e-4)
+    raw = build_model(straight.config)
+    raw.load_state_dict(straight.train_state_dict)
+    _, raw_acc = evaluate(raw, digits_bundle.test, straight.config, torch.device("cpu"))
+    assert raw_acc == pytest.approx(last["raw_test_acc"], abs=1e-4)
+    with pytest.raises(StnDeployError, match="--ema"):
+        train(digits_bundle, tmp_path / "split", replace(opts, epochs=2, ema=0.0),
+              resume=tmp_path / "split" / "last.pt")
 
 
 def test_augment_is_a_crop_and_flip() -> None:

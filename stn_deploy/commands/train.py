@@ -79,6 +79,10 @@ from stn_deploy.defaults import TRAIN_OUT
 @click.option("--clean-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="With --redistort: this share of each epoch's training images keeps its "
                    "original pose, which gives the STN a pose to map to [default: by recipe].")
+@click.option("--ema", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="DECAY",
+              help="Keep a moving average of the weights (per-step decay, e.g. 0.999) and save "
+                   "it as the model; metrics.json also gives the raw weights' accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=str(TRAIN_OUT),
@@ -97,7 +101,8 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
           stn_optimizer: str | None, stn_lr: float | None,
           stn_weight_decay: float | None, weight_decay: float | None,
-          redistort: bool | None, clean_fraction: float | None, seed: int, device: str, out_dir: str, resume: bool,
+          redistort: bool | None, clean_fraction: float | None, ema: float | None, seed: int,
+          device: str, out_dir: str, resume: bool,
           stop_after: int | None, quiet: bool) -> None:
     """Train the STN classifier and write a checkpoint each epoch (atomically)."""
     from pathlib import Path
@@ -125,7 +130,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     stn_optimizer=stn_optimizer, stn_lr=stn_lr,
                                     stn_weight_decay=stn_weight_decay,
                                     weight_decay=weight_decay, redistort=redistort,
-                                    clean_fraction=clean_fraction, seed=seed,
+                                    clean_fraction=clean_fraction, ema=ema, seed=seed,
                                     device=device, quiet=quiet, stop_after=stop_after)
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
@@ -144,8 +149,10 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
     result = run_training(bundle, out_dir, opts, resume=resume_from)
     if result.history:
         last = result.history[-1]
+        raw = (f" (weights averaged with --ema; the raw weights: {100 * last['raw_test_acc']:.2f}%)"
+               if "raw_test_acc" in last else "")
         click.echo(f"{result.parameters:,} parameters; test accuracy {100 * last['test_acc']:.2f}%"
-                   f" after {last['epoch']} epochs; checkpoint {result.checkpoint}")
+                   f"{raw} after {last['epoch']} epochs; checkpoint {result.checkpoint}")
     if result.health_rts is not None:
         click.echo(f"STN health on the test split RTS-distorted (--rts-augment): "
                    f"{result.health_rts.summary()}")
