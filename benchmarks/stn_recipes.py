@@ -9,6 +9,7 @@ units). Writes benchmarks/results/stn_recipes_<name>.{json,md}.
 
 Usage: python benchmarks/stn_recipes.py --name digits30 --epochs 30 --seeds 0
            [--dataset digits] [--distort rts] [--variants seed,redistort,...] [--threads 1]
+           [--keep DIR]
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 
 
 def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,
-        seed: int) -> dict[str, Any]:
+        seed: int, keep: Path | None = None) -> dict[str, Any]:
     recipe, overrides, model = VARIANTS[variant]
     bundle = load_dataset(dataset, data_dir, distort=distort, seed=seed,
                           use_stn=model.get("use_stn", True),
@@ -120,7 +121,8 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
     opts = replace(opts, **overrides)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(bundle, tmp, opts)
+        out = Path(tmp) if keep is None else keep / f"{variant}_seed{seed}"
+        result = train(bundle, out, opts)
     last = result.history[-1]
     row: dict[str, Any] = {"variant": variant, "seed": seed, "parameters": result.parameters,
                            "options": asdict(opts),
@@ -150,6 +152,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep each run's folder (last.pt, metrics, pictures) as "
+                         "KEEP/<variant>_seed<N>, e.g. for stn_pose_ceiling.py")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,7 +166,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for variant in variants:
         for seed in seeds:
-            row = run(variant, args.dataset, args.data_dir, args.distort, args.epochs, seed)
+            row = run(variant, args.dataset, args.data_dir, args.distort, args.epochs, seed,
+                      args.keep)
             rows.append(row)
             h = row.get("health", {})
             print(f"{variant} seed={seed}: {100 * row['test_acc']:.2f}%  "
