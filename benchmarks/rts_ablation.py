@@ -48,7 +48,7 @@ def main() -> None:
             bundle = load_dataset(args.dataset, args.data_dir, distort="rts", seed=seed,
                                   use_stn=use_stn)
             with tempfile.TemporaryDirectory() as tmp:
-                opts = replace(base, seed=seed)
+                opts = replace(base if use_stn else base.without_stn(), seed=seed)
                 result = train(bundle, tmp, opts)
             last = result.history[-1]
             rows.append({"use_stn": use_stn, "seed": seed, "parameters": result.parameters,

@@ -109,6 +109,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
+# What "improved" was when the variants built on it ran (it had no STN settings of its own
+# before 2026-12-01); pinned so that they mean the same whatever the recipe becomes.
+PINNED = {"improved": {"rts_augment": 0.0, "stn_pose_loss": 0.0, "stn_optimizer": None,
+                       "stn_lr": None, "stn_weight_decay": None}}
+
+
 def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,
         seed: int, keep: Path | None = None) -> dict[str, Any]:
     recipe, overrides, model = VARIANTS[variant]
@@ -118,7 +124,9 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
                           loc_act=model.get("loc_act", "relu"),
                           stn_passes=model.get("stn_passes", 1))
     opts = TrainOptions.from_recipe(recipe, epochs=epochs, quiet=True, device="cpu", seed=seed)
-    opts = replace(opts, **overrides)
+    opts = replace(opts, **{**PINNED.get(recipe, {}), **overrides})
+    if not model.get("use_stn", True):
+        opts = opts.without_stn()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if keep is None else keep / f"{variant}_seed{seed}"
