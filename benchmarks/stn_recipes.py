@@ -19,7 +19,6 @@ import datetime
 import json
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -127,15 +126,17 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
     opts = replace(opts, **{**PINNED.get(recipe, {}), **overrides})
     if not model.get("use_stn", True):
         opts = opts.without_stn()
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if keep is None else keep / f"{variant}_seed{seed}"
-        result = train(bundle, out, opts)
+        # A kept run that was stopped (a session's end) continues where it was.
+        resume = out / "last.pt" if (out / "last.pt").is_file() else None
+        result = train(bundle, out, opts, resume=resume)
     last = result.history[-1]
     row: dict[str, Any] = {"variant": variant, "seed": seed, "parameters": result.parameters,
                            "options": asdict(opts),
+                           # Over every epoch, across a resume too.
                            "test_acc": last["test_acc"], "minutes": round(
-                               (time.perf_counter() - t0) / 60, 2),
+                               sum(h["seconds"] for h in result.history) / 60, 2),
                            "history_rotation_undone": [h.get("stn", {}).get("rotation_undone")
                                                        for h in result.history],
                            "history_theta_spread_px": [h.get("stn", {}).get("theta_spread_px")
@@ -162,7 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each run's folder (last.pt, metrics, pictures) as "
-                         "KEEP/<variant>_seed<N>, e.g. for stn_pose_ceiling.py")
+                         "KEEP/<variant>_seed<N>, e.g. for stn_pose_ceiling.py; a stopped run "
+                         "found there is resumed")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
