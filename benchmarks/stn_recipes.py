@@ -96,6 +96,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # Two passes of the same localization net (--stn-passes 2): it refines its own output.
     # train's default for --distort data since 2026-12-01.
     "rts-2pass": ("rts", {}, {"loc_net": "large", "stn_passes": 2}),
+    # On a 30-epoch Fashion-MNIST schedule the STN at 3x ran away at the one-cycle peak
+    # (epoch 11: theta spread 2,323 px, accuracy 10%); the same at 1x.
+    "rts-2pass-1x": ("rts", {"stn_lr_scale": 1.0}, {"loc_net": "large", "stn_passes": 2}),
     "improved-stnadam-affine15-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
                                                      "stn_weight_decay": 0.0, "affine_deg": 15.0,
                                                      "affine_scale": 0.1}, {"loc_act": "leaky"}),
