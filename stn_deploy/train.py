@@ -8,7 +8,6 @@ runs DistributedDataParallel (gloo on the CPU, nccl on GPUs); only rank 0 writes
 from __future__ import annotations
 
 import copy
-
 import json
 import math
 import os
@@ -193,6 +192,21 @@ def _init_distributed(device: torch.device) -> _Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+# Options a resumed run may change: they do not shape the weights.
+_RESUME_FREE = {"quiet", "device", "stop_after", "epochs"}  # epochs: its own message
+
+
+def _changed_options(trained: dict[str, Any], opts: TrainOptions) -> str:
+    """'--flag was -> now' for each option that differs from the checkpoint's; a recipe
+    that changed since (or a flag left out) would otherwise alter a run halfway through.
+    Options a checkpoint predates count as their defaults."""
+    defaults = asdict(TrainOptions())
+    diffs = [f"--{k.replace('_', '-')} {trained.get(k, defaults[k])} -> {v}"
+             for k, v in asdict(opts).items()
+             if k not in _RESUME_FREE and trained.get(k, defaults[k]) != v]
+    return ", ".join(diffs[:4]) + (", ..." if len(diffs) > 4 else "")
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
@@ -392,9 +406,10 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         if state.train_args.get("epochs", opts.epochs) != opts.epochs:
             raise StnDeployError(f"{resume} follows a {state.train_args['epochs']}-epoch schedule;"
                                  " resume with the same --epochs")
-        if float(state.train_args.get("ema", 0.0) or 0.0) != opts.ema:
-            raise StnDeployError(f"{resume} was trained with --ema "
-                                 f"{state.train_args.get('ema', 0.0) or 0}; resume with the same")
+        changed = _changed_options(state.train_args, opts)
+        if changed:
+            raise StnDeployError(f"{resume} was trained with other options ({changed}); resume "
+                                 "with the ones it was trained with")
         if state.epoch >= opts.epochs:
             raise StnDeployError(f"{resume} already has {state.epoch} epochs; pass --epochs "
                                  f"above {state.epoch} to train further")
@@ -403,7 +418,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     torch.manual_seed(opts.seed)
     model = build_model(config).to(device, memory_format=_LAYOUT)
     if state is not None:
-        model.load_state_dict(state.train_state_dict or state.state_dict)
+        model.load_state_dict(state.state_dict if state.train_state_dict is None
+                              else state.train_state_dict)
     ema = WeightEma(model, opts.ema) if opts.ema else None
     if ema is not None and state is not None:
         ema.model.load_state_dict(state.state_dict)

@@ -68,7 +68,7 @@ def test_stn_optimizer_of_its_own_resumes_exactly(digits_bundle, tmp_path: Path)
     assert type(straight.optimizer["stn"]["state"][0]["exp_avg"]) is torch.Tensor  # AdamW's
     assert "momentum_buffer" in straight.optimizer["main"]["state"][0]  # SGD's
     assert [g["max_lr"] for g in straight.optimizer["stn"]["param_groups"]] == [1e-3]
-    with pytest.raises(StnDeployError, match="another --stn-optimizer"):
+    with pytest.raises(StnDeployError, match="other options .*--stn-optimizer adam -> None"):
         train(digits_bundle, tmp_path / "split", TrainOptions(epochs=3, quiet=True),
               resume=tmp_path / "c" / "last.pt")
     with pytest.raises(StnDeployError, match="needs --stn-lr"):
@@ -125,8 +125,12 @@ def test_ema_checkpoint_carries_the_average_and_resumes_exactly(digits_bundle,
     raw.load_state_dict(straight.train_state_dict)
     _, raw_acc = evaluate(raw, digits_bundle.test, straight.config, torch.device("cpu"))
     assert raw_acc == pytest.approx(last["raw_test_acc"], abs=1e-4)
-    with pytest.raises(StnDeployError, match="--ema"):
+    with pytest.raises(StnDeployError, match="--ema 0.99 -> 0.0"):
         train(digits_bundle, tmp_path / "split", replace(opts, epochs=2, ema=0.0),
+              resume=tmp_path / "split" / "last.pt")
+    # Any option that shapes the weights (here a recipe's rate) may not change halfway.
+    with pytest.raises(StnDeployError, match="--lr 0.05 -> 0.01"):
+        train(digits_bundle, tmp_path / "split", replace(opts, epochs=2, lr=0.01),
               resume=tmp_path / "split" / "last.pt")
 
 
