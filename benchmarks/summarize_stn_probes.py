@@ -77,7 +77,8 @@ def main() -> None:
                     f"{len(history)} of {doc['options']['epochs']} | {spreads} | {dead} | "
                     f"{rts or '-'} | {100 * history[-1]['test_acc']:.2f}% |")
     head = ("CIFAR-10 (JPEG copy), 145,104-parameter model, seed 0, 1 thread per run, two runs "
-            "at a time (the 130-epoch pose-loss run: both cores). Below 0.5 px theta is taken as constant (COLLAPSED); above the 32-px "
+            "at a time (the 130-epoch pose-loss run: both cores). Below 0.5 px theta is taken "
+            "as constant (COLLAPSED); above the 32-px "
             "frame it has run away.\n\n")
     (HERE / "cifar_stn_probes.md").write_text(head + "\n".join(rows) + "\n")
 
