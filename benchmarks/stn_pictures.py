@@ -38,12 +38,12 @@ def main() -> None:
         test = model_split(ckpt.config, "test", args.data_dir, seed=seed)
     except StnDeployError as e:
         raise SystemExit(f"Error: {e}") from None
-    health = measure(model, test.images, applied=test.applied)
+    health = measure(model, test.images, applied=test.applied, labels=test.labels)
     save_transforms(model, test, RESULTS / f"{args.name}_transforms.png", health=health)
     print(f"test split ({ckpt.epoch} epochs): {health.summary()}")
     if test.applied is None:  # the copy train's --rts-augment probe measures
         probe = rts_test_copy(test, seed)
-        health_rts = measure(model, probe.images, applied=probe.applied)
+        health_rts = measure(model, probe.images, applied=probe.applied, labels=probe.labels)
         save_transforms(model, probe, RESULTS / f"{args.name}_transforms_rts.png",
                         health=health_rts, distort="test split RTS-distorted (--rts-augment)")
         print(f"test split RTS-distorted: {health_rts.summary()}")

@@ -11,7 +11,9 @@ distorted (theta_d), and reports per component
 - ``undone``: the health figure, 1 - spread(D then theta_d) / spread(D);
 - ``own pose``: the spread of theta_u, what the STN changes on images nobody distorted;
 - ``undone, own pose aside``: 1 - spread(D then theta_d, minus theta_u per image) / spread(D):
-  how far the STN maps each distorted image to where it maps that image undistorted.
+  how far the STN maps each distorted image to where it maps that image undistorted;
+- ``undone within each class``: the health figure with each class's own canonical pose
+  allowed (spreads within each class, pooled).
 
 Usage: python benchmarks/stn_pose_ceiling.py CHECKPOINT [CHECKPOINT ...] --name NAME
            [--labels A,B,...]
@@ -34,7 +36,7 @@ from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import (CANVAS_FACTOR, TEST_SEED_OFFSET, load_split, normalize, prepare,
                              warp_images)
 from stn_deploy.errors import StnDeployError
-from stn_deploy.health import compose, decompose, measure
+from stn_deploy.health import StnHealth, compose, decompose, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,6 +54,10 @@ def _spread(parts: dict[str, np.ndarray]) -> dict[str, float]:
     rot = _wrap(parts["rotation_deg"] - parts["rotation_deg"].mean())
     return {"rotation_deg": float(np.sqrt((rot ** 2).mean())),
             "log_scale": float(parts["log_scale"].std())}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def analyse(path: str) -> dict[str, Any]:
@@ -83,16 +89,18 @@ def analyse(path: str) -> dict[str, Any]:
     after = _spread(composed)
     own_spread = _spread(own_parts)
     aside = _spread({k: composed[k] - own_parts[k] for k in ("rotation_deg", "log_scale")})
-    health = measure(model, distorted.images, applied=applied)
+    health = measure(model, distorted.images, applied=applied, labels=distorted.labels)
     row: dict[str, Any] = {"checkpoint": str(path), "seed": seed, "epochs": ckpt.epoch,
                            "dataset": cfg.dataset, "distort": cfg.distort,
                            "test_acc": ckpt.history[-1]["test_acc"] if ckpt.history else None,
                            "images": len(clean), "applied_spread": before,
                            "composed_spread": after, "own_pose_spread": own_spread,
                            "composed_minus_own_spread": aside, "health": health.to_dict()}
+    within = health.undone_within_class if isinstance(health, StnHealth) else None
     for key, name in (("rotation_deg", "rotation"), ("log_scale", "scale")):
         row[f"{name}_undone"] = 1 - after[key] / before[key]
         row[f"{name}_undone_own_pose_aside"] = 1 - aside[key] / before[key]
+        row[f"{name}_undone_within_class"] = (within or {}).get(name)
     return row
 
 
@@ -120,7 +128,8 @@ def main() -> None:
           "scale as std of log scale", "",
           "| checkpoint | seed | test acc | applied rot / scale | STN on undistorted: rot / "
           "scale | rotation undone | scale undone | rotation undone, own pose aside | scale "
-          "undone, own pose aside |", "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+          "undone, own pose aside | rotation / scale undone within each class |",
+          "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         a, o = r["applied_spread"], r["own_pose_spread"]
         acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
@@ -128,7 +137,9 @@ def main() -> None:
                   f"{a['log_scale']:.3f} | {o['rotation_deg']:.1f} / {o['log_scale']:.3f} | "
                   f"{100 * r['rotation_undone']:.0f}% | {100 * r['scale_undone']:.0f}% | "
                   f"{100 * r['rotation_undone_own_pose_aside']:.0f}% | "
-                  f"{100 * r['scale_undone_own_pose_aside']:.0f}% |")
+                  f"{100 * r['scale_undone_own_pose_aside']:.0f}% | "
+                  f"{_pct(r['rotation_undone_within_class'])} / "
+                  f"{_pct(r['scale_undone_within_class'])} |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (recipe, TrainOptions overrides, model overrides). "seed" is the design's recipe.
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "seed": ("seed", {}, {}),
-    # train's default for --distort data up to 2026-11-25 (one pass); now "rts-2pass".
+    # train's default for --distort data up to 2026-11-25 (one pass); now "rts-2pass-1x".
     "rts": ("rts", {}, {"loc_net": "large"}),
     # The rts recipe before its last change (STN at 1x, every image distorted): what the
     # results files written before that change call "rts". The variants below pin the values
@@ -94,10 +94,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # LeakyReLU in the STN (--loc-act leaky): units that cannot die, no parameters added.
     "rts-leaky": ("rts", {}, {"loc_net": "large", "loc_act": "leaky"}),
     # Two passes of the same localization net (--stn-passes 2): it refines its own output.
-    # train's default for --distort data since 2026-12-01.
+    # train's default for --distort data on 2026-12-01 (the STN at 3x).
     "rts-2pass": ("rts", {}, {"loc_net": "large", "stn_passes": 2}),
     # On a 30-epoch Fashion-MNIST schedule the STN at 3x ran away at the one-cycle peak
-    # (epoch 11: theta spread 2,323 px, accuracy 10%); the same at 1x.
+    # (epoch 11: theta spread 2,323 px, accuracy 10%); the same at 1x: train's default for
+    # --distort data since 2026-12-01 (second change).
     "rts-2pass-1x": ("rts", {"stn_lr_scale": 1.0}, {"loc_net": "large", "stn_passes": 2}),
     "improved-stnadam-affine15-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
                                                      "stn_weight_decay": 0.0, "affine_deg": 15.0,
@@ -114,7 +115,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 # What "improved" was when the variants built on it ran (it had no STN settings of its own
 # before 2026-12-01); pinned so that they mean the same whatever the recipe becomes.
 PINNED = {"improved": {"rts_augment": 0.0, "stn_pose_loss": 0.0, "stn_optimizer": None,
-                       "stn_lr": None, "stn_weight_decay": None}}
+                       "stn_lr": None, "stn_weight_decay": None},
+          # "rts" had the STN at 3x from 2026-11-25 to 2026-12-01 (the variants' own overrides
+          # still win: rts-2pass-1x is 1x).
+          "rts": {"stn_lr_scale": 3.0}}
 
 
 def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,

@@ -38,6 +38,8 @@ DEAD_WARN = 0.9
 # Sampling points spread over more than the frame itself: theta has run away (a known STN
 # instability at too high a rate), and the classifier sees mostly padding.
 RUNAWAY_FRAMES = 1.0
+# The summary shows the within-class figure when it is this much above the plain one.
+WITHIN_CLASS_SHOWN = 0.1
 # Fewer images than this give no meaningful spread.
 MIN_IMAGES = 8
 # The seed of the RTS-distorted copy of undistorted images (see the module docstring).
@@ -88,6 +90,22 @@ def spreads(theta: np.ndarray) -> dict[str, float]:
     return out
 
 
+def pooled_class_spreads(theta: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``spreads`` within each class, pooled (root of the size-weighted mean variance)."""
+    t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
+    labels = np.asarray(labels).reshape(-1)
+    total: dict[str, float] = {}
+    counted = 0
+    for c in np.unique(labels):
+        members = t[labels == c]
+        if len(members) < 2:
+            continue
+        for k, v in spreads(members).items():
+            total[k] = total.get(k, 0.0) + len(members) * v ** 2
+        counted += len(members)
+    return {k: math.sqrt(v / counted) for k, v in total.items()} if counted else {}
+
+
 def pose(theta: np.ndarray) -> dict[str, float]:
     """The mean transform, as rotation (deg), scale (a factor), translation (frame = 2)."""
     parts = decompose(theta)
@@ -134,6 +152,10 @@ class StnHealth:
     dead_fraction: float | None = None  # regressor ReLUs that never fire (None: LeakyReLU)
     undone: dict[str, float] | None = None  # rotation / scale / translation, on distorted data
     canonical_pose: dict[str, float] | None = None
+    # ``undone`` with each class's own canonical pose allowed (spreads within each class,
+    # pooled): an STN may turn every shoe to +20 degrees and every shirt to -14 degrees,
+    # which helps the classifier as much as one pose for all, yet counts against ``undone``.
+    undone_within_class: dict[str, float] | None = None
     # Undistorted images with a spread below COLLAPSE_PX: the spread on their RTS-distorted
     # copy, which decides whether theta depends on the input (None: not needed).
     rts_copy_spread_px: float | None = None
@@ -157,6 +179,10 @@ class StnHealth:
             for key in ("rotation", "scale", "translation"):
                 if key in self.undone:
                     parts.append(f"{key} undone {100 * self.undone[key]:.0f}%")
+                    within = (self.undone_within_class or {}).get(key)
+                    # Only where it tells something: the classes are mapped to different poses.
+                    if within is not None and within - self.undone[key] >= WITHIN_CLASS_SHOWN:
+                        parts[-1] += f" ({100 * within:.0f}% within each class)"
         if self.dead_fraction is not None:
             parts.append(f"dead units {100 * self.dead_fraction:.0f}%")
         if self.rts_copy_spread_px is not None:
@@ -171,6 +197,9 @@ class StnHealth:
         d["theta_spread_px"] = round(self.theta_spread_px, 4)
         if self.undone is not None:
             d["undone"] = {k: round(v, 4) for k, v in self.undone.items()}
+        if self.undone_within_class is not None:
+            d["undone_within_class"] = {k: round(v, 4)
+                                        for k, v in self.undone_within_class.items()}
         if self.rts_copy_spread_px is not None:
             d["rts_copy_spread_px"] = round(self.rts_copy_spread_px, 4)
         return d
@@ -211,9 +240,11 @@ def from_dict(d: dict[str, Any]) -> Health:
 
 
 def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = None,
-           dead_fraction: float | None = None, rts_copy: np.ndarray | None = None) -> Health:
-    """Health from thetas (N, 2, 3), optionally the applied distortions, dead units and the
-    thetas of an RTS-distorted copy of the same (undistorted) images."""
+           dead_fraction: float | None = None, rts_copy: np.ndarray | None = None,
+           labels: np.ndarray | None = None) -> Health:
+    """Health from thetas (N, 2, 3), optionally the applied distortions, dead units, the
+    thetas of an RTS-distorted copy of the same (undistorted) images and, with the applied
+    distortions, the images' class labels (for ``undone_within_class``)."""
     t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
     if len(t) < MIN_IMAGES:
         return NotMeasured(f"{len(t)} images are too few to measure theta's spread (need at "
@@ -232,6 +263,17 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
                 undone[name] = 1.0 - after[key] / before[key]
         health.undone = undone
         health.canonical_pose = pose(compose(a, t))
+        if labels is not None:
+            lab = np.asarray(labels).reshape(-1)
+            if len(lab) != len(t):
+                raise ValueError(f"{len(lab)} labels for {len(t)} thetas")
+            before_c = pooled_class_spreads(a, lab)
+            after_c = pooled_class_spreads(compose(a, t), lab)
+            health.undone_within_class = {
+                name: 1.0 - after_c[key] / before_c[key]
+                for name, key in (("rotation", "rotation_deg"), ("scale", "log_scale"),
+                                  ("translation", "translation"))
+                if before_c.get(key, 0.0) > 1e-6}
     still = health.theta_spread_px < COLLAPSE_PX
     if still and rts_copy is not None:
         health.rts_copy_spread_px = theta_spread_px(rts_copy, image_size)
@@ -254,7 +296,7 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
 
 
 def measure(model: Any, images_uint8: Any, *, applied: Any = None, rts_copy: Any = None,
-            batch: int = 500) -> Health:
+            labels: Any = None, batch: int = 500) -> Health:
     """Health of a torch STNClassifier on uint8 NCHW images (in eval mode, on its device).
 
     A still theta on undistorted images is re-judged on ``rts_copy`` (uint8 images, an
@@ -270,7 +312,9 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, rts_copy: Any
         return NotMeasured("no images to measure theta on")
     theta, dead = _thetas(model, images_uint8, batch)
     applied_np = None if applied is None else np.asarray(applied, dtype=np.float64)
-    health = assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead)
+    labels_np = None if labels is None or applied is None else np.asarray(labels)
+    health = assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead,
+                    labels=labels_np)
     if (applied is None and isinstance(health, StnHealth) and health.collapsed
             and dead != 1.0):
         if rts_copy is None:

@@ -81,6 +81,31 @@ def test_half_the_rotation_undone() -> None:
     assert "scale" not in h.undone  # nothing applied, nothing to undo
 
 
+def test_a_pose_per_class_counts_as_undone_within_each_class() -> None:
+    # What a Fashion-MNIST STN did (seed 1): every rotation undone, but shoes turned to +20
+    # degrees and clothes to -20, so the plain figure sees a spread of 20 degrees left.
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(-45, 45, 400)
+    labels = np.arange(400) % 2
+    offset = np.where(labels == 0, 20.0, -20.0)
+    theta = _rotation(-angles + offset)
+    h = assess(theta, 32, applied=_rotation(angles), labels=labels)
+    assert isinstance(h, StnHealth) and h.undone is not None and h.undone_within_class is not None
+    # Spread 20 deg after against 90 / sqrt(12) = 26 deg before: a quarter undone overall.
+    assert h.undone["rotation"] == pytest.approx(1 - 20 / (90 / math.sqrt(12)), abs=0.03)
+    assert h.undone_within_class["rotation"] == pytest.approx(1.0, abs=1e-9)
+    assert "(100% within each class)" in h.summary()
+    assert from_dict(json.loads(json.dumps(h.to_dict()))).undone_within_class == pytest.approx(
+        h.undone_within_class)
+    # One pose for all: the two figures agree, and the summary does not repeat itself.
+    same = assess(_rotation(-angles / 2), 32, applied=_rotation(angles), labels=labels)
+    assert isinstance(same, StnHealth) and same.undone and same.undone_within_class
+    assert same.undone_within_class["rotation"] == pytest.approx(same.undone["rotation"], abs=0.02)
+    assert "within each class" not in same.summary()
+    with pytest.raises(ValueError, match="3 labels for 400 thetas"):
+        assess(theta, 32, applied=_rotation(angles), labels=labels[:3])
+
+
 def test_a_runaway_theta_is_flagged_not_taken_for_a_working_stn() -> None:
     # The CIFAR-10 rts-recipe probe with the STN at 3x (benchmarks/results/cifar_stn_probes.md):
     # theta blew up to a spread of ~3,000 px and accuracy fell to chance.

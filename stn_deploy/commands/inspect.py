@@ -114,6 +114,6 @@ def _inspect_checkpoint(path: Path, data_dir: str | None) -> None:
     except StnDeployError as e:
         click.echo(f"STN health: not measured ({e})")
         return
-    health = measure(model, test.images, applied=test.applied)
+    health = measure(model, test.images, applied=test.applied, labels=test.labels)
     _echo_health(f"STN health on the {c.dataset} test split ({len(test)} images)",
                  health.to_dict())

@@ -38,7 +38,7 @@ from stn_deploy.defaults import TRAIN_OUT
                    " crop/flip and label smoothing instead of dropout, nesterov; a quarter of each "
                    "batch RTS-distorted with the pose loss, the STN on AdamW 1e-3 without decay."
                    " rts: AdamW, the "
-                   "STN at 3x the rate without weight decay, fresh distortions each epoch with "
+                   "STN at the full rate without weight decay, fresh distortions each epoch with "
                    "a quarter of the images left undistorted. "
                    "auto: rts with --distort, else seed.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)

@@ -113,7 +113,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         lines += [f"FP32 ONNX on the {note}:", *report.lines()]
         if not report.passed:
             raise verification_failed("FP32", lines)
-        health = measure(model, test.images, applied=test.applied)
+        health = measure(model, test.images, applied=test.applied, labels=test.labels)
         lines.append(f"STN health on the {note}: {health.summary()}")
         lines += [f"warning: {w}" for w in getattr(health, "warnings", [])]
         final = fp32
