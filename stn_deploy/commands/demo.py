@@ -16,7 +16,7 @@ def _step(title: str, args: list[str]) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="export/demo",
               show_default=True, help="Folder for the checkpoint, exported models and reports.")
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True,
-              help="20: the rts recipe's STN has taken off by then (64% of the rotation undone).")
+              help="20: the rts recipe's STN has taken off by then (66% of the rotation undone).")
 @click.option("--opset", type=click.IntRange(16), default=16, show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer epochs and iterations (a smoke run).")
 def demo(out_dir: str, epochs: int, opset: int, quick: bool) -> None:
