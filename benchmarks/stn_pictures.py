@@ -18,7 +18,7 @@ from pathlib import Path
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import model_split
 from stn_deploy.errors import StnDeployError
-from stn_deploy.health import measure
+from stn_deploy.health import measure_set
 from stn_deploy.train import rts_test_copy
 from stn_deploy.viz import save_transforms
 
@@ -38,12 +38,12 @@ def main() -> None:
         test = model_split(ckpt.config, "test", args.data_dir, seed=seed)
     except StnDeployError as e:
         raise SystemExit(f"Error: {e}") from None
-    health = measure(model, test.images, applied=test.applied, labels=test.labels)
+    health = measure_set(model, test)
     save_transforms(model, test, RESULTS / f"{args.name}_transforms.png", health=health)
     print(f"test split ({ckpt.epoch} epochs): {health.summary()}")
     if test.applied is None:  # the copy train's --rts-augment probe measures
         probe = rts_test_copy(test, seed)
-        health_rts = measure(model, probe.images, applied=probe.applied, labels=probe.labels)
+        health_rts = measure_set(model, probe)
         save_transforms(model, probe, RESULTS / f"{args.name}_transforms_rts.png",
                         health=health_rts, distort="test split RTS-distorted (--rts-augment)")
         print(f"test split RTS-distorted: {health_rts.summary()}")

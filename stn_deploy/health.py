@@ -106,6 +106,17 @@ def pooled_class_spreads(theta: np.ndarray, labels: np.ndarray) -> dict[str, flo
     return {k: math.sqrt(v / counted) for k, v in total.items()} if counted else {}
 
 
+# The components "undone" is reported for: (name in ``undone``, key in ``spreads``).
+UNDONE_PARTS = (("rotation", "rotation_deg"), ("scale", "log_scale"),
+                ("translation", "translation"))
+
+
+def _undone(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """1 - spread after / spread before, for each component that was distorted at all."""
+    return {name: 1.0 - after[key] / before[key] for name, key in UNDONE_PARTS
+            if before.get(key, 0.0) > 1e-6}
+
+
 def pose(theta: np.ndarray) -> dict[str, float]:
     """The mean transform, as rotation (deg), scale (a factor), translation (frame = 2)."""
     parts = decompose(theta)
@@ -255,25 +266,15 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
         a = np.asarray(applied, dtype=np.float64).reshape(-1, 2, 3)
         if len(a) != len(t):
             raise ValueError(f"{len(a)} applied transforms for {len(t)} thetas")
-        before, after = spreads(a), spreads(compose(a, t))
-        undone = {}
-        for name, key in (("rotation", "rotation_deg"), ("scale", "log_scale"),
-                          ("translation", "translation")):
-            if before[key] > 1e-6:
-                undone[name] = 1.0 - after[key] / before[key]
-        health.undone = undone
-        health.canonical_pose = pose(compose(a, t))
+        composed = compose(a, t)
+        health.undone = _undone(spreads(a), spreads(composed))
+        health.canonical_pose = pose(composed)
         if labels is not None:
             lab = np.asarray(labels).reshape(-1)
             if len(lab) != len(t):
                 raise ValueError(f"{len(lab)} labels for {len(t)} thetas")
-            before_c = pooled_class_spreads(a, lab)
-            after_c = pooled_class_spreads(compose(a, t), lab)
-            health.undone_within_class = {
-                name: 1.0 - after_c[key] / before_c[key]
-                for name, key in (("rotation", "rotation_deg"), ("scale", "log_scale"),
-                                  ("translation", "translation"))
-                if before_c.get(key, 0.0) > 1e-6}
+            health.undone_within_class = _undone(pooled_class_spreads(a, lab),
+                                                 pooled_class_spreads(composed, lab))
     still = health.theta_spread_px < COLLAPSE_PX
     if still and rts_copy is not None:
         health.rts_copy_spread_px = theta_spread_px(rts_copy, image_size)
@@ -312,9 +313,8 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, rts_copy: Any
         return NotMeasured("no images to measure theta on")
     theta, dead = _thetas(model, images_uint8, batch)
     applied_np = None if applied is None else np.asarray(applied, dtype=np.float64)
-    labels_np = None if labels is None or applied is None else np.asarray(labels)
     health = assess(theta, model.config.image_size, applied=applied_np, dead_fraction=dead,
-                    labels=labels_np)
+                    labels=None if labels is None else np.asarray(labels))
     if (applied is None and isinstance(health, StnHealth) and health.collapsed
             and dead != 1.0):
         if rts_copy is None:
@@ -322,6 +322,12 @@ def measure(model: Any, images_uint8: Any, *, applied: Any = None, rts_copy: Any
         copy, _ = _thetas(model, rts_copy, batch)
         health = assess(theta, model.config.image_size, dead_fraction=dead, rts_copy=copy)
     return health
+
+
+def measure_set(model: Any, split: Any, *, rts_copy: Any = None) -> Health:
+    """``measure`` on an ImageSet: its images, their known distortions and labels."""
+    return measure(model, split.images, applied=split.applied, labels=split.labels,
+                   rts_copy=rts_copy)
 
 
 def _thetas(model: Any, images_uint8: Any, batch: int) -> tuple[np.ndarray, float | None]:

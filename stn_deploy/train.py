@@ -27,7 +27,7 @@ from stn_deploy.data import (TEST_SEED_OFFSET, DataBundle, ImageSet, distort, no
                              rts_thetas, warp_images)
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
-from stn_deploy.health import Health, measure
+from stn_deploy.health import Health, measure_set
 from stn_deploy.model import STNClassifier, build_model, compose_thetas, count_parameters
 
 # NHWC activations: oneDNN's convolutions (forward and backward) run about 1.3x faster in it
@@ -502,8 +502,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         test_loss, test_acc = evaluate(kept, bundle.test, config, device, dist_info=d)
         raw = {} if ema is None else {"raw_test_acc": round(
             evaluate(model, bundle.test, config, device, dist_info=d)[1], 5)}
-        health = measure(kept, bundle.test.images, applied=bundle.test.applied,
-                         rts_copy=copy_images, labels=bundle.test.labels)
+        health = measure_set(kept, bundle.test, rts_copy=copy_images)
         row = {
             "epoch": epoch,
             "train_loss": round(float(train_stats[0] / train_stats[2]), 5),
@@ -519,7 +518,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
         }
         if probe is not None:
             row["rts_test_acc"] = round(evaluate(kept, probe, config, device, dist_info=d)[1], 5)
-            health_rts = measure(kept, probe.images, applied=probe.applied, labels=probe.labels)
+            health_rts = measure_set(kept, probe)
             row["stn_rts"] = health_rts.headline()
         history.append(row)
         if d.main:
@@ -538,11 +537,10 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                               f"{health_rts.summary()}" if health_rts is not None else ""))
     # The last epoch already measured the final weights; only a run with no epoch left to
     # train (a resume at its --stop-after) measures here.
-    final = health if last_epoch >= start_epoch else measure(
-        kept, bundle.test.images, applied=bundle.test.applied, rts_copy=copy_images,
-        labels=bundle.test.labels)
+    final = health if last_epoch >= start_epoch else measure_set(
+        kept, bundle.test, rts_copy=copy_images)
     if probe is not None and health_rts is None:
-        health_rts = measure(kept, probe.images, applied=probe.applied, labels=probe.labels)
+        health_rts = measure_set(kept, probe)
     if d.main:
         from stn_deploy.viz import save_curves, save_transforms
 

@@ -94,7 +94,7 @@ def _inspect_checkpoint(path: Path, data_dir: str | None) -> None:
     from stn_deploy.checkpoint import load_checkpoint
     from stn_deploy.data import model_split
     from stn_deploy.errors import StnDeployError
-    from stn_deploy.health import measure
+    from stn_deploy.health import measure_set
 
     ckpt = load_checkpoint(path)
     model = ckpt.model()
@@ -114,6 +114,6 @@ def _inspect_checkpoint(path: Path, data_dir: str | None) -> None:
     except StnDeployError as e:
         click.echo(f"STN health: not measured ({e})")
         return
-    health = measure(model, test.images, applied=test.applied, labels=test.labels)
+    health = measure_set(model, test)
     _echo_health(f"STN health on the {c.dataset} test split ({len(test)} images)",
                  health.to_dict())

@@ -67,7 +67,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
     from stn_deploy.export.verify import (TOLERANCES, torch_reference, verification_data,
                                           verify_file)
     from stn_deploy.fileio import write_text_atomic
-    from stn_deploy.health import measure
+    from stn_deploy.health import measure_set
 
     target = req.target or ("tensorrt" if req.format == "engine" else "onnxruntime")
     if req.format == "engine":
@@ -113,7 +113,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         lines += [f"FP32 ONNX on the {note}:", *report.lines()]
         if not report.passed:
             raise verification_failed("FP32", lines)
-        health = measure(model, test.images, applied=test.applied, labels=test.labels)
+        health = measure_set(model, test)
         lines.append(f"STN health on the {note}: {health.summary()}")
         lines += [f"warning: {w}" for w in getattr(health, "warnings", [])]
         final = fp32
