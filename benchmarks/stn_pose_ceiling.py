@@ -13,7 +13,9 @@ distorted (theta_d), and reports per component
 - ``undone, own pose aside``: 1 - spread(D then theta_d, minus theta_u per image) / spread(D):
   how far the STN maps each distorted image to where it maps that image undistorted;
 - ``undone within each class``: the health figure with each class's own canonical pose
-  allowed (spreads within each class, pooled).
+  allowed (spreads within each class, pooled);
+- the classes' mean rotations after distortion and STN: one canonical pose for all, or one
+  per class.
 
 Usage: python benchmarks/stn_pose_ceiling.py CHECKPOINT [CHECKPOINT ...] --name NAME
            [--labels A,B,...]
@@ -96,6 +98,10 @@ def analyse(path: str) -> dict[str, Any]:
                            "images": len(clean), "applied_spread": before,
                            "composed_spread": after, "own_pose_spread": own_spread,
                            "composed_minus_own_spread": aside, "health": health.to_dict()}
+    # Where each class ends up: one canonical pose for all, or one per class.
+    labels = distorted.labels.numpy()
+    row["class_rotation_deg"] = [round(float(_wrap(composed["rotation_deg"][labels == c]).mean()), 1)
+                                 for c in range(int(labels.max()) + 1)]
     within = health.undone_within_class if isinstance(health, StnHealth) else None
     for key, name in (("rotation_deg", "rotation"), ("log_scale", "scale")):
         row[f"{name}_undone"] = 1 - after[key] / before[key]
@@ -128,8 +134,9 @@ def main() -> None:
           "scale as std of log scale", "",
           "| checkpoint | seed | test acc | applied rot / scale | STN on undistorted: rot / "
           "scale | rotation undone | scale undone | rotation undone, own pose aside | scale "
-          "undone, own pose aside | rotation / scale undone within each class |",
-          "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
+          "undone, own pose aside | rotation / scale undone within each class | the classes' "
+          "mean rotations (deg) |",
+          "|---|---:|---:|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         a, o = r["applied_spread"], r["own_pose_spread"]
         acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
@@ -139,7 +146,8 @@ def main() -> None:
                   f"{100 * r['rotation_undone_own_pose_aside']:.0f}% | "
                   f"{100 * r['scale_undone_own_pose_aside']:.0f}% | "
                   f"{_pct(r['rotation_undone_within_class'])} / "
-                  f"{_pct(r['scale_undone_within_class'])} |")
+                  f"{_pct(r['scale_undone_within_class'])} | "
+                  f"{' '.join(f'{d:+.0f}' for d in r['class_rotation_deg'])} |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

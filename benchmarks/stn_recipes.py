@@ -100,6 +100,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # (epoch 11: theta spread 2,323 px, accuracy 10%); the same at 1x: train's default for
     # --distort data since 2026-12-01 (second change).
     "rts-2pass-1x": ("rts", {"stn_lr_scale": 1.0}, {"loc_net": "large", "stn_passes": 2}),
+    # The same with --stn-warp-penalty: seed 1 of that Fashion-MNIST schedule mapped clothes
+    # and footwear to poses of their own (-14 and +20 degrees); a charge on the warp prefers
+    # one upright pose.
+    "rts-2pass-1x-warp0.1": ("rts", {"stn_lr_scale": 1.0, "stn_warp_penalty": 0.1},
+                             {"loc_net": "large", "stn_passes": 2}),
     "improved-stnadam-affine15-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
                                                      "stn_weight_decay": 0.0, "affine_deg": 15.0,
                                                      "affine_scale": 0.1}, {"loc_act": "leaky"}),

@@ -175,11 +175,13 @@ class StnHealth:
 
     def headline(self) -> dict[str, float | None]:
         """The few figures that go into epoch lines, metrics.json and tables."""
-        undone = self.undone or {}
+        undone, within = self.undone or {}, self.undone_within_class or {}
         return {"theta_spread_px": round(self.theta_spread_px, 3),
                 "dead_fraction": None if self.dead_fraction is None else round(self.dead_fraction, 3),
                 "rotation_undone": _r(undone.get("rotation")),
                 "scale_undone": _r(undone.get("scale")),
+                # Per epoch: whether the classes drift to poses of their own.
+                "rotation_undone_within_class": _r(within.get("rotation")),
                 "collapsed": self.collapsed}
 
     def summary(self) -> str:

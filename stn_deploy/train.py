@@ -82,6 +82,7 @@ class TrainOptions:
     affine_scale: float = 0.0  # random zoom within 1 +- this, per image and step
     rts_augment: float = 0.0  # this share of each batch gets a fresh --distort rts distortion
     stn_pose_loss: float = 0.0  # weight of pose_loss on the --rts-augment batches (0: off)
+    stn_warp_penalty: float = 0.0  # weight of warp_penalty on every batch (0: off)
     stn_lr_scale: float = 0.1  # the STN's LR relative to the rest
     optimizer: str = "sgd"  # sgd (momentum, nesterov as set) or adam (AdamW: decoupled decay)
     stn_optimizer: str | None = None  # None: the same as optimizer; else the STN's own
@@ -110,9 +111,9 @@ class TrainOptions:
         return cls(recipe=recipe, **values)
 
     def without_stn(self) -> "TrainOptions":
-        """The same recipe for the classifier-only ablation (--no-stn): the pose loss has no
-        STN to tell what to undo; the rest, RTS augmentation included, stays."""
-        return replace(self, stn_pose_loss=0.0)
+        """The same recipe for the classifier-only ablation (--no-stn): the pose loss and the warp
+        penalty have no STN to act on; the rest, RTS augmentation included, stays."""
+        return replace(self, stn_pose_loss=0.0, stn_warp_penalty=0.0)
 
 
 def affine_batch(x: Tensor, generator: torch.Generator, max_deg: float,
@@ -156,6 +157,18 @@ def pose_loss(applied: Tensor, theta: Tensor) -> Tensor:
     m = compose_thetas(applied.to(theta), theta) - eye
     # Over p uniform in [-1, 1]^2: E|M [p; 1]|^2 = (|m_x|^2 + |m_y|^2) / 3 + |m_t|^2.
     return ((m[:, :, :2] ** 2).sum((1, 2)) / 3 + (m[:, :, 2] ** 2).sum(1)).mean()
+
+
+def warp_penalty(theta: Tensor) -> Tensor:
+    """The pose loss against no distortion: how far theta moves the sampling points.
+
+    A prior for the smallest warp that serves the classifier. Undoing a zero-mean distortion
+    costs least when the canonical pose is the upright one; mapping a class to a pose of its
+    own costs its offset squared on top, which the classification loss alone never charges
+    (a Fashion-MNIST seed turned clothes and footwear opposite ways).
+    """
+    eye = torch.eye(2, 3, dtype=theta.dtype, device=theta.device)
+    return pose_loss(eye.expand(len(theta), 2, 3), theta)
 
 
 def rts_probe(bundle: DataBundle, opts: TrainOptions) -> ImageSet | None:
@@ -395,6 +408,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
     if opts.stn_pose_loss and not (opts.rts_augment and bundle.config.use_stn):
         raise StnDeployError("--stn-pose-loss needs --rts-augment and an STN: it tells the STN "
                              "to undo the distortions --rts-augment applies")
+    if opts.stn_warp_penalty and not bundle.config.use_stn:
+        raise StnDeployError("--stn-warp-penalty needs an STN: it charges the STN's warp")
     device = resolve_device(opts.device)
     d = _init_distributed(device)
     config = replace(bundle.config, dropout=opts.dropout)
@@ -476,11 +491,15 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             x = normalize(xb.to(device, non_blocking=True), config).contiguous(
                 memory_format=_LAYOUT)
             y = train_set.labels[sel].to(device, non_blocking=True)
-            if opts.stn_pose_loss and applied is not None:
+            if (opts.stn_pose_loss and applied is not None) or opts.stn_warp_penalty:
                 logits, theta = net(x, with_theta=True)
-                pose = pose_loss(applied, theta)
-                loss = criterion(logits, y) + opts.stn_pose_loss * pose
-                pose_sum += pose.detach().double().cpu() * len(sel)
+                loss = criterion(logits, y)
+                if opts.stn_pose_loss and applied is not None:
+                    pose = pose_loss(applied, theta)
+                    loss = loss + opts.stn_pose_loss * pose
+                    pose_sum += pose.detach().double().cpu() * len(sel)
+                if opts.stn_warp_penalty:
+                    loss = loss + opts.stn_warp_penalty * warp_penalty(theta)
             else:
                 logits = net(x)
                 loss = criterion(logits, y)

@@ -86,19 +86,29 @@ def test_pose_loss_without_rts_augment_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_warp_penalty_without_an_stn_is_one_line(tmp_path: Path) -> None:
+    proc = run("train", "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet", "--no-stn",
+               "--stn-warp-penalty", "0.1")
+    assert proc.returncode == 1
+    assert "--stn-warp-penalty needs an STN" in _one_error_line(proc)
+    assert not (tmp_path / "o").exists()
+
+
 def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:
     """--recipe rts names optimizer settings; its distortion options are moot without --distort.
 
-    Also --affine: it reaches the training options saved in the checkpoint."""
+    Also --affine and the STN losses: they reach the training options saved in the checkpoint."""
     from stn_deploy.checkpoint import load_checkpoint
 
     result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path),
                                       "--quiet", "--recipe", "rts", "--affine", "10", "0.1",
-                                      "--rts-augment", "0.5", "--stn-pose-loss", "0.5"])
+                                      "--rts-augment", "0.5", "--stn-pose-loss", "0.5",
+                                      "--stn-warp-penalty", "0.05"])
     assert result.exit_code == 0, result.output
     args = load_checkpoint(tmp_path / "last.pt").train_args
     assert (args["affine_deg"], args["affine_scale"], args["clean_fraction"],
-            args["rts_augment"], args["stn_pose_loss"]) == (10.0, 0.1, 0.25, 0.5, 0.5)
+            args["rts_augment"], args["stn_pose_loss"],
+            args["stn_warp_penalty"]) == (10.0, 0.1, 0.25, 0.5, 0.5, 0.05)
     result = CliRunner().invoke(cli, ["train", "--affine", "10", "1.5"])
     assert result.exit_code == 2 and "--affine" in result.output
 

@@ -20,7 +20,7 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
                                displacement_px, from_dict, measure)
 from stn_deploy.model import build_model, compose_thetas
-from stn_deploy.train import TrainOptions, pose_loss, train
+from stn_deploy.train import TrainOptions, pose_loss, train, warp_penalty
 
 
 def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
@@ -95,6 +95,7 @@ def test_a_pose_per_class_counts_as_undone_within_each_class() -> None:
     assert h.undone["rotation"] == pytest.approx(1 - 20 / (90 / math.sqrt(12)), abs=0.03)
     assert h.undone_within_class["rotation"] == pytest.approx(1.0, abs=1e-9)
     assert "(100% within each class)" in h.summary()
+    assert h.headline()["rotation_undone_within_class"] == pytest.approx(1.0)  # epoch history
     assert from_dict(json.loads(json.dumps(h.to_dict()))).undone_within_class == pytest.approx(
         h.undone_within_class)
     # One pose for all: the two figures agree, and the summary does not repeat itself.
@@ -277,6 +278,25 @@ def test_pose_loss_is_zero_exactly_when_the_stn_undoes_the_distortion() -> None:
     expect = (moved ** 2).sum(-1).mean()
     assert float(pose_loss(applied.double(), eye.double())) == pytest.approx(float(expect),
                                                                              rel=1e-2)
+
+
+def test_warp_penalty_charges_a_pose_per_class_beyond_the_upright_one() -> None:
+    """The STN undoing zero-mean rotations to upright, against the same STN turning two
+    classes to -14 and +20 degrees (Fashion-MNIST seed 1): the penalty is the rotation's
+    mean squared displacement, 4 (1 - cos a) / 3, and the offsets cost their share on top."""
+    rng = np.random.default_rng(0)
+    applied = rng.normal(0.0, 26.0, 4000)
+    applied -= applied.mean()
+    offset = np.where(np.arange(4000) % 2 == 0, -14.0, 20.0)
+
+    def penalty(deg: np.ndarray) -> float:
+        return float(warp_penalty(torch.from_numpy(_rotation(deg))))
+
+    assert penalty(np.zeros(4)) == pytest.approx(0.0, abs=1e-12)
+    assert penalty(np.full(4, 30.0)) == pytest.approx(4 * (1 - math.cos(math.radians(30))) / 3)
+    upright, own_poses = penalty(-applied), penalty(offset - applied)
+    assert own_poses > 1.2 * upright
+    assert own_poses == pytest.approx(np.mean(4 * (1 - np.cos(np.radians(offset - applied))) / 3))
 
 
 def test_pose_loss_makes_the_stn_undo_the_augmentation_it_is_told_about(

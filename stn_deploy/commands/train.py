@@ -59,6 +59,10 @@ from stn_deploy.defaults import TRAIN_OUT
               help="With --rts-augment: also tell the STN to undo each distortion it applied "
                    "(its known transform), at this weight beside the classification loss "
                    "[default: by recipe].")
+@click.option("--stn-warp-penalty", type=click.FloatRange(0), default=None, metavar="WEIGHT",
+              help="Charge the STN for how far it moves the sampling points, at this weight: "
+                   "a prior for one upright canonical pose rather than one per class "
+                   "[default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
@@ -99,7 +103,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           stn_passes: int | None, align_corners: bool, recipe: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
           affine: tuple[float, float] | None, rts_augment: float | None,
-          stn_pose_loss: float | None,
+          stn_pose_loss: float | None, stn_warp_penalty: float | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
           stn_optimizer: str | None, stn_lr: float | None,
           stn_weight_decay: float | None, weight_decay: float | None,
@@ -128,13 +132,15 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     affine_deg=affine[0] if affine else None,
                                     affine_scale=affine[1] if affine else None,
                                     rts_augment=rts_augment, stn_pose_loss=stn_pose_loss,
+                                    stn_warp_penalty=stn_warp_penalty,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
                                     stn_optimizer=stn_optimizer, stn_lr=stn_lr,
                                     stn_weight_decay=stn_weight_decay,
                                     weight_decay=weight_decay, redistort=redistort,
                                     clean_fraction=clean_fraction, ema=ema, seed=seed,
                                     device=device, quiet=quiet, stop_after=stop_after)
-    if no_stn and stn_pose_loss is None:  # the recipe's pose loss; one asked for is refused
+    # The recipe's STN losses go; one asked for is refused.
+    if no_stn and stn_pose_loss is None and stn_warp_penalty is None:
         opts = opts.without_stn()
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
