@@ -38,6 +38,7 @@ from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import (CANVAS_FACTOR, TEST_SEED_OFFSET, load_split, normalize, prepare,
                              warp_images)
 from stn_deploy.errors import StnDeployError
+from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import StnHealth, compose, decompose, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,8 +129,9 @@ def main() -> None:
     doc = {"date": datetime.date.today().isoformat(),
            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"stn_pose_ceiling_{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    # Not with_suffix: a name such as "warp0.1_seed1" has a dot of its own.
+    stem = f"stn_pose_ceiling_{args.name}"
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(doc, indent=2) + "\n")
     md = [f"STN pose ceiling ({doc['date']}, {doc['machine']}); spreads: rotation in degrees, "
           "scale as std of log scale", "",
           "| checkpoint | seed | test acc | applied rot / scale | STN on undistorted: rot / "
@@ -148,7 +150,7 @@ def main() -> None:
                   f"{_pct(r['rotation_undone_within_class'])} / "
                   f"{_pct(r['scale_undone_within_class'])} | "
                   f"{' '.join(f'{d:+.0f}' for d in r['class_rotation_deg'])} |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

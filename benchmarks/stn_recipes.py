@@ -27,6 +27,7 @@ import torch
 
 from stn_deploy.backends.base import cpu_name
 from stn_deploy.data import load_dataset
+from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import StnHealth
 from stn_deploy.train import TrainOptions, train
 
@@ -225,8 +226,9 @@ def write(args: argparse.Namespace, seeds: list[int], rows: list[dict[str, Any]]
                                             "model": VARIANTS[v][2]} for v in variants},
            "summary": summary, "runs": rows}
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"stn_recipes_{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    # Not with_suffix: a name such as "warp0.1_seed1" has a dot of its own.
+    stem = f"stn_recipes_{args.name}"
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(doc, indent=2) + "\n")
     md = [f"{args.dataset}, --distort {args.distort}, {args.epochs} epochs, seeds {args.seeds}"
           f" ({doc['date']}, {doc['machine']})", "",
           "| variant | runs | test accuracy (mean, min-max) | rotation undone | scale undone | "
@@ -237,7 +239,7 @@ def write(args: argparse.Namespace, seeds: list[int], rows: list[dict[str, Any]]
                   f"({100 * s['min_test_acc']:.2f}-{100 * s['max_test_acc']:.2f}) | "
                   f"{_pct(s['mean_rotation_undone'])} | {_pct(s['mean_scale_undone'])} | "
                   f"{spread} |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":
