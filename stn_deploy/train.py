@@ -491,18 +491,15 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             x = normalize(xb.to(device, non_blocking=True), config).contiguous(
                 memory_format=_LAYOUT)
             y = train_set.labels[sel].to(device, non_blocking=True)
-            if (opts.stn_pose_loss and applied is not None) or opts.stn_warp_penalty:
-                logits, theta = net(x, with_theta=True)
-                loss = criterion(logits, y)
-                if opts.stn_pose_loss and applied is not None:
-                    pose = pose_loss(applied, theta)
-                    loss = loss + opts.stn_pose_loss * pose
-                    pose_sum += pose.detach().double().cpu() * len(sel)
-                if opts.stn_warp_penalty:
-                    loss = loss + opts.stn_warp_penalty * warp_penalty(theta)
-            else:
-                logits = net(x)
-                loss = criterion(logits, y)
+            # theta comes with the logits at no cost: the STN computes it anyway.
+            logits, theta = net(x, with_theta=True)
+            loss = criterion(logits, y)
+            if opts.stn_pose_loss and applied is not None:
+                pose = pose_loss(applied, theta)
+                loss = loss + opts.stn_pose_loss * pose
+                pose_sum += pose.detach().double().cpu() * len(sel)
+            if opts.stn_warp_penalty:
+                loss = loss + opts.stn_warp_penalty * warp_penalty(theta)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
