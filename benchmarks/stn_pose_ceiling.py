@@ -39,7 +39,7 @@ from stn_deploy.data import (CANVAS_FACTOR, TEST_SEED_OFFSET, load_split, normal
                              warp_images)
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import write_text_atomic
-from stn_deploy.health import StnHealth, compose, decompose, measure
+from stn_deploy.health import StnHealth, compose, decompose, measure, pct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,10 +57,6 @@ def _spread(parts: dict[str, np.ndarray]) -> dict[str, float]:
     rot = _wrap(parts["rotation_deg"] - parts["rotation_deg"].mean())
     return {"rotation_deg": float(np.sqrt((rot ** 2).mean())),
             "log_scale": float(parts["log_scale"].std())}
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def analyse(path: str) -> dict[str, Any]:
@@ -144,11 +140,11 @@ def main() -> None:
         acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
         md.append(f"| {r['label']} | {r['seed']} | {acc} | {a['rotation_deg']:.1f} / "
                   f"{a['log_scale']:.3f} | {o['rotation_deg']:.1f} / {o['log_scale']:.3f} | "
-                  f"{100 * r['rotation_undone']:.0f}% | {100 * r['scale_undone']:.0f}% | "
-                  f"{100 * r['rotation_undone_own_pose_aside']:.0f}% | "
-                  f"{100 * r['scale_undone_own_pose_aside']:.0f}% | "
-                  f"{_pct(r['rotation_undone_within_class'])} / "
-                  f"{_pct(r['scale_undone_within_class'])} | "
+                  f"{pct(r['rotation_undone'])} | {pct(r['scale_undone'])} | "
+                  f"{pct(r['rotation_undone_own_pose_aside'])} | "
+                  f"{pct(r['scale_undone_own_pose_aside'])} | "
+                  f"{pct(r['rotation_undone_within_class'])} / "
+                  f"{pct(r['scale_undone_within_class'])} | "
                   f"{' '.join(f'{d:+.0f}' for d in r['class_rotation_deg'])} |")
     write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
     print("\n".join(md))

@@ -28,7 +28,7 @@ import torch
 from stn_deploy.backends.base import cpu_name
 from stn_deploy.data import load_dataset
 from stn_deploy.fileio import write_text_atomic
-from stn_deploy.health import StnHealth
+from stn_deploy.health import StnHealth, pct
 from stn_deploy.train import TrainOptions, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -160,10 +160,6 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
     return row
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--name", required=True)
@@ -195,9 +191,9 @@ def main() -> None:
             h = row.get("health", {})
             print(f"{variant} seed={seed}: {100 * row['test_acc']:.2f}%  "
                   f"spread {h.get('theta_spread_px', 0):.2f}px  "
-                  f"rot undone {_pct((h.get('undone') or {}).get('rotation'))}  "
-                  f"scale undone {_pct((h.get('undone') or {}).get('scale'))}  "
-                  f"dead {_pct(h.get('dead_fraction'))}  ({row['minutes']} min)", flush=True)
+                  f"rot undone {pct((h.get('undone') or {}).get('rotation'))}  "
+                  f"scale undone {pct((h.get('undone') or {}).get('scale'))}  "
+                  f"dead {pct(h.get('dead_fraction'))}  ({row['minutes']} min)", flush=True)
             write(args, seeds, rows)  # after every run: a long sweep keeps what it has
 
 
@@ -237,7 +233,7 @@ def write(args: argparse.Namespace, seeds: list[int], rows: list[dict[str, Any]]
         spread = "-" if s["mean_theta_spread_px"] is None else f"{s['mean_theta_spread_px']:.2f} px"
         md.append(f"| {v} | {s['runs']} | {100 * s['mean_test_acc']:.2f}% "
                   f"({100 * s['min_test_acc']:.2f}-{100 * s['max_test_acc']:.2f}) | "
-                  f"{_pct(s['mean_rotation_undone'])} | {_pct(s['mean_scale_undone'])} | "
+                  f"{pct(s['mean_rotation_undone'])} | {pct(s['mean_scale_undone'])} | "
                   f"{spread} |")
     write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
 

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stn_deploy.health import pct
+
 HERE = Path(__file__).resolve().parent / "results"
 # What each probe changed from the improved recipe (SGD, STN at 0.1x with weight decay 5e-4).
 CHANGES = {
@@ -42,10 +44,6 @@ CHANGES = {
 DATES = {name: "2026-12-01" for name in CHANGES if "-leaky" in name or "-130ep" in name}
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
-
-
 def _shown(history: list[dict]) -> tuple[list[dict], bool]:
     """Every epoch of a short probe; of a long run the first five, every tenth and the last."""
     if len(history) <= 10:
@@ -70,9 +68,9 @@ def main() -> None:
         shown, labelled = _shown(history)
         spreads = _series(shown, labelled, lambda h: f"{h['stn']['theta_spread_px']:.3f}")
         # None: LeakyReLU units, which cannot die.
-        dead = _series(shown, labelled, lambda h: _pct(h["stn"]["dead_fraction"]))
+        dead = _series(shown, labelled, lambda h: pct(h["stn"]["dead_fraction"]))
         rts = _series([h for h in shown if "stn_rts" in h], labelled, lambda h: (
-            f"{_pct(h['stn_rts']['rotation_undone'])} / {_pct(h['stn_rts']['scale_undone'])}"))
+            f"{pct(h['stn_rts']['rotation_undone'])} / {pct(h['stn_rts']['scale_undone'])}"))
         rows.append(f"| {name} | {CHANGES.get(name, '?')} | {DATES.get(name, '2026-11-25')} | "
                     f"{len(history)} of {doc['options']['epochs']} | {spreads} | {dead} | "
                     f"{rts or '-'} | {100 * history[-1]['test_acc']:.2f}% |")

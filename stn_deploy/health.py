@@ -47,6 +47,11 @@ RTS_COPY_SEED = 20_151
 COMPONENTS = ("rotation_deg", "log_scale", "log_aniso", "shear", "tx", "ty")
 
 
+def pct(fraction: float | None) -> str:
+    """A fraction as whole percent, '-' where it was not measured: how every report shows them."""
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def decompose(theta: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image rotation (degrees), log isotropic scale, log anisotropy, shear, translation.
 
@@ -191,13 +196,13 @@ class StnHealth:
         if self.undone:
             for key in ("rotation", "scale", "translation"):
                 if key in self.undone:
-                    parts.append(f"{key} undone {100 * self.undone[key]:.0f}%")
+                    parts.append(f"{key} undone {pct(self.undone[key])}")
                     within = (self.undone_within_class or {}).get(key)
                     # Only where it tells something: the classes are mapped to different poses.
                     if within is not None and within - self.undone[key] >= WITHIN_CLASS_SHOWN:
-                        parts[-1] += f" ({100 * within:.0f}% within each class)"
+                        parts[-1] += f" ({pct(within)} within each class)"
         if self.dead_fraction is not None:
-            parts.append(f"dead units {100 * self.dead_fraction:.0f}%")
+            parts.append(f"dead units {pct(self.dead_fraction)}")
         if self.rts_copy_spread_px is not None:
             parts.append(f"{self.rts_copy_spread_px:.2f} px on an RTS-distorted copy")
         if self.collapsed:
@@ -293,7 +298,7 @@ def assess(theta: np.ndarray, image_size: int, *, applied: np.ndarray | None = N
             f"theta has run away: sampling points spread by {health.theta_spread_px:.0f} px "
             f"across images, more than the {image_size}-pixel frame")
     elif dead_fraction is not None and dead_fraction > DEAD_WARN:
-        health.warnings.append(f"{100 * dead_fraction:.0f}% of the STN regressor's hidden units "
+        health.warnings.append(f"{pct(dead_fraction)} of the STN regressor's hidden units "
                                "never fire")
     return health
 

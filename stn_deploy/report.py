@@ -57,6 +57,7 @@ from typing import Any
 
 from stn_deploy.fileio import atomic_path, write_text_atomic
 from stn_deploy.harness import BUSY_WARN_PCT
+from stn_deploy.health import pct
 
 SCHEMA_VERSION = 1
 
@@ -164,7 +165,7 @@ def stn_text(health: dict[str, Any] | None) -> str:
     text = f"{health['theta_spread_px']:.2f} px"
     rotation = (health.get("undone") or {}).get("rotation")
     if rotation is not None:
-        text += f", rot {100 * rotation:.0f}% undone"
+        text += f", rot {pct(rotation)} undone"
     return f"COLLAPSED ({text})" if health.get("collapsed") else text
 
 
