@@ -181,6 +181,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
 def stn_advice(health: object, opts: object, config: object) -> str | None:
     """One warning that says what is wrong with the STN and what to try, or None."""
     from stn_deploy.health import StnHealth
+    from stn_deploy.train import RECIPES
 
     if not isinstance(health, StnHealth) or not health.warnings:
         return None
@@ -195,8 +196,10 @@ def stn_advice(health: object, opts: object, config: object) -> str | None:
     if (health.dead_fraction or 0) > 0.5 and getattr(config, "loc_act", "relu") == "relu":
         tries.append("--loc-act leaky (units that cannot die)")
     if getattr(opts, "optimizer", "sgd") == "sgd":
-        tries.append("--optimizer adam --lr 1e-3 --stn-lr-scale 3 --stn-weight-decay 0 (the "
-                     "rts recipe's STN settings)")
+        rts = RECIPES["rts"]  # read here, so the advice follows the recipe
+        tries.append(f"--optimizer {rts['optimizer']} --lr {rts['lr']:g} --stn-lr-scale "
+                     f"{rts['stn_lr_scale']:g} --stn-weight-decay {rts['stn_weight_decay']:g} "
+                     "(the rts recipe's STN settings)")
     if getattr(opts, "redistort", True) is False:
         tries.append("--redistort (with --distort)")
     if loc_net != "large":
