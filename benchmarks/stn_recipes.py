@@ -106,6 +106,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # one upright pose.
     "rts-2pass-1x-warp0.1": ("rts", {"stn_lr_scale": 1.0, "stn_warp_penalty": 0.1},
                              {"loc_net": "large", "stn_passes": 2}),
+    # On the digits that charge held one seed's take-off back (epoch 20 -> 25, 37% of the
+    # scale undone): the same, from the epoch after the training thetas first spread 2 px.
+    "rts-2pass-1x-warp0.1-from2px": ("rts", {"stn_lr_scale": 1.0, "stn_warp_penalty": 0.1,
+                                             "stn_warp_from_px": 2.0},
+                                     {"loc_net": "large", "stn_passes": 2}),
     "improved-stnadam-affine15-leaky": ("improved", {"stn_optimizer": "adam", "stn_lr": 1e-3,
                                                      "stn_weight_decay": 0.0, "affine_deg": 15.0,
                                                      "affine_scale": 0.1}, {"loc_act": "leaky"}),

@@ -93,6 +93,10 @@ def test_warp_penalty_without_an_stn_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "--stn-warp-penalty needs an STN" in _one_error_line(proc)
     assert not (tmp_path / "o").exists()
+    alone = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path / "a"),
+                                     "--quiet", "--stn-warp-from", "2"])
+    assert alone.exit_code == 1 and "--stn-warp-from needs --stn-warp-penalty" in alone.output
+    assert not (tmp_path / "a").exists()
 
 
 def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:
@@ -104,12 +108,16 @@ def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path),
                                       "--quiet", "--recipe", "rts", "--affine", "10", "0.1",
                                       "--rts-augment", "0.5", "--stn-pose-loss", "0.5",
-                                      "--stn-warp-penalty", "0.05"])
+                                      "--stn-warp-penalty", "0.05", "--stn-warp-from", "1e3"])
     assert result.exit_code == 0, result.output
-    args = load_checkpoint(tmp_path / "last.pt").train_args
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    args = ckpt.train_args
     assert (args["affine_deg"], args["affine_scale"], args["clean_fraction"],
-            args["rts_augment"], args["stn_pose_loss"],
-            args["stn_warp_penalty"]) == (10.0, 0.1, 0.25, 0.5, 0.5, 0.05)
+            args["rts_augment"], args["stn_pose_loss"], args["stn_warp_penalty"],
+            args["stn_warp_from_px"]) == (10.0, 0.1, 0.25, 0.5, 0.5, 0.05, 1e3)
+    # No epoch has spread 1,000 px, so the penalty has not started; the spread is recorded.
+    assert ckpt.history[-1]["stn_warp_penalty"] == 0.0
+    assert 0 <= ckpt.history[-1]["train_theta_spread_px"] < 1e3
     result = CliRunner().invoke(cli, ["train", "--affine", "10", "1.5"])
     assert result.exit_code == 2 and "--affine" in result.output
 

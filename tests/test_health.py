@@ -20,7 +20,7 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
                                displacement_px, from_dict, measure)
 from stn_deploy.model import build_model, compose_thetas
-from stn_deploy.train import TrainOptions, pose_loss, train, warp_penalty
+from stn_deploy.train import TrainOptions, pose_loss, train, warp_penalty, warp_penalty_on
 
 
 def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
@@ -297,6 +297,20 @@ def test_warp_penalty_charges_a_pose_per_class_beyond_the_upright_one() -> None:
     upright, own_poses = penalty(-applied), penalty(offset - applied)
     assert own_poses > 1.2 * upright
     assert own_poses == pytest.approx(np.mean(4 * (1 - np.cos(np.radians(offset - applied))) / 3))
+
+
+def test_warp_penalty_waits_for_the_take_off_when_asked() -> None:
+    """--stn-warp-from: on from the epoch after one whose training thetas spread that far, and
+    staying on if the spread falls back (the history decides, so a resume agrees)."""
+    history = [{"train_theta_spread_px": s} for s in (0.1, 1.9)]
+    late = TrainOptions(stn_warp_penalty=0.1, stn_warp_from_px=2.0)
+    assert not warp_penalty_on(late, history)
+    assert warp_penalty_on(late, history + [{"train_theta_spread_px": 2.4}])
+    assert warp_penalty_on(late, history + [{"train_theta_spread_px": 2.4},
+                                            {"train_theta_spread_px": 1.0}])
+    assert warp_penalty_on(TrainOptions(stn_warp_penalty=0.1), [])
+    assert not warp_penalty_on(TrainOptions(stn_warp_from_px=2.0), history * 3 + [
+        {"train_theta_spread_px": 9.0}])
 
 
 def test_pose_loss_makes_the_stn_undo_the_augmentation_it_is_told_about(

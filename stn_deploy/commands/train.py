@@ -65,6 +65,10 @@ from stn_deploy.defaults import TRAIN_OUT
               help="Charge the STN for how far it moves the sampling points, at this weight: "
                    "a prior for one upright canonical pose rather than one per class "
                    "[default: by recipe].")
+@click.option("--stn-warp-from", type=click.FloatRange(0), default=None, metavar="PX",
+              help="Start --stn-warp-penalty only after an epoch whose training thetas spread "
+                   "PX pixels (the STN has taken off); 0: from the first step "
+                   "[default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
@@ -106,6 +110,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
           affine: tuple[float, float] | None, rts_augment: float | None,
           stn_pose_loss: float | None, stn_warp_penalty: float | None,
+          stn_warp_from: float | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
           stn_optimizer: str | None, stn_lr: float | None,
           stn_weight_decay: float | None, weight_decay: float | None,
@@ -135,6 +140,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     affine_scale=affine[1] if affine else None,
                                     rts_augment=rts_augment, stn_pose_loss=stn_pose_loss,
                                     stn_warp_penalty=stn_warp_penalty,
+                                    stn_warp_from_px=stn_warp_from,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
                                     stn_optimizer=stn_optimizer, stn_lr=stn_lr,
                                     stn_weight_decay=stn_weight_decay,
