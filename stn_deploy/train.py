@@ -523,7 +523,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
             if warp_weight:
                 loss = loss + warp_weight * warp_penalty(theta)
             if config.use_stn:
-                thetas.append(theta.detach().reshape(-1, 6).cpu())
+                thetas.append(theta.detach().reshape(-1, 6))  # stays on the device: no sync
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -536,7 +536,7 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
         # How far this epoch's thetas spread, training mode (a rank's own share; their mean).
-        spread = theta_spread_px(torch.cat(thetas).double().numpy(), config.image_size) \
+        spread = theta_spread_px(torch.cat(thetas).double().cpu().numpy(), config.image_size) \
             if thetas else 0.0
         train_stats = torch.tensor([float(loss_sum), correct, seen, float(pose_sum), spread],
                                    dtype=torch.float64, device=device)
