@@ -66,6 +66,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# The options that act on the STN alone, at their "off" values: --no-stn sets them so.
+STN_ONLY: dict[str, float] = {"stn_pose_loss": 0.0, "stn_warp_penalty": 0.0,
+                              "stn_warp_from_px": 0.0}
+
+
 @dataclass
 class TrainOptions:
     """Defaults are the seed recipe."""
@@ -113,10 +118,12 @@ class TrainOptions:
             values["clean_fraction"] = 0.0  # the recipe's share applies to fresh distortions only
         return cls(recipe=recipe, **values)
 
-    def without_stn(self) -> "TrainOptions":
-        """The same recipe for the classifier-only ablation (--no-stn): the pose loss and the warp
-        penalty have no STN to act on; the rest, RTS augmentation included, stays."""
-        return replace(self, stn_pose_loss=0.0, stn_warp_penalty=0.0, stn_warp_from_px=0.0)
+    def without_stn(self, asked: dict[str, Any] | None = None) -> "TrainOptions":
+        """The same recipe for the classifier-only ablation (--no-stn): the STN's own losses
+        have no STN to act on; the rest, RTS augmentation included, stays. One in `asked` (given
+        by name, not by the recipe) stays too, so that train refuses it under its own name."""
+        kept = {k: v for k, v in (asked or {}).items() if k in STN_ONLY and v is not None}
+        return replace(self, **{**STN_ONLY, **kept})
 
 
 def affine_batch(x: Tensor, generator: torch.Generator, max_deg: float,
@@ -427,6 +434,8 @@ def train(bundle: DataBundle, out_dir: str | Path, opts: TrainOptions,
                              "to undo the distortions --rts-augment applies")
     if opts.stn_warp_penalty and not bundle.config.use_stn:
         raise StnDeployError("--stn-warp-penalty needs an STN: it charges the STN's warp")
+    if opts.stn_warp_from_px and not bundle.config.use_stn:
+        raise StnDeployError("--stn-warp-from needs an STN: it waits for the STN's take-off")
     if opts.stn_warp_from_px and not opts.stn_warp_penalty:
         raise StnDeployError("--stn-warp-from needs --stn-warp-penalty: it says when that "
                              "starts")

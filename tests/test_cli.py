@@ -97,6 +97,12 @@ def test_warp_penalty_without_an_stn_is_one_line(tmp_path: Path) -> None:
                                      "--quiet", "--stn-warp-from", "2"])
     assert alone.exit_code == 1 and "--stn-warp-from needs --stn-warp-penalty" in alone.output
     assert not (tmp_path / "a").exists()
+    # Given by name beside --no-stn, it is refused by its own name too, not dropped silently.
+    plain = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path / "p"),
+                                     "--quiet", "--no-stn", "--distort", "rts",
+                                     "--stn-warp-from", "2"])
+    assert plain.exit_code == 1 and "--stn-warp-from needs an STN" in plain.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:

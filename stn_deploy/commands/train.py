@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import click
 
 from stn_deploy.commands.options import dataset_options
@@ -147,12 +145,10 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     weight_decay=weight_decay, redistort=redistort,
                                     clean_fraction=clean_fraction, ema=ema, seed=seed,
                                     device=device, quiet=quiet, stop_after=stop_after)
-    # The recipe's STN losses go; one asked for stays, so that train refuses it by name.
     if no_stn:
-        asked = {name: value for name, value in (("stn_pose_loss", stn_pose_loss),
-                                                 ("stn_warp_penalty", stn_warp_penalty))
-                 if value is not None}
-        opts = replace(opts.without_stn(), **asked)
+        opts = opts.without_stn(asked={"stn_pose_loss": stn_pose_loss,
+                                       "stn_warp_penalty": stn_warp_penalty,
+                                       "stn_warp_from_px": stn_warp_from})
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
         raise StnDeployError(f"--resume: no checkpoint at {resume_from}")
