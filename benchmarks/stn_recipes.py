@@ -99,7 +99,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "rts-2pass": ("rts", {}, {"loc_net": "large", "stn_passes": 2}),
     # On a 30-epoch Fashion-MNIST schedule the STN at 3x ran away at the one-cycle peak
     # (epoch 11: theta spread 2,323 px, accuracy 10%); the same at 1x: train's default for
-    # --distort data since 2026-12-01 (second change).
+    # --distort data from 2026-12-01 (second change) to 2026-12-02.
     "rts-2pass-1x": ("rts", {"stn_lr_scale": 1.0}, {"loc_net": "large", "stn_passes": 2}),
     # The same with --stn-warp-penalty: seed 1 of that Fashion-MNIST schedule mapped clothes
     # and footwear to poses of their own (-14 and +20 degrees); a charge on the warp prefers
@@ -108,6 +108,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                              {"loc_net": "large", "stn_passes": 2}),
     # On the digits that charge held one seed's take-off back (epoch 20 -> 25, 37% of the
     # scale undone): the same, from the epoch after the training thetas first spread 2 px.
+    # train's default for --distort data since 2026-12-02.
     "rts-2pass-1x-warp0.1-from2px": ("rts", {"stn_lr_scale": 1.0, "stn_warp_penalty": 0.1,
                                              "stn_warp_from_px": 2.0},
                                      {"loc_net": "large", "stn_passes": 2}),
@@ -127,9 +128,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 # before 2026-12-01); pinned so that they mean the same whatever the recipe becomes.
 PINNED = {"improved": {"rts_augment": 0.0, "stn_pose_loss": 0.0, "stn_optimizer": None,
                        "stn_lr": None, "stn_weight_decay": None},
-          # "rts" had the STN at 3x from 2026-11-25 to 2026-12-01 (the variants' own overrides
-          # still win: rts-2pass-1x is 1x).
-          "rts": {"stn_lr_scale": 3.0}}
+          # "rts" had the STN at 3x from 2026-11-25 to 2026-12-01 and no warp penalty until
+          # 2026-12-02 (the variants' own overrides still win: rts-2pass-1x is 1x).
+          "rts": {"stn_lr_scale": 3.0, "stn_warp_penalty": 0.0, "stn_warp_from_px": 0.0}}
 
 
 def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,

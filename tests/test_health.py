@@ -345,6 +345,17 @@ def test_rts_recipe_without_fresh_distortions_drops_its_clean_fraction(tmp_path:
     assert (tmp_path / "last.pt").is_file()
 
 
+def test_rts_recipe_without_its_warp_penalty_drops_its_start(tmp_path: Path) -> None:
+    """--stn-warp-penalty 0 turns the recipe's charge off, and its start goes with it, so
+    train does not refuse --stn-warp-from as given alone."""
+    assert TrainOptions.from_recipe("rts").stn_warp_from_px == 2.0
+    opts = TrainOptions.from_recipe("rts", epochs=1, stn_warp_penalty=0.0, quiet=True,
+                                    device="cpu")
+    assert opts.stn_warp_from_px == 0.0
+    result = train(load_dataset("digits", distort="rts"), tmp_path, opts)
+    assert "stn_warp_penalty" not in result.history[-1]
+
+
 def test_rts_canvas_places_the_image_on_a_larger_canvas() -> None:
     bundle = load_dataset("digits", distort="rts-canvas")
     assert bundle.config.image_size == 48 and bundle.train.images.shape[-1] == 48
@@ -401,6 +412,9 @@ def test_train_picks_the_rts_recipe_and_warns_on_a_collapsed_stn(tmp_path: Path)
     assert r.exit_code == 0, r.output
     assert "recipe rts, large localization net, 2 passes" in r.output
     assert "STN health on the test split: theta spread" in r.output
+    # The recipe's warp penalty waits for the take-off: after one epoch it has not started.
+    auto = json.loads((tmp_path / "auto" / "metrics.json").read_text())["history"][-1]
+    assert auto["stn_warp_penalty"] == 0.0 and auto["train_theta_spread_px"] < 2.0
     # The seed recipe moves the STN at a tenth of the rate: after one epoch theta is still the
     # identity for every image, and train says so, with what to try.
     r = CliRunner().invoke(cli, [*common, "--recipe", "seed", "--loc-net", "seed",
