@@ -103,6 +103,14 @@ def test_warp_penalty_without_an_stn_is_one_line(tmp_path: Path) -> None:
                                      "--stn-warp-from", "2"])
     assert plain.exit_code == 1 and "--stn-warp-from needs an STN" in plain.output
     assert not (tmp_path / "p").exists()
+    for extra, said in ((["--no-stn"], "--stn-warp-per-class needs an STN"),
+                        (["--stn-warp-penalty", "0"],
+                         "--stn-warp-per-class needs --stn-warp-penalty")):
+        per_class = CliRunner().invoke(cli, ["train", "--epochs", "1", "--quiet", "--distort",
+                                             "rts", "--out", str(tmp_path / "c"),
+                                             "--stn-warp-per-class", *extra])
+        assert per_class.exit_code == 1 and said in per_class.output, per_class.output
+        assert not (tmp_path / "c").exists()
 
 
 def test_rts_recipe_trains_on_undistorted_data(tmp_path: Path) -> None:

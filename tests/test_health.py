@@ -20,7 +20,8 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
                                displacement_px, from_dict, measure)
 from stn_deploy.model import build_model, compose_thetas
-from stn_deploy.train import TrainOptions, pose_loss, train, warp_penalty, warp_penalty_on
+from stn_deploy.train import (TrainOptions, class_warp_penalty, pose_loss, train, warp_penalty,
+                              warp_penalty_on)
 
 
 def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
@@ -297,6 +298,28 @@ def test_warp_penalty_charges_a_pose_per_class_beyond_the_upright_one() -> None:
     upright, own_poses = penalty(-applied), penalty(offset - applied)
     assert own_poses > 1.2 * upright
     assert own_poses == pytest.approx(np.mean(4 * (1 - np.cos(np.radians(offset - applied))) / 3))
+
+
+def test_class_warp_penalty_charges_a_class_its_own_pose_not_the_undoing() -> None:
+    """Two classes: where each class's shifts average to none, the class charge is zero and
+    the per-image one is not; turns cost it a little (their mean is a slight shrink); a class
+    with a pose of its own pays that pose's warp, weighted by the class's share."""
+    def turns(degrees: list[float]) -> torch.Tensor:
+        a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+        c, s, z = a.cos(), a.sin(), torch.zeros_like(a)
+        return torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1)
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 1])
+    shifts = turns([0] * 6)
+    shifts[:, :, 2] = torch.tensor([[0.2, -0.1], [-0.2, 0.1], [0.3, 0.0], [-0.3, 0.0],
+                                    [0.0, 0.25], [0.0, -0.25]], dtype=torch.float64)
+    assert float(warp_penalty(shifts)) > 0.03
+    assert float(class_warp_penalty(shifts, labels, 3)) == pytest.approx(0.0, abs=1e-12)
+    undoing = turns([-30, 30, -20, 20, -10, 10])
+    assert 0 < float(class_warp_penalty(undoing, labels, 3)) < float(warp_penalty(undoing)) / 10
+    own_pose = turns([25, 25, 0, 0, 0, 0])  # class 0 turned 25 degrees, class 1 upright
+    expected = float(warp_penalty(own_pose[:1])) * 2 / 6
+    assert float(class_warp_penalty(own_pose, labels, 3)) == pytest.approx(expected)
 
 
 def test_warp_penalty_waits_for_the_take_off_when_asked() -> None:

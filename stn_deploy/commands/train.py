@@ -67,6 +67,10 @@ from stn_deploy.defaults import TRAIN_OUT
               help="Start --stn-warp-penalty only after an epoch whose training thetas spread "
                    "PX pixels (the STN has taken off); 0: from the first step "
                    "[default: by recipe].")
+@click.option("--stn-warp-per-class/--stn-warp-per-image", default=None,
+              help="Charge --stn-warp-penalty on each class's mean warp in the batch (its own "
+                   "pose), not on each image's (which charges the undoing too) "
+                   "[default: by recipe].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout after each 3x3 block [default: by recipe].")
 @click.option("--stn-lr-scale", type=click.FloatRange(0, min_open=True), default=None,
@@ -108,7 +112,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
           epochs: int, batch_size: int | None, lr: float | None, augment: bool | None,
           affine: tuple[float, float] | None, rts_augment: float | None,
           stn_pose_loss: float | None, stn_warp_penalty: float | None,
-          stn_warp_from: float | None,
+          stn_warp_from: float | None, stn_warp_per_class: bool | None,
           dropout: float | None, stn_lr_scale: float | None, optimizer: str | None,
           stn_optimizer: str | None, stn_lr: float | None,
           stn_weight_decay: float | None, weight_decay: float | None,
@@ -139,6 +143,7 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
                                     rts_augment=rts_augment, stn_pose_loss=stn_pose_loss,
                                     stn_warp_penalty=stn_warp_penalty,
                                     stn_warp_from_px=stn_warp_from,
+                                    stn_warp_per_class=stn_warp_per_class,
                                     stn_lr_scale=stn_lr_scale, optimizer=optimizer,
                                     stn_optimizer=stn_optimizer, stn_lr=stn_lr,
                                     stn_weight_decay=stn_weight_decay,
@@ -148,7 +153,8 @@ def train(dataset: str, data_dir: str | None, download: bool, distort: str,
     if no_stn:
         opts = opts.without_stn(asked={"stn_pose_loss": stn_pose_loss,
                                        "stn_warp_penalty": stn_warp_penalty,
-                                       "stn_warp_from_px": stn_warp_from})
+                                       "stn_warp_from_px": stn_warp_from,
+                                       "stn_warp_per_class": stn_warp_per_class or None})
     resume_from = Path(out_dir) / "last.pt" if resume else None
     if resume_from is not None and not resume_from.is_file():
         raise StnDeployError(f"--resume: no checkpoint at {resume_from}")
