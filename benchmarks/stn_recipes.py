@@ -108,7 +108,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                              {"loc_net": "large", "stn_passes": 2}),
     # On the digits that charge held one seed's take-off back (epoch 20 -> 25, 37% of the
     # scale undone): the same, from the epoch after the training thetas first spread 2 px.
-    # train's default for --distort data since 2026-12-02.
+    # train's default for --distort data on 2026-12-02.
     "rts-2pass-1x-warp0.1-from2px": ("rts", {"stn_lr_scale": 1.0, "stn_warp_penalty": 0.1,
                                              "stn_warp_from_px": 2.0},
                                      {"loc_net": "large", "stn_passes": 2}),
@@ -119,6 +119,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                      {"loc_net": "large", "stn_passes": 2}),
     # Twice the charge undid more of seed 1's rotation and less of its scale (the per-image
     # charge pays for the undoing itself): the charge on each class's mean warp instead.
+    # train's default for --distort data since 2026-12-02 (evening).
     "rts-2pass-1x-classwarp0.3-from2px": ("rts", {"stn_lr_scale": 1.0, "stn_warp_penalty": 0.3,
                                                   "stn_warp_from_px": 2.0,
                                                   "stn_warp_per_class": True},
@@ -141,7 +142,8 @@ PINNED = {"improved": {"rts_augment": 0.0, "stn_pose_loss": 0.0, "stn_optimizer"
                        "stn_lr": None, "stn_weight_decay": None},
           # "rts" had the STN at 3x from 2026-11-25 to 2026-12-01 and no warp penalty until
           # 2026-12-02 (the variants' own overrides still win: rts-2pass-1x is 1x).
-          "rts": {"stn_lr_scale": 3.0, "stn_warp_penalty": 0.0, "stn_warp_from_px": 0.0}}
+          "rts": {"stn_lr_scale": 3.0, "stn_warp_penalty": 0.0, "stn_warp_from_px": 0.0,
+                  "stn_warp_per_class": False}}
 
 
 def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,
