@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import RESULTS, write_results  # noqa: E402
 from cpu_backends import measured_peak_gflops, mflop_per_image  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def ov_profile(path: Path, shape: tuple[int, ...], threads: int, iterations: int,
@@ -67,12 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "batch1_bound.json")
     args = ap.parse_args(argv)
 
-    from stn_deploy import report as rep
     from stn_deploy.backends import create_runner
-    from stn_deploy.backends.base import available_cpus, cpu_name
+    from stn_deploy.backends.base import available_cpus
     from stn_deploy.checkpoint import load_checkpoint
     from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
-    from stn_deploy.fileio import write_text_atomic
     from stn_deploy.harness import measure_latency
 
     threads = args.threads or available_cpus()
@@ -95,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     eager, ov_ms = (float(np.median(v)) for v in p50.values())
     conv_us = sum(v for k, v in ops_us.items() if "Convolution" in k)
     doc = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": cpu_name(), "threads": threads, "checkpoint": str(args.checkpoint),
+        "threads": threads, "checkpoint": str(args.checkpoint),
         "mflop_per_image": mflop, "rounds_p50_ms": p50,
         "eager_p50_ms": eager, "openvino_p50_ms": ov_ms, "speedup": eager / ov_ms,
         "target_ms": eager / 5, "openvino_ops_us": ops_us,
@@ -104,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "convolution_gflops": mflop / conv_us * 1e3 if conv_us else None,
         "peak_gflops": peak, "fp32_floor_ms": mflop / peak_gflops,
     }
-    rep.write_json(doc, args.out)
-    md = [f"# Batch-1 FP32 bound ({doc['created'][:10]}, {cpu_name()}, {threads} threads)", "",
+    md = [f"# Batch-1 FP32 bound ({threads} threads)", "",
           f"PyTorch eager (channels_last) p50 {eager:.3f} ms; OpenVINO f32 (static 1x, "
           f"LATENCY) p50 {ov_ms:.3f} ms: {eager / ov_ms:.2f}x (median of {args.rounds} "
           f"alternating rounds of {args.iterations}). 5x needs <= {eager / 5:.3f} ms.", "",
@@ -115,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"GFLOP/s): {doc['fp32_floor_ms'] * 1e3:.0f} us.", "",
           "| op type | us |", "|---|---:|"]
     md += [f"| {k} | {v:.0f} |" for k, v in ops_us.items() if v > 0]
-    write_text_atomic(args.out.with_suffix(".md"), "\n".join(md) + "\n")
+    write_results(args.out.name, doc, "\n".join(md), folder=args.out.parent)
     print("\n".join(md[:5]))
     return 0
 

@@ -20,9 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from stn_deploy.fileio import write_text_atomic
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _provenance import write_markdown
 
 
 def rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -75,8 +73,7 @@ def main() -> None:
     note = (f"\nBatch sizes {first[0]} and {first[1]}. Accuracy and agreement list every "
             f"distinct value across the runs. The ratio column divides the medians of the two "
             f"versions ({' / '.join(versions)}); 1.00 = unchanged.\n")
-    out = RESULTS / f"cpu_backends_{args.name}.md"
-    write_text_atomic(out, "\n".join(lines) + "\n" + note)
+    out = write_markdown(f"cpu_backends_{args.name}", "\n".join(lines) + "\n" + note)
     print(out.read_text())
 
 

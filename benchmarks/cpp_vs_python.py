@@ -18,11 +18,9 @@ the weights). Writes benchmarks/results/cpp_vs_python.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,11 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import CHECKOUT, RESULTS, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-CPP = ROOT / "runtimes" / "cpp"
-RESULTS = ROOT / "benchmarks" / "results"
+CPP = CHECKOUT / "runtimes" / "cpp"
 
 
 def percentile(sorted_ms: list[float], p: float) -> float:
@@ -181,11 +177,7 @@ def main() -> None:
     import openvino
 
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": cpu_name(),
-                    "cpus_available": len(os.sched_getaffinity(0)),
-                    "load_average_start": os.getloadavg()},
-        "openvino": openvino.__version__, "model": str(model),
+        "load_average_start": os.getloadavg(), "model": str(model),
         "input": [c, h, w], "embedded_preprocess": embedded, "batch": 1,
         "runs": args.runs, "rounds": args.rounds, "threads": threads,
         "python_runner": python_kind,
@@ -193,17 +185,12 @@ def main() -> None:
                "python": {"end_to_end": med("py_e2e"), "inference_only": med("py_infer")}},
         "per_round": rounds,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from stn_deploy.fileio import write_text_atomic
-
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     ms = result["ms"]
     md = [
-        f"# C++ vs Python, OpenVINO CPU, batch 1 ({result['date']})",
+        "# C++ vs Python, OpenVINO CPU, batch 1",
         "",
-        f"Machine: {result['machine']['processor']}, {result['machine']['cpus_available']} CPUs "
-        f"available, load average at start {result['machine']['load_average_start'][0]:.1f}. "
-        f"OpenVINO {result['openvino']}, {threads} inference threads, hint LATENCY, f32.",
+        f"Load average at start {result['load_average_start'][0]:.1f}. "
+        f"OpenVINO {openvino.__version__}, {threads} inference threads, hint LATENCY, f32.",
         f"Model: {Path(str(model)).name}, input {c}x{h}x{w}"
         f"{' (uint8, preprocessing embedded)' if embedded else ''}. "
         f"{args.runs} runs after warm-up, median of {args.rounds} alternating rounds; "
@@ -220,7 +207,7 @@ def main() -> None:
                   f"| {i['p99']:.4f} |")
     md += ["", "End-to-end: uint8 image -> normalise -> infer -> softmax. Inference only: "
            "preprocessed input, inference call alone.", ""]
-    write_text_atomic(args.out.with_suffix(".md"), "\n".join(md))
+    write_results(args.out.name, result, "\n".join(md), folder=args.out.parent)
     print("\n".join(md))
 
 

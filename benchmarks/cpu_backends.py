@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -35,10 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from _provenance import RESULTS, write_results
 from stn_deploy.errors import StnDeployError
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,11 +74,11 @@ def log(msg: str) -> None:
 
 def quick_checkpoint(work: Path) -> Path:
     from stn_deploy.data import load_dataset
-    from stn_deploy.train import TrainOptions, train
+    from stn_deploy.training import TrainOptions, train
 
     log("no --checkpoint: training a one-epoch digits model")
     return Path(train(load_dataset("digits"), work / "digits",
-                      TrainOptions(epochs=1, quiet=True, device="cpu")).checkpoint)
+                      TrainOptions.of(epochs=1, quiet=True, device="cpu")).checkpoint)
 
 
 def mflop_per_image(checkpoint: Path) -> float:
@@ -180,7 +177,7 @@ def bare_ort_p50(path: Path, x: np.ndarray, threads: int, iterations: int, warmu
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from stn_deploy import __version__, report as rep
+    import stn_deploy.report as rep
     from stn_deploy.backends import create_runner
     from stn_deploy.backends.base import available_cpus
     from stn_deploy.checkpoint import load_checkpoint
@@ -190,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from stn_deploy.export.precision import quantize_int8
     from stn_deploy.harness import (BenchSettings, Reference, bench_runner, compare_outputs,
                                     input_pool, measure_latency, run_batched, system_info)
+    from stn_deploy.version import __version__
 
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     threads = args.threads or available_cpus()
@@ -376,11 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16": bf16_figures,
         "targets": targets, "checkpoint": str(ckpt_path),
     }
-    from stn_deploy.fileio import write_text_atomic
-
-    rep.write_json(doc, args.out)
-    md = [f"# CPU backends ({doc['created'][:10]})", "",
-          f"Machine: {sysinfo['cpu']}, {sysinfo['cpus_available']} CPUs available, "
+    md = ["# CPU backends", "",
           f"{threads} threads per runtime. Checkpoint: `{ckpt_path}`."
           + (" **Quick run: timings prove the script only.**" if args.quick else ""), "",
           "| Backend | Precision | Setting | Accuracy | Agreement | "
@@ -414,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
            "INFERENCE_PRECISION_HINT=f32, bf16 rows with bf16; under the THROUGHPUT hint a batch "
            "is split across concurrent requests. PyTorch rows: eager, NHWC (channels_last) and "
            "NCHW (contiguous); the speed-up is against the faster of the two."]
-    write_text_atomic(args.out.with_suffix(".md"), "\n".join(md) + "\n")
-    log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    json_path, md_path = write_results(args.out.name, doc, "\n".join(md), folder=args.out.parent)
+    log(f"wrote {json_path} and {md_path}")
     for k, t in targets.items():
         print(f"{k}: {rep._fmt(t['value'], '.3f')} (target {t['target']}; {t.get('best')})")
     print(f"peak: {doc['peak']['derivation']}")

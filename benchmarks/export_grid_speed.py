@@ -12,8 +12,6 @@ Writes benchmarks/results/export_grid_speed.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,11 +22,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from _provenance import write_results
 from stn_deploy.config import ModelConfig
 from stn_deploy.export.onnx_export import OnnxOptions, export_onnx, with_affine_grid_op
 from stn_deploy.model import build_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def stock_export(model: torch.nn.Module, path: Path) -> None:
@@ -92,11 +89,8 @@ def main() -> None:
                 best = max(per[n])
                 results[n][str(batch)] = {"img_per_s": best, "p50_ms": batch / best * 1e3,
                                           "rounds": per[n]}
-    out = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-           "onnxruntime": ort.__version__, "torch": torch.__version__, "quick": args.quick,
+    out = {"threads": args.threads, "quick": args.quick,
            "metric": "compute only, best of rounds of the median run", "results": results}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "export_grid_speed.json").write_text(json.dumps(out, indent=2))
     lines = ["# ONNX Runtime speed of the grid forms (CPU, compute only)", "",
              f"onnxruntime {ort.__version__}, torch {torch.__version__}, {args.threads} threads"
              + (" (quick run: not a measurement)" if args.quick else ""), "",
@@ -105,7 +99,7 @@ def main() -> None:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{results[n][str(b)]['img_per_s']:,.0f}"
                                               for b in batches) + " |")
-    (RESULTS / "export_grid_speed.md").write_text("\n".join(lines) + "\n")
+    write_results("export_grid_speed", out, "\n".join(lines))
     print("\n".join(lines))
 
 

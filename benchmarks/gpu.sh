@@ -26,6 +26,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     || { echo "gpu.sh: no NVIDIA GPU (nvidia-smi failed)" >&2; exit 1; }
 why=$(python -c "from stn_deploy.backends import unavailable_reason as u; print(u('trt') or '')")
 [[ -z "$why" ]] || { echo "gpu.sh: trt cannot run: $why" >&2; exit 1; }
+# Where these figures come from: time, commit, CPU and its ISA, library versions.
+python "$(dirname "$0")/_provenance.py" "$OUT/provenance.json"
 
 DATA_ARGS=()
 if [[ -n "$DATA_DIR" ]]; then
@@ -35,8 +37,8 @@ fi
 # TensorRT plans (the INT8 plan is built from the calibrated QDQ graph; calibration images
 # come from the training split of DATA_DIR; digits needs none).
 for p in fp32 fp16 int8; do
-    stn-deploy export "$CKPT" --format engine --precision "$p" --with-theta \
-        ${DATA_DIR:+--data-dir "$DATA_DIR"} --max-batch 256 --out "$OUT/model-$p.plan"
+    stn-deploy export "$CKPT" --format trt --precision "$p" --with-theta \
+        ${DATA_DIR:+--data-dir "$DATA_DIR"} --trt-profile 1,32,256 --out "$OUT/model-$p.plan"
 done
 
 # ONNX Runtime's GPU providers, asked through stn-deploy's own probe (it also names an

@@ -9,18 +9,14 @@ Usage: python benchmarks/openvino_precision.py MODEL.onnx [--batch 256] [--itera
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.artifacts import config_from_onnx
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -50,15 +46,12 @@ def main() -> None:
                      "runs_in": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
                      "img_per_s": args.batch / float(np.mean(times))})
         print(rows[-1], flush=True)
-    doc = {"date": datetime.date.today().isoformat(), "machine": cpu_name(),
-           "openvino": ov.__version__, "model": Path(args.onnx).name, "batch": args.batch,
+    doc = {"model": Path(args.onnx).name, "batch": args.batch,
            "iterations": args.iterations, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "openvino_precision.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = [f"OpenVINO {ov.__version__}, {cpu_name()}, batch {args.batch}, {doc['date']}", "",
+    md = [f"OpenVINO {ov.__version__}, batch {args.batch}", "",
           "| precision asked | OpenVINO runs in | img/s |", "|---|---|---:|"]
     md += [f"| {r['asked']} | {r['runs_in']} | {r['img_per_s']:,.0f} |" for r in rows]
-    (RESULTS / "openvino_precision.md").write_text("\n".join(md) + "\n")
+    write_results("openvino_precision", doc, "\n".join(md))
     print("\n".join(md))
 
 

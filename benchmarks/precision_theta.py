@@ -11,17 +11,11 @@ Usage: python benchmarks/precision_theta.py --checkpoint export/demo/train/last.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import tempfile
 from pathlib import Path
 
-import torch
-
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.export.pipeline import ExportRequest, run_export
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -46,12 +40,8 @@ def main() -> None:
                          "agreement": rep.agreement, "accuracy_ref": rep.accuracy_ref,
                          "accuracy_onnx": rep.accuracy_onnx, "passed": rep.passed})
             print(rows[-1], flush=True)
-    doc = {"date": datetime.date.today().isoformat(),
-           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-           "checkpoint": str(args.checkpoint), "opset": args.opset, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "precision_theta.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = [f"{args.checkpoint}, opset {args.opset} ({doc['date']}, {doc['machine']})", "",
+    doc = {"checkpoint": str(args.checkpoint), "opset": args.opset, "rows": rows}
+    md = [f"{args.checkpoint}, opset {args.opset}", "",
           "| precision | images | theta shift, max (px) | theta spread (px) | shift / spread |"
           " bound (px) | top-1 agreement | accuracy (PyTorch -> ONNX) |",
           "|---|---|---|---|---|---|---|---|"]
@@ -61,7 +51,7 @@ def main() -> None:
                   f"{r['theta_spread_px']:.2f} | {share:.2g} | {r['bound_px']:g} | "
                   f"{100 * r['agreement']:.2f}% | {r['accuracy_ref']:.2f}% -> "
                   f"{r['accuracy_onnx']:.2f}% |")
-    (RESULTS / "precision_theta.md").write_text("\n".join(md) + "\n")
+    write_results("precision_theta", doc, "\n".join(md))
     print("\n".join(md))
 
 

@@ -19,22 +19,18 @@ Writes benchmarks/results/redrawn_test_<NAME>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import CANVAS_FACTOR, TEST_SEED_OFFSET, ImageSet, load_split, prepare
 from stn_deploy.errors import StnDeployError
-from stn_deploy.fileio import write_text_atomic
-from stn_deploy.train import evaluate
+from stn_deploy.training import evaluate
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # Far from every training seed's test draw (seed + TEST_SEED_OFFSET for small seeds).
 REDRAW_SEED = 2 * TEST_SEED_OFFSET
 
@@ -138,15 +134,10 @@ def main() -> None:
                                 "gap_over_max_range": _ratio(gap, max(sa["range"], sb["range"])),
                                 "seed_pairs": len(pairs),
                                 "ahead_on_every_seed_pair": all(x > y for x, y in pairs)}
-    doc = {"date": datetime.date.today().isoformat(),
-           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-           "draws": args.draws, "redraw_seed": REDRAW_SEED, "groups": rows,
+    doc = {"draws": args.draws, "redraw_seed": REDRAW_SEED, "groups": rows,
            "summary": summary, "comparison": comparison}
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"redrawn_test_{args.name}"
-    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(doc, indent=2) + "\n")
     md = [f"Test accuracy on each seed's own test draw and on {args.draws} fresh draws of the "
-          f"same test images ({doc['date']}, {doc['machine']})", "",
+          "same test images", "",
           "| group | seed | recorded in training | own draw | mean of the fresh draws | "
           "lowest / highest draw |", "|---|---:|---:|---:|---:|---|"]
     for label, rs in rows.items():
@@ -171,7 +162,7 @@ def main() -> None:
             md.append(f"- {name}: by {100 * c['gap']:.2f} points, {times['gap_over_max_std']} "
                       f"the larger std, {times['gap_over_max_range']} the larger range; ahead "
                       f"on every seed: {'yes' if c['ahead_on_every_seed_pair'] else 'no'}")
-    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
+    write_results(f"redrawn_test_{args.name}", doc, "\n".join(md))
     print("\n".join(md))
 
 

@@ -11,20 +11,13 @@ Usage: python benchmarks/rts_ablation.py [--dataset digits|fashion-mnist] [--epo
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import tempfile
-from dataclasses import replace
-from pathlib import Path
 
-import torch
-
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.data import load_dataset
-from stn_deploy.train import TrainOptions, train
+from stn_deploy.training import TrainOptions, train
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DESCRIBE = {"digits": "scikit-learn digits (1,347 train / 450 test), 32x32",
             "fashion-mnist": "Fashion-MNIST (60,000 train / 10,000 test), 28x28"}
 
@@ -40,15 +33,15 @@ def main() -> None:
                     help="the STN's LR relative to the rest [default: the recipe's, 0.1]")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = TrainOptions.from_recipe(args.recipe, epochs=args.epochs, quiet=True, device="cpu",
-                                    stn_lr_scale=args.stn_lr_scale)
     rows = []
     for use_stn in (True, False):
         for seed in seeds:
+            opts = TrainOptions.from_recipe(args.recipe, use_stn=use_stn, epochs=args.epochs,
+                                            quiet=True, device="cpu", seed=seed,
+                                            stn_lr_scale=args.stn_lr_scale)
             bundle = load_dataset(args.dataset, args.data_dir, distort="rts", seed=seed,
-                                  use_stn=use_stn)
+                                  use_stn=use_stn, dropout=opts.optim.dropout)
             with tempfile.TemporaryDirectory() as tmp:
-                opts = replace(base if use_stn else base.without_stn(), seed=seed)
                 result = train(bundle, tmp, opts)
             last = result.history[-1]
             rows.append({"use_stn": use_stn, "seed": seed, "parameters": result.parameters,
@@ -63,17 +56,14 @@ def main() -> None:
             "epoch_seconds": statistics.median(r["epoch_seconds"] for r in rows
                                                if r["use_stn"] == use_stn),
         }
-    doc = {"date": datetime.date.today().isoformat(),
-           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-           "dataset": f"{DESCRIBE[args.dataset]}, RTS-distorted",
-           "recipe": args.recipe, "stn_lr_scale": base.stn_lr_scale, "epochs": args.epochs,
+    base = TrainOptions.from_recipe(args.recipe, stn_lr_scale=args.stn_lr_scale)
+    doc = {"dataset": f"{DESCRIBE[args.dataset]}, RTS-distorted",
+           "recipe": args.recipe, "stn_lr_scale": base.optim.stn_lr_scale, "epochs": args.epochs,
            "seeds": seeds, "runs": rows,
            "summary": summary}
-    RESULTS.mkdir(exist_ok=True)
     stem = f"{args.dataset.replace('-', '_')}_rts_ablation_{args.epochs}ep"
     if args.stn_lr_scale is not None:
         stem += f"_stnlr{args.stn_lr_scale:g}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = ["| model | parameters | test accuracy (mean of seeds) | min | max | s/epoch |",
           "|---|---|---|---|---|---|"]
     for key, label in (("stn", "STN + classifier"), ("no_stn", "classifier only (--no-stn)")):
@@ -81,7 +71,7 @@ def main() -> None:
         params = next(r["parameters"] for r in rows if r["use_stn"] == (key == "stn"))
         md.append(f"| {label} | {params:,} | {100 * s['mean_test_acc']:.2f}% | "
                   f"{100 * s['min']:.2f}% | {100 * s['max']:.2f}% | {s['epoch_seconds']:.1f} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_results(stem, doc, "\n".join(md))
     print("\n".join(md))
 
 

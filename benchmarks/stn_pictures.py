@@ -7,22 +7,22 @@ train draws at its end, from any checkpoint.
 
 Usage: python benchmarks/stn_pictures.py CHECKPOINT --name NAME [--data-dir DIR]
 Writes benchmarks/results/<NAME>_transforms.png and, on undistorted data,
-<NAME>_transforms_rts.png; prints both health summaries.
+<NAME>_transforms_rts.png, and <NAME>_transforms.{json,md} with the health behind each
+picture and where it was drawn; prints the health summaries.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Any
 
+from _provenance import RESULTS, write_results
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import model_split
 from stn_deploy.errors import StnDeployError
 from stn_deploy.health import measure_set
-from stn_deploy.train import rts_test_copy
+from stn_deploy.training.augment import rts_test_copy
 from stn_deploy.viz import save_transforms
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -39,14 +39,21 @@ def main() -> None:
     except StnDeployError as e:
         raise SystemExit(f"Error: {e}") from None
     health = measure_set(model, test)
+    pictures: dict[str, Any] = {f"{args.name}_transforms.png": health}
     save_transforms(model, test, RESULTS / f"{args.name}_transforms.png", health=health)
     print(f"test split ({ckpt.epoch} epochs): {health.summary()}")
     if test.applied is None:  # the copy train's --rts-augment probe measures
         probe = rts_test_copy(test, seed)
         health_rts = measure_set(model, probe)
+        pictures[f"{args.name}_transforms_rts.png"] = health_rts
         save_transforms(model, probe, RESULTS / f"{args.name}_transforms_rts.png",
                         health=health_rts, distort="test split RTS-distorted (--rts-augment)")
         print(f"test split RTS-distorted: {health_rts.summary()}")
+    doc = {"checkpoint": str(args.checkpoint), "epochs": ckpt.epoch,
+           "pictures": {name: h.to_dict() for name, h in pictures.items()}}
+    md = [f"# STN pictures of {args.checkpoint} ({ckpt.epoch} epochs)", ""]
+    md += [f"- `{name}`: {h.summary()}" for name, h in pictures.items()]
+    write_results(f"{args.name}_transforms", doc, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -25,23 +25,17 @@ Writes benchmarks/results/stn_pose_ceiling_<NAME>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.data import (CANVAS_FACTOR, TEST_SEED_OFFSET, load_split, normalize, prepare,
                              warp_images)
 from stn_deploy.errors import StnDeployError
-from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import StnHealth, compose, decompose, measure, pct
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _thetas(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -122,14 +116,8 @@ def main() -> None:
         rows = [{"label": label, **analyse(p)} for label, p in zip(labels, args.checkpoints)]
     except StnDeployError as e:
         raise SystemExit(f"Error: {e}") from None
-    doc = {"date": datetime.date.today().isoformat(),
-           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    # Not with_suffix: a name such as "warp0.1_seed1" has a dot of its own.
-    stem = f"stn_pose_ceiling_{args.name}"
-    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(doc, indent=2) + "\n")
-    md = [f"STN pose ceiling ({doc['date']}, {doc['machine']}); spreads: rotation in degrees, "
-          "scale as std of log scale", "",
+    doc = {"rows": rows}
+    md = ["STN pose ceiling; spreads: rotation in degrees, scale as std of log scale", "",
           "| checkpoint | seed | test acc | applied rot / scale | STN on undistorted: rot / "
           "scale | rotation undone | scale undone | rotation undone, own pose aside | scale "
           "undone, own pose aside | rotation / scale undone within each class | the classes' "
@@ -146,7 +134,7 @@ def main() -> None:
                   f"{pct(r['rotation_undone_within_class'])} / "
                   f"{pct(r['scale_undone_within_class'])} | "
                   f"{' '.join(f'{d:+.0f}' for d in r['class_rotation_deg'])} |")
-    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
+    write_results(f"stn_pose_ceiling_{args.name}", doc, "\n".join(md))
     print("\n".join(md))
 
 

@@ -15,23 +15,17 @@ Usage: python benchmarks/stn_recipes.py --name digits30 --epochs 30 --seeds 0
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import tempfile
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.data import load_dataset
-from stn_deploy.fileio import write_text_atomic
 from stn_deploy.health import StnHealth, pct
-from stn_deploy.train import TrainOptions, train
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from stn_deploy.training import TrainOptions, train
 
 # name -> (recipe, TrainOptions overrides, model overrides). "seed" is the design's recipe.
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -149,15 +143,14 @@ PINNED = {"improved": {"rts_augment": 0.0, "stn_pose_loss": 0.0, "stn_optimizer"
 def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: int,
         seed: int, keep: Path | None = None) -> dict[str, Any]:
     recipe, overrides, model = VARIANTS[variant]
-    bundle = load_dataset(dataset, data_dir, distort=distort, seed=seed,
-                          use_stn=model.get("use_stn", True),
+    use_stn = model.get("use_stn", True)
+    opts = TrainOptions.from_recipe(recipe, use_stn=use_stn, epochs=epochs, quiet=True,
+                                    device="cpu", seed=seed)
+    opts = opts.replace(**{**PINNED.get(recipe, {}), **overrides})
+    bundle = load_dataset(dataset, data_dir, distort=distort, seed=seed, use_stn=use_stn,
                           loc_net=model.get("loc_net", "seed"),
                           loc_act=model.get("loc_act", "relu"),
-                          stn_passes=model.get("stn_passes", 1))
-    opts = TrainOptions.from_recipe(recipe, epochs=epochs, quiet=True, device="cpu", seed=seed)
-    opts = replace(opts, **{**PINNED.get(recipe, {}), **overrides})
-    if not model.get("use_stn", True):
-        opts = opts.without_stn()
+                          stn_passes=model.get("stn_passes", 1), dropout=opts.optim.dropout)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if keep is None else keep / f"{variant}_seed{seed}"
         # A kept run that was stopped (a session's end) continues where it was.
@@ -165,7 +158,7 @@ def run(variant: str, dataset: str, data_dir: str | None, distort: str, epochs: 
         result = train(bundle, out, opts, resume=resume)
     last = result.history[-1]
     row: dict[str, Any] = {"variant": variant, "seed": seed, "parameters": result.parameters,
-                           "options": asdict(opts),
+                           "options": opts.to_dict(),
                            # Over every epoch, across a resume too.
                            "test_acc": last["test_acc"], "minutes": round(
                                sum(h["seconds"] for h in result.history) / 60, 2),
@@ -236,18 +229,12 @@ def write(args: argparse.Namespace, seeds: list[int], rows: list[dict[str, Any]]
                                                      for r in mine) if "health" in mine[0]
                                      else None),
         }
-    doc = {"date": datetime.date.today().isoformat(),
-           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-           "dataset": args.dataset, "distort": args.distort, "epochs": args.epochs,
+    doc = {"dataset": args.dataset, "distort": args.distort, "epochs": args.epochs,
            "seeds": seeds, "variants": {v: {"recipe": VARIANTS[v][0], "train": VARIANTS[v][1],
                                             "model": VARIANTS[v][2]} for v in variants},
            "summary": summary, "runs": rows}
-    RESULTS.mkdir(exist_ok=True)
-    # Not with_suffix: a name such as "warp0.1_seed1" has a dot of its own.
-    stem = f"stn_recipes_{args.name}"
-    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(doc, indent=2) + "\n")
-    md = [f"{args.dataset}, --distort {args.distort}, {args.epochs} epochs, seeds {args.seeds}"
-          f" ({doc['date']}, {doc['machine']})", "",
+    md = [f"{args.dataset}, --distort {args.distort}, {args.epochs} epochs, seeds {args.seeds}",
+          "",
           "| variant | runs | test accuracy (mean, min-max) | rotation undone | scale undone | "
           "theta spread |", "|---|---|---|---|---|---|"]
     for v, s in summary.items():
@@ -256,7 +243,8 @@ def write(args: argparse.Namespace, seeds: list[int], rows: list[dict[str, Any]]
                   f"({100 * s['min_test_acc']:.2f}-{100 * s['max_test_acc']:.2f}) | "
                   f"{pct(s['mean_rotation_undone'])} | {pct(s['mean_scale_undone'])} | "
                   f"{spread} |")
-    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
+    # The name as given, suffix and all: "warp0.1_seed1" has a dot of its own.
+    write_results(f"stn_recipes_{args.name}", doc, "\n".join(md))
 
 
 if __name__ == "__main__":

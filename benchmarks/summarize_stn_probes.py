@@ -2,21 +2,22 @@
 
 The probes are `benchmarks/stn_recipes.py` runs on CIFAR-10 (JPEG copy), 10-epoch schedules,
 several stopped early once theta had collapsed (or, for a long run still training, where it
-had got to); each left its training `metrics.json`, kept
-under benchmarks/results/cifar_stn_probes/. Writes benchmarks/results/cifar_stn_probes.md.
+had got to); each left its training `metrics.json`, kept in the research record under
+benchmarks/results/archive/cifar_stn_probes/. Writes benchmarks/results/archive/cifar_stn_probes.md.
 
 Usage: python benchmarks/summarize_stn_probes.py
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from pathlib import Path
 from typing import Any
 
+from _provenance import RESULTS, write_markdown
 from stn_deploy.health import pct
 
-HERE = Path(__file__).resolve().parent / "results"
+ARCHIVE = RESULTS / "archive"
 # What each probe changed from the improved recipe (SGD, STN at 0.1x with weight decay 5e-4).
 CHANGES = {
     "improved-stn-wd0": "no weight decay on the STN",
@@ -57,11 +58,12 @@ def _series(rows: list[dict], labelled: bool, value: Any) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     rows = ["| probe | change from `improved` | date | epochs run | theta spread per epoch (px) | "
             "dead regressor units per epoch | RTS-distorted test: rotation, scale undone per "
             "epoch | test accuracy at the last |",
             "|---|---|---|---:|---|---|---|---:|"]
-    for path in sorted((HERE / "cifar_stn_probes").glob("*.json")):
+    for path in sorted((ARCHIVE / "cifar_stn_probes").glob("*.json")):
         name = path.stem.split("_")[0]
         doc = json.loads(path.read_text())
         history = doc["history"]
@@ -78,7 +80,7 @@ def main() -> None:
             "at a time (the 130-epoch pose-loss run: both cores). Below 0.5 px theta is taken "
             "as constant (COLLAPSED); above the 32-px "
             "frame it has run away.\n\n")
-    (HERE / "cifar_stn_probes.md").write_text(head + "\n".join(rows) + "\n")
+    write_markdown("cifar_stn_probes", head + "\n".join(rows), folder=ARCHIVE)
 
 
 if __name__ == "__main__":

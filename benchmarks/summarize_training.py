@@ -1,16 +1,17 @@
 """Summarise a training run's metrics.json into a results file: final and best test accuracy,
-wall time per epoch, with the date and machine."""
+wall time per epoch, STN health, with the provenance of every results file here.
+
+Usage: python benchmarks/summarize_training.py RUN/metrics.json OUT.json [--dataset NAME]
+Writes OUT.json and OUT.md (one line: accuracy, epochs, time)."""
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 from pathlib import Path
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 
 
 def main() -> None:
@@ -23,8 +24,6 @@ def main() -> None:
     hist = doc["history"]
     secs = [h["seconds"] for h in hist]
     summary = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "dataset": args.dataset or doc["config"]["dataset"],
         "distort": doc["config"]["distort"],
         "use_stn": doc["config"]["use_stn"],
@@ -44,10 +43,11 @@ def main() -> None:
         "stn_health_rts": doc.get("stn_health_rts"),
         "history": hist,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{summary['dataset']} {summary['recipe']}: {100 * summary['final_test_acc']:.2f}% "
-          f"after {summary['epochs']} epochs, {summary['median_epoch_seconds']:.0f} s/epoch")
+    line = (f"{summary['dataset']} {summary['recipe']}: {100 * summary['final_test_acc']:.2f}% "
+            f"after {summary['epochs']} epochs, {summary['median_epoch_seconds']:.0f} s/epoch")
+    out = Path(args.out)
+    write_results(out.name, summary, line, folder=out.parent)
+    print(line)
 
 
 if __name__ == "__main__":

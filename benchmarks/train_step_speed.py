@@ -11,20 +11,15 @@ Usage: python benchmarks/train_step_speed.py [--steps 60] [--batch 64]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stn_deploy.backends.base import cpu_name
+from _provenance import write_results
 from stn_deploy.config import ModelConfig
 from stn_deploy.model import build_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def step_ms(layout: torch.memory_format, dropout: float, batch: int, steps: int,
@@ -65,18 +60,14 @@ def main() -> None:
     ms = step_ms(torch.channels_last, 0.0, args.batch, args.steps, bf16=True)
     rows.append({"layout": "channels_last + bf16 autocast", "dropout": 0.0, "ms_per_step": ms,
                  "s_per_epoch_50k": ms * 50_000 / args.batch / 1e3})
-    doc = {"date": datetime.date.today().isoformat(),
-           "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-           "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_step_speed.json").write_text(json.dumps(doc, indent=2) + "\n")
+    doc = {"batch": args.batch, "steps": args.steps, "rows": rows}
     base = rows[0]["ms_per_step"]
-    md = [f"# Training step, CIFAR-10 model, batch {args.batch} ({doc['date']}, {doc['machine']})",
+    md = [f"# Training step, CIFAR-10 model, batch {args.batch}",
           "", "| layout | dropout | ms/step | s per 50,000 images | vs NCHW + dropout |",
           "|---|---:|---:|---:|---:|"]
     md += [f"| {r['layout']} | {r['dropout']} | {r['ms_per_step']:.1f} | "
            f"{r['s_per_epoch_50k']:.0f} | {base / r['ms_per_step']:.2f}x |" for r in rows]
-    (RESULTS / "train_step_speed.md").write_text("\n".join(md) + "\n")
+    write_results("train_step_speed", doc, "\n".join(md))
     print("\n".join(md))
 
 

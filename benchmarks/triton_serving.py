@@ -1,31 +1,39 @@
-"""Served (PyTriton, dynamic batching) against in-process throughput, same backend, same run.
+"""Served (tritonserver, one hop) against in-process throughput and latency, same runner, same
+threads, same run; the earlier PyTriton figures beside them.
 
-Why it exists: issue 12's targets compare Triton-served answers, throughput and latency with
-bench's in-process numbers for the same backend, and ask how the server and the client fail.
-This script, on loopback only:
-- starts ``stn-deploy serve`` on 127.0.0.1 and load-tests it (HTTP, batch-1 requests) at a
-  sweep of concurrencies; Triton's own metrics give the batch size its dynamic batcher formed
-  at each level (successful requests / model executions);
-- times the same runner in process (harness.measure_latency) at batch 1 and at each batch
-  size the batcher formed, while the server idles;
-- overloads the server (concurrency 256 against --max-queue) and checks it is ready after;
-- sends SIGTERM and checks the server stops with exit 0;
-- starts it again, runs ``stn-deploy loadtest`` against it and kills the server's whole
-  process group mid-run: the client must say so in one line and exit non-zero, no hang.
-Run it with the [serve] extra's interpreter (nvidia-pytriton needs numpy<2), on a quiet machine:
+Why it exists: serving is worth its cost only if the server adds little to the runner. Here,
+on loopback only:
+- ``stn-deploy serve`` starts the [serve] extra's tritonserver on a Python-backend model that
+  runs the runner inside Triton's stub (one hop); ``loadtest`` drives it closed-loop at each
+  concurrency and open-loop at request rates (Poisson arrivals, latency from the scheduled
+  send time), over HTTP with JSON and with Triton's binary tensor extension (and gRPC if
+  asked); Triton's metrics give the batch its dynamic batcher formed at each level;
+- the same runner with the same threads is timed in this process, while the server idles, at
+  batch 1 and at every batch size the batcher formed;
+- the server is overloaded (far more in flight than --max-queue holds) and must lose nothing
+  and be ready after; SIGTERM must stop it (exit 0, tritonserver's process group gone) within
+  a few seconds; a second server is SIGKILLed mid-run and loadtest must say so in one line.
+The targets are computed, not judged: each has its value, goal and met.
 
-    /work/venv-serve/bin/python benchmarks/triton_serving.py --model export/digits-u8.onnx
-Writes benchmarks/results/triton_serving.{json,md}.
+PyTriton's path (stub -> proxy -> our process) is no longer in stn-deploy, so it is not
+re-measured: its figures are read from the results file of the run that measured it
+(``--pytriton-results``, by default the results file this script writes, which carries them
+forward) and shown with their date and machine.
+
+Run it on a quiet machine (server, client and in-process timing share the CPUs):
+
+    .venv/bin/python benchmarks/triton_serving.py export/demo/stn-opset16-fp32.onnx
+
+Writes benchmarks/results/triton_serving.{json,md} (--out elsewhere). ``--duration 1`` is a
+smoke run of every step in about a minute, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -35,227 +43,385 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from stn_deploy.backends import create_runner
-from stn_deploy.fileio import write_text_atomic
-from stn_deploy.harness import measure_latency, system_info
-from stn_deploy.serving.loadtest import LoadRequest, run_loadtest, to_markdown
+from _provenance import RESULTS, write_results
+from stn_deploy.serving.loadtest import LoadRequest, batcher_counts, run_loadtest
+from stn_deploy.serving.python_model import default_threads
+from stn_deploy.serving.serve import group_alive
 from stn_deploy.serving.triton_repo import default_prefix
 
-RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODEL = RESULTS.parents[1] / "export" / "demo" / "stn-opset16-fp32.onnx"
+START_TIMEOUT_S = 180.0
+SIGTERM_GOAL_S = 5.0  # "within a few seconds"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL,
+                    help="ONNX file to serve [default: the demo's FP32 digits export]")
+    ap.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime")
+    ap.add_argument("--port", type=int, default=18100, help="HTTP port (+1 gRPC, +2 metrics); "
+                    "the killed-server check uses port + 10")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="runner threads, served and in process [default: serve's]")
+    ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--concurrency", default="1,8,32", help="closed-loop levels (1 and 32 "
+                    "are the targets' levels)")
+    ap.add_argument("--protocols", default="json,binary", help="json, binary, grpc")
+    ap.add_argument("--rates", default="auto", help="open-loop request rates/s, comma-separated;"
+                    " auto: 50%% and 80%% of the best closed-loop rate; none: skip")
+    ap.add_argument("--arrivals", choices=("constant", "poisson"), default="poisson")
+    ap.add_argument("--overload-concurrency", type=int, default=256)
+    ap.add_argument("--duration", type=float, default=10.0,
+                    help="seconds per level and per in-process batch size")
+    ap.add_argument("--pytriton-results", type=Path, default=RESULTS / "triton_serving.json",
+                    help="results file holding the earlier PyTriton run's figures")
+    ap.add_argument("--out", type=Path, default=RESULTS / "triton_serving")
+    args = ap.parse_args()
+    args.levels = tuple(int(v) for v in args.concurrency.split(","))
+    args.protocol_list = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    if not {1, 32} <= set(args.levels):
+        ap.error("--concurrency must include 1 and 32: the targets are at those levels")
+    if not args.model.is_file():
+        ap.error(f"{args.model} not found (make demo writes the default)")
+    args.threads = args.threads or default_threads(args.instances)
+    args.name = default_prefix(args.model)
+    return args
 
 
 def pump(stream: IO[str], lines: queue.Queue[str]) -> None:
     """Every line of ``stream`` into ``lines``, then "" at its end: in a thread, so waiting for
-    a line can time out (readline blocks), and the server's output never fills its pipe."""
-    for line in stream:
-        lines.put(line)
+    a line can time out, and the server's output never fills its pipe."""
+    for text in stream:
+        lines.put(text)
     lines.put("")
 
 
-def start_server(args: argparse.Namespace, port: int | None = None) -> subprocess.Popen[str]:
-    """``stn-deploy serve`` in its own process group (so a kill takes tritonserver too),
-    returned once it says it is serving, or the script ends within 180 s."""
-    server = subprocess.Popen([sys.executable, "-m", "stn_deploy", "serve", str(args.model),
-                               "--backend", args.backend, "--port", str(port or args.port),
-                               "--max-batch", str(args.max_batch),
-                               "--max-queue", str(args.max_queue),
-                               "--instances", str(args.instances),
-                               *(["--threads", str(args.threads)] if args.threads else [])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+Server = tuple[subprocess.Popen[str], int, queue.Queue[str]]
+
+
+def start_server(args: argparse.Namespace, port: int) -> Server:
+    """``stn-deploy serve`` once it says it is serving, tritonserver's pid (its own process
+    group) and serve's further output lines; the script ends with serve's last lines if it
+    does not start."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stn_deploy", "serve", str(args.model), "--backend", args.backend,
+         "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+         "--max-queue", str(args.max_queue), "--instances", str(args.instances),
+         "--threads", str(args.threads)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert server.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=pump, args=(server.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + 180
-    said = []
+    deadline, said = time.monotonic() + START_TIMEOUT_S, []
     while (left := deadline - time.monotonic()) > 0:
         try:
-            line = lines.get(timeout=left)
+            said.append(lines.get(timeout=left))
         except queue.Empty:
             break
-        said.append(line)
-        if "serving" in line:
-            return server
-        if not line:  # its output ended: it exited
+        if "tritonserver pid " in said[-1]:
+            return server, int(said[-1].split("tritonserver pid ")[1].split(";")[0]), lines
+        if not said[-1]:  # its output ended: it exited
             break
     os.killpg(server.pid, signal.SIGKILL)
     server.wait()
     sys.exit(f"serve did not start (exit {server.returncode}): {''.join(said[-5:])}")
 
 
-def counters(metrics_url: str, model: str) -> dict[str, float]:
-    """Triton's per-model request and execution counters from its Prometheus endpoint."""
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    out = {}
-    for key in ("nv_inference_request_success", "nv_inference_exec_count",
-                "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-                "nv_inference_compute_infer_duration_us"):
-        m = re.search(rf'^{key}{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$', text, re.M)
-        out[key] = float(m.group(1)) if m else 0.0
+def load(args: argparse.Namespace, port: int, **kw: Any) -> list[dict[str, Any]]:
+    """loadtest's rows (the library's run_loadtest, as the command runs it), quietly."""
+    settings: dict[str, Any] = {"duration_s": args.duration, "max_requests": 1_000_000,
+                                "threads": args.threads, **kw}
+    req = LoadRequest(url=f"http://127.0.0.1:{port}", model=args.model, backend=args.backend,
+                      **settings)
+    return run_loadtest(req, echo=lambda _: None)["results"]
+
+
+def rest(lines: queue.Queue[str], timeout_s: float = 10.0) -> list[str]:
+    """serve's output lines up to its end (the pump's ""), or what came within the timeout."""
+    out, deadline = [], time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            text = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if not text:
+            break
+        out.append(text.rstrip("\n"))
     return out
 
 
+def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[int, dict[str, Any]]:
+    """The runner with the server's threads, timed end to end at each batch size."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.harness import measure_latency
+
+    with create_runner(args.backend, args.model, threads=args.threads) as runner:
+        return {b: measure_latency(runner, b, iterations=None,
+                                   duration_s=args.duration).to_dict() for b in sizes}
+
+
+def sigterm(server: subprocess.Popen[str], pgid: int) -> dict[str, Any]:
+    """SIGTERM to serve: its exit code, the seconds it took, and whether tritonserver's group
+    is gone."""
+    t0 = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    try:
+        code: int | None = server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        code = None
+    seconds = time.monotonic() - t0
+    return {"exit_code": code, "seconds": round(seconds, 2), "group_gone": not group_alive(pgid)}
+
+
 def kill_mid_run(args: argparse.Namespace) -> dict[str, Any]:
-    """The server's process group SIGKILLed once 100 requests of a 60 s load test are answered
-    (on ports of its own:
-    the first server's may still be closing)."""
+    """tritonserver's process group SIGKILLed once 100 requests of a 60 s loadtest (run as
+    the command) are answered, on ports of its own; what the client and serve then say."""
     port = args.port + 10
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(args, port)
-    client = subprocess.Popen([sys.executable, "-m", "stn_deploy", "loadtest", url, "--model",
-                               str(args.model), "--backend", args.backend, "--concurrency", "8",
-                               "--duration", "60", "--timeout", "10"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120  # the client first loads its local reference
-    while time.monotonic() < deadline and client.poll() is None and counters(
-            f"http://127.0.0.1:{port + 2}/metrics", default_prefix(args.model))[
-            "nv_inference_request_success"] < 100:
-        time.sleep(0.2)
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+    server, pgid, lines = start_server(args, port)
+    client = subprocess.Popen(
+        [sys.executable, "-m", "stn_deploy", "loadtest", f"http://127.0.0.1:{port}", "--model",
+         str(args.model), "--backend", args.backend, "--concurrency", "8", "--duration", "60",
+         "--timeout", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = f"http://127.0.0.1:{port + 2}/metrics"
+    deadline = time.monotonic() + 120  # the client first runs its local reference
+    while time.monotonic() < deadline and client.poll() is None and (
+            batcher_counts(metrics, args.name) or {}).get("request_success", 0) < 100:
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
     killed = time.monotonic()
     try:
-        out, err = client.communicate(timeout=90)
+        _, err = client.communicate(timeout=90)
         hung = False
     except subprocess.TimeoutExpired:
         client.kill()
-        out, err = client.communicate()
+        _, err = client.communicate()
         hung = True
-    lines = [ln for ln in err.splitlines() if not ln.startswith("concurrency ")]
-    return {"client_exit_code": client.returncode, "hung": hung,
-            "seconds_after_kill": round(time.monotonic() - killed, 2),
-            "client_error_lines": lines}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--port", type=int, default=18100)
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-queue", type=int, default=64)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per level")
-    ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--instances", type=int, default=1, help="serve --instances")
-    ap.add_argument("--threads", type=int, default=None, help="serve --threads (per instance)")
-    args = ap.parse_args()
-    levels = [int(v) for v in args.concurrency.split(",")]
-    if 1 not in levels:
-        ap.error("--concurrency must include 1: the p99 target is at concurrency 1")
-    name = default_prefix(args.model)
-    url = f"http://127.0.0.1:{args.port}"
-    metrics_url = f"http://127.0.0.1:{args.port + 2}/metrics"
-
-    server = start_server(args)
+    after = round(time.monotonic() - killed, 2)
     try:
-        sweep: list[dict[str, Any]] = []
-        for c in levels:
-            before = counters(metrics_url, name)
-            report = run_loadtest(LoadRequest(url=url, model=args.model, backend=args.backend,
-                                              concurrency=(c,), duration_s=args.duration,
-                                              max_requests=100_000))
-            after = counters(metrics_url, name)
-            row = report["results"][0]
-            execs = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
-            done = after["nv_inference_request_success"] - before["nv_inference_request_success"]
-            row["batch_formed"] = round(done / execs, 2) if execs else None
-            # Where a request's time goes, from Triton's own cumulative durations.
-            for key, label in (("nv_inference_request_duration_us", "server_ms"),
-                               ("nv_inference_queue_duration_us", "queue_ms"),
-                               ("nv_inference_compute_infer_duration_us", "compute_ms")):
-                row[label] = round((after[key] - before[key]) / 1000 / done, 3) if done else None
-            sweep.append(report)
-        overload = run_loadtest(LoadRequest(url=url, model=args.model, backend=args.backend,
-                                            concurrency=(256,), duration_s=args.duration,
-                                            max_requests=100_000, timeout_s=30))
-        ready = run_loadtest(LoadRequest(url=url, model=args.model, backend=args.backend,
-                                         concurrency=(1,), duration_s=1, max_requests=20))
-        # In process while the server idles: batch 1 and every batch size the batcher formed.
-        rows = [r["results"][0] for r in sweep]
-        sizes = sorted({1, *(max(1, round(r["batch_formed"] or 1)) for r in rows)})
-        with create_runner(args.backend, args.model) as runner:
-            inproc = {b: measure_latency(runner, b, iterations=None,
-                                         duration_s=args.duration).to_dict() for b in sizes}
-        t0 = time.monotonic()
-        os.kill(server.pid, signal.SIGTERM)
-        exit_code = server.wait(timeout=60)
-        stop_s = time.monotonic() - t0
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    serve_out = rest(lines)
+    return {"client_exit_code": client.returncode, "hung": hung, "seconds_after_kill": after,
+            "client_error_lines": [ln for ln in err.splitlines()
+                                   if ln.strip() and not ln.startswith("concurrency ")],
+            "serve_exit_code": server.returncode,
+            "serve_error_lines": [ln for ln in serve_out if ln.startswith("Error")]}
+
+
+def open_rates(args: argparse.Namespace, closed: list[dict[str, Any]]) -> list[float]:
+    if args.rates == "none":
+        return []
+    if args.rates != "auto":
+        return [float(r) for r in args.rates.split(",")]
+    best = max(r.get("throughput_ips") or 0.0 for r in closed)
+    return [round(f * best) for f in (0.5, 0.8) if round(f * best) > 0]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every served figure from one server, then the in-process ones while it idles, then
+    SIGTERM; the killed-server check on a second server."""
+    server, pgid, _ = start_server(args, args.port)
+    try:
+        closed = load(args, args.port, concurrency=args.levels, protocols=args.protocol_list)
+        rates = open_rates(args, closed)
+        opened = load(args, args.port, rates=tuple(rates), arrivals=args.arrivals,
+                      protocols=args.protocol_list) if rates else []
+        over = load(args, args.port, concurrency=(args.overload_concurrency,),
+                    protocols=("binary",), timeout_s=30)[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/v2/health/ready",
+                                    timeout=5) as r:
+            ready = r.status == 200
+        after = load(args, args.port, concurrency=(1,), protocols=("binary",), duration_s=1.0,
+                     max_requests=20)[0]
+        sizes = sorted({1, *(max(1, round(r["mean_batch"])) for r in closed + opened
+                             if r.get("mean_batch"))})
+        inproc = in_process(args, sizes)
+        stop = sigterm(server, pgid)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-    killed = kill_mid_run(args)
+        if group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    for r in closed + opened:
+        b = max(1, round(r["mean_batch"])) if r.get("mean_batch") else None
+        ref = inproc[b]["throughput_ips"] if b else None
+        r["in_process_batch"], r["in_process_ips"] = b, ref
+        r["served_over_in_process"] = (r["throughput_ips"] / ref
+                                       if ref and r.get("throughput_ips") else None)
+    return {"closed_loop": closed, "open_loop": opened, "in_process": inproc,
+            "overload": {**over, "ready_after": ready and after["answered"] > 0},
+            "sigterm": stop, "killed_mid_run": kill_mid_run(args)}
 
+
+def target(value: Any, goal: str, met: bool, **more: Any) -> dict[str, Any]:
+    return {"value": value, "goal": goal, "met": bool(met), **more}
+
+
+def targets(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The served-throughput, latency, overload, stop and accuracy targets, per protocol
+    where they depend on it."""
+    out: dict[str, dict[str, Any]] = {}
+    p99_b1 = m["in_process"][1]["p99_ms"]
+    for proto in args.protocol_list:
+        rows = {r["concurrency"]: r for r in m["closed_loop"] if r["protocol"] == proto}
+        c32, c1 = rows[32], rows[1]
+        ratio = c32.get("served_over_in_process")
+        out[f"c32_served_over_in_process_{proto}"] = target(
+            None if ratio is None else round(100 * ratio, 1), ">= 75 %",
+            ratio is not None and ratio >= 0.75,
+            at=f"batch formed {c32.get('mean_batch') or 0:.2f}, in process at batch "
+               f"{c32.get('in_process_batch')}")
+        p99 = c1.get("p99_ms")
+        out[f"c1_p99_ms_{proto}"] = target(
+            None if p99 is None else round(p99, 3), f"<= 2 x {p99_b1:.3f} + 1 ms",
+            p99 is not None and p99 <= 2 * p99_b1 + 1)
+    over = m["overload"]
+    out["overload_none_lost"] = target(
+        f"{over['answered']} answered, {over['rejected']} rejected, {over['errors']} errors, "
+        f"{over['lost']} lost of {over['requests']}; ready after: {over['ready_after']}",
+        "0 lost, ready after", over["lost"] == 0 and over["ready_after"])
+    s = m["sigterm"]
+    out["sigterm_clean"] = target(
+        f"exit {s['exit_code']} in {s['seconds']} s, group gone: {s['group_gone']}",
+        f"exit 0 within {SIGTERM_GOAL_S:.0f} s, no process left",
+        s["exit_code"] == 0 and s["seconds"] <= SIGTERM_GOAL_S and s["group_gone"])
+    k = m["killed_mid_run"]
+    out["killed_mid_run"] = target(
+        f"client exit {k['client_exit_code']} {k['seconds_after_kill']} s after the kill, "
+        f"{len(k['client_error_lines'])} line(s)", "one line, non-zero, no hang",
+        not k["hung"] and k["client_exit_code"] not in (0, None)
+        and len(k["client_error_lines"]) == 1)
+    rows = [r for r in m["closed_loop"] + m["open_loop"] if r.get("answered")]
+    out["served_agrees_with_local"] = target(
+        min(r["agreement_pct"] for r in rows), "100 % top-1 agreement on every level (so the "
+        "served accuracy is the local runner's on the same images)",
+        all(r["agreement_pct"] == 100.0 for r in rows))
+    return out
+
+
+def pytriton_reference(path: Path) -> dict[str, Any] | None:
+    """The PyTriton run's figures: from its own results file (no provenance block, a
+    "served_sweep"), or carried forward in a later file of this script; None if neither."""
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if "pytriton_reference" in doc:
+        return doc["pytriton_reference"]
+    if "served_sweep" not in doc or "provenance" in doc:
+        return None
+    system = doc.get("system", {})
+    root = RESULTS.parents[1]
+    return {"source": str(path.relative_to(root) if path.is_relative_to(root) else path),
+            "date": doc.get("date"), "cpu": system.get("cpu"),
+            "cpus": system.get("cpus_available"), "model": doc.get("model"),
+            "backend": doc.get("backend"),
+            "protocol": "binary (HTTP, tritonclient's default)",
+            "in_process_b1_p99_ms": doc["in_process"]["1"]["p99_ms"],
+            "rows": [{k: r.get(k) for k in ("concurrency", "throughput_ips", "p50_ms", "p99_ms",
+                                            "batch_formed", "served_over_in_process_pct")}
+                     for r in doc["served_sweep"]]}
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def served_table(rows: list[dict[str, Any]], key: str) -> list[str]:
+    head = "Rate/s" if key == "rate" else "Concurrency"
+    out = [f"| Protocol | {head} | img/s | p50 ms | p99 ms | Batch formed | In process at "
+           "that batch, img/s | Served / in process | Answered | Rejected | Lost | "
+           "Agreement % | Client CPU % |", "|---|" + "---:|" * 12]
     for r in rows:
-        b = max(1, round(r["batch_formed"] or 1))
-        r["in_process_ips_at_batch_formed"] = inproc[b]["throughput_ips"]
-        r["served_over_in_process_pct"] = 100 * r["throughput_ips"] / inproc[b]["throughput_ips"]
-    best = max(rows, key=lambda r: r["throughput_ips"])
-    over = overload["results"][0]
-    p99_c1 = next(r for r in rows if r["concurrency"] == 1)["p99_ms"]
-    p99_b1 = inproc[1]["p99_ms"]
-    targets = {
-        "agreement_100pct": {"value": min(r["agreement_pct"] for r in rows), "goal": "== 100",
-                             "met": all(r["agreement_pct"] == 100.0 for r in rows)},
-        "best_served_over_in_process": {
-            "value": round(best["served_over_in_process_pct"], 1), "goal": ">= 50 %",
-            "met": best["served_over_in_process_pct"] >= 50,
-            "at": f"concurrency {best['concurrency']}, batch formed {best['batch_formed']}"},
-        "p99_c1_ms": {"value": round(p99_c1, 3), "goal": f"<= 2 x {p99_b1:.3f} + 1 ms",
-                      "met": p99_c1 <= 2 * p99_b1 + 1},
-        "overload_none_lost": {"value": f"{over['answered']} answered, {over['rejected']} "
-                                        f"rejected, {over['errors']} errors, {over['lost']} "
-                                        f"lost of {over['requests']}",
-                               "goal": "0 lost, ready after",
-                               "met": over["lost"] == 0 and ready["results"][0]["answered"] > 0},
-        "sigterm_clean": {"value": f"exit {exit_code} in {stop_s:.1f} s", "goal": "exit 0",
-                          "met": exit_code == 0},
-        "killed_mid_run": {"value": f"client exit {killed['client_exit_code']} "
-                                    f"{killed['seconds_after_kill']} s after the kill, "
-                                    f"{len(killed['client_error_lines'])} line(s)",
-                           "goal": "one line, non-zero, no hang",
-                           "met": not killed["hung"] and killed["client_exit_code"] != 0
-                           and len(killed["client_error_lines"]) == 1},
-    }
-    summary = {"date": datetime.date.today().isoformat(), "system": system_info(),
-               "model": str(args.model), "backend": args.backend, "instances": args.instances,
-               "threads": args.threads, "in_process": inproc,
-               "served_sweep": rows, "overload": over,
-               "ready_after_overload": ready["results"][0]["answered"] > 0,
-               "sigterm_exit_code": exit_code, "killed_mid_run": killed, "targets": targets}
-    write_text_atomic(RESULTS / "triton_serving.json",
-                      json.dumps(summary, indent=2, default=str) + "\n")
-    inproc_md = ["| Batch | img/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"] + [
+        out.append(
+            f"| {r['protocol']} | {fmt(r[key], '.0f')} | {fmt(r.get('throughput_ips'), '.0f')}"
+            f" | {fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | {fmt(r.get('mean_batch'))} |"
+            f" {fmt(r.get('in_process_ips'), '.0f')} | "
+            f"{fmt(r.get('served_over_in_process'))} | {r['answered']} | {r['rejected']} | "
+            f"{r['lost']} | {fmt(r.get('agreement_pct'))} | {fmt(r.get('client_cpu_pct'), '.0f')}"
+            " |")
+    return out
+
+
+def comparison(ref: dict[str, Any] | None, closed: list[dict[str, Any]]) -> list[str]:
+    """The PyTriton run's rows beside this run's binary rows, at the same concurrencies."""
+    if ref is None:
+        return ["No PyTriton figures found (--pytriton-results): nothing to compare."]
+    ours = {r["concurrency"]: r for r in closed if r["protocol"] == "binary"}
+    out = [f"PyTriton (stub -> proxy -> runner process), not re-measured: {ref['date']} on "
+           f"{ref['cpu']} ({ref['cpus']} CPUs), {ref['model']}, {ref['backend']}, "
+           f"{ref['protocol']}; from {ref['source']}. Another day and possibly another "
+           "machine: compare the ratios to in process, not the raw img/s.", "",
+           "| Concurrency | PyTriton img/s | p50 ms | p99 ms | served / in process | "
+           "one hop (binary) img/s | p50 ms | p99 ms | served / in process |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in ref["rows"]:
+        o = ours.get(p["concurrency"], {})
+        pct = p.get("served_over_in_process_pct")
+        out.append(f"| {p['concurrency']} | {fmt(p['throughput_ips'], '.0f')} | "
+                   f"{fmt(p['p50_ms'])} | {fmt(p['p99_ms'])} | "
+                   f"{fmt(None if pct is None else pct / 100)} | "
+                   f"{fmt(o.get('throughput_ips'), '.0f')} | {fmt(o.get('p50_ms'))} | "
+                   f"{fmt(o.get('p99_ms'))} | {fmt(o.get('served_over_in_process'))} |")
+    return out
+
+
+def markdown(args: argparse.Namespace, m: dict[str, Any], goals: dict[str, Any],
+             ref: dict[str, Any] | None) -> str:
+    inproc = ["| Batch | img/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"] + [
         f"| {b} | {s['throughput_ips']:.0f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} |"
-        for b, s in inproc.items()]
-    formed = ", ".join(f"concurrency {r['concurrency']}: {r['batch_formed']} "
-                       f"({r['served_over_in_process_pct']:.0f}% of in-process at that batch)"
-                       for r in rows)
-    target_md = ["| Target | Value | Goal | Met |", "|---|---|---|---|"] + [
-        f"| {k} | {t['value']}{' (' + t['at'] + ')' if 'at' in t else ''} | {t['goal']} | "
-        f"{'yes' if t['met'] else 'NO'} |" for k, t in targets.items()]
-    md = [f"# Triton serving (PyTriton, {args.backend}, CPU), {summary['date']}", "",
-          f"serve --max-batch {args.max_batch} --max-queue {args.max_queue} --instances "
-          f"{args.instances} --threads {args.threads or 'default'}", "",
-          f"Machine: {summary['system'].get('cpu')} ({summary['system'].get('cpus_available')} "
-          f"CPUs); server and load generator on the same machine, loopback HTTP.", "",
-          "In process, same runner, timed while the server idled:", "", *inproc_md, "",
-          "Served, batch-1 HTTP requests:", "",
-          to_markdown({**sweep[0], "results": rows}).rstrip(), "",
-          f"Batch size the dynamic batcher formed (Triton's metrics): {formed}.", "",
-          "Where a request's time goes (means per request; server = Triton's request duration,"
-          " of it queue and compute = the PyTriton hop to the runner and back plus the runner;"
-          " the rest of the client's mean is HTTP and the client):", "",
-          "| Concurrency | client mean ms | server ms | queue ms | compute ms |",
-          "|---:|---:|---:|---:|---:|",
-          *(f"| {r['concurrency']} | {1000 * r['seconds'] * r['concurrency'] / r['answered']:.3f}"
-            f" | {r['server_ms']} | {r['queue_ms']} | {r['compute_ms']} |" for r in rows), "",
-          f"Overload (concurrency 256, max queue {args.max_queue}):", "",
-          to_markdown(overload).rstrip(), "",
-          f"Server killed (SIGKILL to its process group) after 100 answers of a loadtest: "
-          f"{killed['client_error_lines']}", "", *target_md]
-    write_text_atomic(RESULTS / "triton_serving.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+        for b, s in m["in_process"].items()]
+    over, k = m["overload"], m["killed_mid_run"]
+    goal_md = ["| Target | Value | Goal | Met |", "|---|---|---|---|"] + [
+        f"| {name} | {t['value']}{' (' + t['at'] + ')' if 'at' in t else ''} | {t['goal']} | "
+        f"{'yes' if t['met'] else 'NO'} |" for name, t in goals.items()]
+    return "\n".join([
+        f"# Triton serving, one hop ({args.backend}, CPU)", "",
+        f"`stn-deploy serve {args.model.name} --backend {args.backend} --max-batch-size "
+        f"{args.max_batch_size} --max-queue {args.max_queue} --instances {args.instances} "
+        f"--threads {args.threads}`: tritonserver from the nvidia-pytriton wheel, the runner "
+        "inside its Python-backend stub. Server, load generator and in-process timing on the "
+        f"same machine, loopback; {args.duration:g} s per level; batch-1 requests.", "",
+        *goal_md, "",
+        "In process, the same runner with the same threads, end to end, timed while the "
+        "server idled:", "", *inproc, "",
+        "Closed loop (each client sends its next request when the last is answered). Batch "
+        "formed: images per execution from Triton's metrics; served / in process: served img/s "
+        "over the in-process img/s at that batch (rounded):", "",
+        *served_table(m["closed_loop"], "concurrency"), "",
+        *([f"Open loop ({args.arrivals} arrivals; latency from each request's scheduled send "
+           "time, so time spent queueing counts; below the server's capacity, served / in "
+           "process is the offered load over capacity, not the server's cost):", "",
+           *served_table(m["open_loop"], "rate"), ""] if m["open_loop"] else []),
+        f"Overload: concurrency {args.overload_concurrency} against --max-queue "
+        f"{args.max_queue}, binary: {over['answered']} answered, {over['rejected']} rejected, "
+        f"{over['errors']} errors, {over['lost']} lost; ready afterwards: "
+        f"{over['ready_after']}.", "",
+        f"SIGTERM: exit {m['sigterm']['exit_code']} after {m['sigterm']['seconds']} s; "
+        f"tritonserver's process group gone: {m['sigterm']['group_gone']}.", "",
+        f"tritonserver SIGKILLed after 100 answers of a loadtest: the client said "
+        f"{k['client_error_lines']} (exit {k['client_exit_code']}); serve said "
+        f"{k['serve_error_lines']} (exit {k['serve_exit_code']}).", "",
+        "## Against PyTriton", "", *comparison(ref, m["closed_loop"])])
+
+
+def main() -> None:
+    args = parse_args()
+    ref = pytriton_reference(args.pytriton_results)  # read before the results are rewritten
+    m = measure(args)
+    goals = targets(args, m)
+    doc = {"model": str(args.model), "backend": args.backend, "threads": args.threads,
+           "instances": args.instances, "max_batch_size": args.max_batch_size,
+           "max_queue": args.max_queue, "duration_s": args.duration,
+           "arrivals": args.arrivals, **m, "targets": goals, "pytriton_reference": ref}
+    md = markdown(args, m, goals, ref)
+    json_path, md_path = write_results(args.out.name, doc, md, folder=args.out.parent)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def main() -> None:
     if not stn_deploy.__file__ or not stn_deploy.__file__.startswith(root):
         sys.exit(f"stn_deploy still comes from {stn_deploy.__file__}, not {root}")
     sys.argv = sys.argv[2:]
+    # As `python SCRIPT` would: the script's folder first, for its own helpers (_provenance).
+    sys.path.insert(0, str(Path(sys.argv[0]).resolve().parent))
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 

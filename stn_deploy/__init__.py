@@ -2,7 +2,7 @@
 
 The Python API (``stn_deploy.api``) is imported on first use, so ``import stn_deploy`` loads
 neither torch nor onnx: ``load_checkpoint``, ``export_model``, ``verify``, ``open_runner``,
-``bench_models``.
+``bench_models``, ``serve``.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from stn_deploy.version import __version__
 
-API = ("bench_models", "export_model", "load_checkpoint", "open_runner", "verify")
+API = ("bench_models", "export_model", "load_checkpoint", "open_runner", "serve", "verify")
 
 if TYPE_CHECKING:
     from stn_deploy.api import (bench_models, export_model, load_checkpoint, open_runner,
-                                verify)
+                                serve, verify)
 
 
 def __getattr__(name: str) -> Any:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stn_deploy.errors import StnDeployError
+from stn_deploy.export.request import CALIB_SAMPLES
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,41 +56,59 @@ def load_checkpoint(path: PathLike) -> "Checkpoint":
     return load(path)
 
 
-def export_model(model: "PathLike | nn.Module", out: PathLike, *,
-           input_shape: Sequence[int] | None = None, opset: int = 17, precision: str = "fp32",
-           images: Any = None, labels: Any = None, calib_images: Any = None,
-           extra_outputs: Sequence[str] = (), mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None, class_names: Sequence[str] | None = None,
-           dataset: str = "custom", exporter: str | None = None,
-           static_batch: int | None = None, quiet: bool = True) -> "ExportResult":
-    """A verified ONNX file at exactly ``opset`` and ``precision``, written only if every
-    check passed.
+def export_model(model: "PathLike | nn.Module", out: PathLike | None = None, *,
+                 input_shape: Sequence[int] | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 class_names: Sequence[str] | None = None, extra_outputs: Sequence[str] = (),
+                 weights: PathLike | None = None, dataset: str | None = None,
+                 format: str = "onnx", precision: str = "fp32", opset: int = 17,
+                 static_batch: int | None = None, with_theta: bool = False,
+                 embed_preprocess: bool = False, exporter: str | None = None,
+                 affine_grid_op: bool = False, target: str | None = None,
+                 keep_float: "PathLike | Sequence[str] | None" = None,
+                 quantizer: str | None = None, max_accuracy_drop: float | None = None,
+                 images: Any = None, labels: Any = None, calib_images: Any = None,
+                 data_dir: PathLike | None = None, calib_dir: PathLike | None = None,
+                 verify_samples: int | str | None = None,
+                 calib_samples: int | str | None = CALIB_SAMPLES,
+                 trt_profile: Sequence[int] | None = None, workspace_mb: int | None = None,
+                 timing_cache: PathLike | None = None, quiet: bool = True) -> "ExportResult":
+    """A verified ONNX file (or TensorRT plan, ``format="trt"``) at exactly ``opset`` and
+    ``precision``, written only if every check passed: ``stn-deploy export`` in Python, with
+    the same options under the same names (``--calib-dir`` is ``calib_dir=``), and each
+    refused by name (StnDeployError) where it cannot mean anything.
 
-    ``model``: an stn-deploy checkpoint path (verified on its own dataset, as
-    ``stn-deploy export CHECKPOINT``), or any ``nn.Module`` with ``input_shape`` (C, H, W):
-    ``F.affine_grid`` becomes a constant grid, the sampling path stays FP32 in FP16/INT8, and
-    outputs and every GridSample's grid are checked against PyTorch on ``images`` (uint8
-    NCHW; None: random inputs, with a warning). ``extra_outputs`` names the model's outputs
-    after the logits (e.g. ("theta",)); each is exported and compared too."""
-    from torch import nn
+    ``model``: an stn-deploy checkpoint path (verified on its own dataset), or any
+    ``nn.Module`` with ``input_shape`` (C, H, W): ``F.affine_grid`` becomes a constant grid,
+    the sampling path stays FP32 in FP16/INT8, and outputs and every GridSample's grid are
+    checked against PyTorch. ``mean``, ``std``, ``class_names``, ``extra_outputs`` (the
+    module's outputs after the logits, each exported and compared), ``weights`` and
+    ``dataset`` describe a module; a checkpoint carries them and refuses them.
 
-    echo = (lambda _line: None) if quiet else print
-    if isinstance(model, nn.Module):
-        from stn_deploy.custom import export_module
+    ``images`` (uint8 NCHW) and ``labels``: verify on these instead of the test split (a
+    module without them: random inputs, with a warning); ``calib_images``: INT8 calibration
+    images instead of the train split. ``keep_float``: nodes FP16/INT8 leave in float too
+    (``debug precision``'s JSON file, or the names); ``quantizer``: ``"onnxruntime"`` or
+    ``"nncf"`` for INT8; ``max_accuracy_drop``: NNCF's accuracy control, in points.
+    ``format="openvino"``: OpenVINO IR (``.xml`` + ``.bin``). ``verify_samples`` /
+    ``calib_samples``: a number or "all" (None: all). ``out``: None: ``export/<name>-opset<N>-<precision>.onnx``."""
+    from stn_deploy.export.pipeline import run_export
+    from stn_deploy.export.request import ExportRequest
 
-        if input_shape is None:
-            raise StnDeployError("export of an nn.Module needs input_shape=(C, H, W)")
-        return export_module(model, out, input_shape=input_shape, opset=opset,
-                             precision=precision, images=images, labels=labels,
-                             calib_images=calib_images, extra_outputs=extra_outputs, mean=mean,
-                             std=std, class_names=class_names, dataset=dataset,
-                             exporter=exporter, static_batch=static_batch, echo=echo)
-    from stn_deploy.export.pipeline import ExportRequest, run_export
-
-    req = ExportRequest(checkpoint=Path(model), precision=precision, opset=opset,
-                        out=Path(out), exporter=exporter, static_batch=static_batch,
-                        with_theta="theta" in extra_outputs)
-    return run_export(req, echo=echo)
+    path = isinstance(model, (str, os.PathLike))
+    req = ExportRequest(
+        checkpoint=Path(model) if path else None, module=None if path else model,
+        weights=weights, input_shape=input_shape, mean=mean, std=std,
+        class_names=class_names, extra_outputs=tuple(extra_outputs), dataset=dataset,
+        format=format, precision=precision, opset=opset, out=out, static_batch=static_batch,
+        with_theta=with_theta, embed_preprocess=embed_preprocess, exporter=exporter,
+        affine_grid_op=affine_grid_op, target=target, keep_float=keep_float,
+        quantizer=quantizer, max_accuracy_drop=max_accuracy_drop, data_dir=data_dir,
+        calib_dir=calib_dir,
+        verify_samples=verify_samples, calib_samples=calib_samples, images=images,
+        labels=labels, calib_images=calib_images, trt_profile=trt_profile,
+        workspace_mb=workspace_mb, timing_cache=timing_cache, caller="api")
+    return run_export(req, echo=(lambda _line: None) if quiet else print)
 
 
 def verify(artifact: PathLike, model: "PathLike | nn.Module", images: Any,
@@ -103,17 +121,19 @@ def verify(artifact: PathLike, model: "PathLike | nn.Module", images: Any,
     from torch import nn
 
     from stn_deploy.artifacts import config_from_onnx, onnx_precision
-    from stn_deploy.custom import as_images, torch_outputs, verify_module
-    from stn_deploy.export.verify import TOLERANCES, torch_reference, verify_file
+    from stn_deploy.export.user_module import torch_outputs
+    from stn_deploy.export.verify import (TOLERANCES, Images, Reference, as_images,
+                                          torch_reference, verify_export)
 
     config = config_from_onnx(artifact)
     tol = TOLERANCES[onnx_precision(artifact)]
     arr = as_images(images, config)
-    lab = None if labels is None else np.asarray(labels)
+    data = Images(arr, None if labels is None else np.asarray(labels), "the given images")
     if isinstance(model, nn.Module):
         reference = torch_outputs(model, arr, config, extra_outputs)
-        return verify_module(artifact, reference, arr, lab, config, tol, backend)
-    return verify_file(artifact, torch_reference(model, arr), arr, lab, config, tol, backend)
+    else:
+        reference = Reference(torch_reference(model, arr))
+    return verify_export(artifact, reference, data, config, tol, backend)
 
 
 def open_runner(artifact: PathLike, backend: str | None = None, **options: Any) -> "Runner":
@@ -143,4 +163,35 @@ def bench_models(models: Sequence[PathLike], backends: Sequence[str] | str | Non
                                   data_dir=None if data_dir is None else str(data_dir)))
 
 
-__all__ = ["bench_models", "export_model", "load_checkpoint", "open_runner", "verify"]
+if TYPE_CHECKING:
+    from threading import Event
+
+
+def serve(model: PathLike, *, backend: str | None = None, model_name: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
+          queue_delay_us: int = 500, max_queue: int = 0, threads: int | None = None,
+          instances: int = 1, stop: "Event | None" = None) -> None:
+    """Serve ``model`` (an .onnx file, a checkpoint, or a ``python-*`` repository folder) on
+    the ``[serve]`` extra's tritonserver, as ``stn-deploy serve`` does, until SIGINT/SIGTERM
+    or, from another thread, until ``stop`` is set; tritonserver's whole process group is
+    stopped before this returns. ``backend``: "onnxruntime" (None) or "openvino", run inside
+    Triton's Python-backend stub; gRPC listens on ``port + 1``, metrics on ``port + 2``."""
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.serving.serve import ServeOptions
+    from stn_deploy.serving.serve import serve as run
+
+    # The CLI's option types check these; a script gets the same refusals by name.
+    for name, value, low, high in (("port", port, 1, 65533), ("instances", instances, 1, 16),
+                                   ("max_batch_size", max_batch_size, 1, None),
+                                   ("queue_delay_us", queue_delay_us, 0, None),
+                                   ("max_queue", max_queue, 0, None),
+                                   ("threads", 1 if threads is None else threads, 1, None)):
+        if value < low or (high is not None and value > high):
+            raise StnDeployError(f"{name}={value}: give {low}"
+                                 + (f" to {high}" if high is not None else " or more"))
+    run(ServeOptions(model=Path(model), backend=backend, name=model_name, host=host, port=port,
+                     max_batch=max_batch_size, queue_delay_us=queue_delay_us,
+                     max_queue=max_queue, threads=threads, instances=instances), stop=stop)
+
+
+__all__ = ["bench_models", "export_model", "load_checkpoint", "open_runner", "serve", "verify"]

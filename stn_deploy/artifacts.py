@@ -20,16 +20,21 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+IR_SUFFIX = ".xml"  # OpenVINO IR: the graph; its weights are the .bin beside it
+IR_SECTION = "stn_deploy"  # rt_info section holding the same keys as the ONNX metadata
 CONFIG_KEY = "stn_deploy.config"
 SIDECAR_KEYS = ("config", "input_name", "output_names", "precision", "tensorrt_version",
                 "gpu_name", "compute_capability", "profile", "onnx_sha256", "embed_preprocess")
 
 
 def model_kind(path: str | os.PathLike[str]) -> str:
-    """"checkpoint", "onnx" or "plan", from the file name (checked again when loaded)."""
+    """"checkpoint", "onnx", "plan" or "openvino" (IR), from the file name (checked again
+    when loaded)."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
+    if suffix == IR_SUFFIX:
+        return "openvino"
     if suffix in PLAN_SUFFIXES:
         return "plan"
     return "checkpoint"
@@ -98,6 +103,33 @@ def onnx_precision(path: str | os.PathLike[str]) -> str:
     return graph_precision(load_onnx(path))
 
 
+# ----------------------------------------------------------------------------- OpenVINO IR
+
+def ir_bin_path(xml: str | os.PathLike[str]) -> Path:
+    return Path(xml).with_suffix(".bin")
+
+
+def read_ir_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata an IR written by ``stn-deploy export --format openvino`` carries in its
+    rt_info (``<rt_info><stn_deploy><KEY value=.../>``), read from the XML itself: no
+    OpenVINO needed to tell what a file is. A missing ``.bin`` is one line here, before any
+    runtime reports it in its own words."""
+    import xml.etree.ElementTree as ET
+
+    path = Path(path)
+    if not ir_bin_path(path).is_file():
+        raise StnDeployError(f"{path} has no weights file {ir_bin_path(path).name} beside it "
+                             "(an OpenVINO IR is the .xml and its .bin together)")
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise StnDeployError(f"{path} is not a readable OpenVINO IR ({e})") from None
+    section = root.find(f"rt_info/{IR_SECTION}")
+    if section is None:
+        return {}
+    return {child.tag: child.get("value", "") for child in section}
+
+
 # ------------------------------------------------------------------------ TensorRT plans
 
 def sidecar_path(plan: str | os.PathLike[str]) -> Path:
@@ -109,7 +141,7 @@ def read_sidecar(plan: str | os.PathLike[str]) -> dict[str, Any]:
     path = sidecar_path(plan)
     if not path.is_file():
         raise StnDeployError(f"{plan} has no sidecar {path.name}; rebuild it with "
-                             "stn-deploy export --format engine")
+                             "stn-deploy export --format trt")
     try:
         side = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -129,6 +161,8 @@ def recorded_source(path: str | os.PathLike[str]) -> str | None:
     try:
         if kind == "onnx":
             return read_metadata(path).get("source_sha256")
+        if kind == "openvino":
+            return read_ir_metadata(path).get("source_sha256")
         if kind == "plan":
             value = read_sidecar(path).get("source_sha256")
             return str(value) if value is not None else None

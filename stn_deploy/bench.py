@@ -154,10 +154,10 @@ def run_bench(req: BenchRequest) -> dict[str, Any]:
     """Run every (model, backend) pair of ``req``; returns the report (schema in report.py)."""
     from tqdm import tqdm
 
-    from stn_deploy import __version__
-    from stn_deploy import report as rep
+    import stn_deploy.report as rep
     from stn_deploy.backends import BACKENDS, unavailable_reason
     from stn_deploy.harness import bench_runner, busy_warning, system_info
+    from stn_deploy.version import __version__
 
     pairs, skipped = plan_rows(req.models, req.backends, req.missing)
     if not pairs:

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from stn_deploy import __version__
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import atomic_path, sha256_file
 from stn_deploy.model import STNClassifier, build_model
+from stn_deploy.version import __version__
 
 FORMAT = "stn-deploy-checkpoint/1"
 

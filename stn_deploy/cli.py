@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from stn_deploy import __version__
+from stn_deploy.version import __version__
 
 # name -> "module:attribute"
 COMMANDS: dict[str, str] = {
@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "triton-repo": "stn_deploy.commands.triton_repo:triton_repo",
     "serve": "stn_deploy.commands.serve:serve",
     "loadtest": "stn_deploy.commands.loadtest:loadtest",
+    "debug": "stn_deploy.commands.debug:debug",
+    "profile": "stn_deploy.commands.profile:profile",
 }
 
 
@@ -58,8 +60,8 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stn-deploy")
 def cli() -> None:
-    """Train a Spatial Transformer Network classifier, export it to ONNX and TensorRT at an
-    exact opset, and prove every deployed form accurate and fast."""
+    """Train a Spatial Transformer Network classifier, export it to ONNX at an exact opset (and
+    to TensorRT where a GPU is), and prove every deployed form as accurate as PyTorch."""
 
 
 def main() -> None:

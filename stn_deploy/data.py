@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stn_deploy.config import CIFAR10_CLASSES, ModelConfig
-from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.errors import StnDeployError
 
 DATASETS = ("digits", "cifar10", "imagefolder", "fashion-mnist")
 # rts: the digit rotated, scaled and shifted inside its own frame. rts-canvas: the paper's
@@ -172,7 +172,8 @@ def load_fashion_mnist(split: str, data_dir: Path) -> ImageSet:
         for name in (f"{prefix}-{stem}-ubyte.gz", f"{prefix}-{stem}-ubyte"):
             if (data_dir / name).is_file():
                 return data_dir / name
-        raise StnDeployError(f"missing Fashion-MNIST file {data_dir / (prefix + '-' + stem + '-ubyte.gz')}"
+        expected = data_dir / f"{prefix}-{stem}-ubyte.gz"
+        raise StnDeployError(f"missing Fashion-MNIST file {expected}"
                              " (apt-get install dataset-fashion-mnist, or pass --data-dir)")
 
     images = _read_idx(find("images-idx3"), 3)
@@ -205,7 +206,8 @@ def load_imagefolder(split: str, data_dir: Path, classes: tuple[str, ...] | None
     if not root.is_dir():
         raise StnDeployError(f"missing folder {root} (imagefolder needs {data_dir}/train and "
                              f"{data_dir}/test, each with one folder per class)")
-    found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    found = tuple(sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith(".")))
     if not found:
         raise StnDeployError(f"no class folders in {root}")
     if classes is not None and found != classes:
@@ -378,15 +380,33 @@ class DataBundle:
                        seed, clean_fraction)
 
 
+def _load_size(name: str, image_size: int | None, distort: str) -> int | None:
+    """The size images are loaded at: the model's input, or for rts-canvas the image placed
+    on the canvas (``image_size`` is the canvas's); None: the images' own."""
+    size = image_size or DEFAULT_SIZE.get(name)
+    if size is not None and distort == "rts-canvas" and image_size:
+        size = round(size / CANVAS_FACTOR)
+    return size
+
+
+def model_image_size(name: str, image_size: int | None, distort: str) -> int | None:
+    """The model's input size load_dataset gives for these choices; None: the images' own
+    (imagefolder without --image-size), known only once they are read."""
+    size = _load_size(name, image_size, distort)
+    if size is None or distort != "rts-canvas":
+        return size
+    return round(size * CANVAS_FACTOR)
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False,
                  image_size: int | None = None, distort: str = "none", seed: int = 0,
                  use_stn: bool = True, align_corners: bool = False,
                  loc_net: str = "seed", loc_act: str = "relu",
-                 stn_passes: int = 1) -> DataBundle:
-    """Train and test splits at the model's input size, and the config that fits them."""
-    size = image_size or DEFAULT_SIZE.get(name)
-    if size is not None and distort == "rts-canvas":  # image_size is the canvas's
-        size = round(size / CANVAS_FACTOR) if image_size else size
+                 stn_passes: int = 1, dropout: float = 0.05) -> DataBundle:
+    """Train and test splits at the model's input size, and the config that fits them: the
+    one place a trained model's ModelConfig is built (``stn-deploy train`` passes its resolved
+    choices, dropout included, in here)."""
+    size = _load_size(name, image_size, distort)
     train = load_split(name, "train", data_dir, download, image_size=size)
     size = size or max(int(train.images.shape[-1]), 22)
     test = load_split(name, "test", data_dir, classes=train.classes, image_size=size)
@@ -400,7 +420,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         num_classes=len(train.classes),
         class_names=train.classes, mean=mean, std=std, use_stn=use_stn,
         align_corners=align_corners, dataset=name, distort=distort, loc_net=loc_net,
-        loc_act=loc_act, stn_passes=stn_passes,
+        loc_act=loc_act, stn_passes=stn_passes, dropout=dropout,
     )
     return DataBundle(train, test, config, None if distort == "none" else clean)
 

@@ -1,9 +1,9 @@
 """What ``export`` and ``bench`` pick when they are given no paths, so the plain flow
 ``stn-deploy train``, ``stn-deploy export --opset 16``, ``stn-deploy bench`` works as written.
 
-The checkpoint is the last training run (train's default ``--out``); the exports of it are the
-files in ``export/`` whose recorded checkpoint hash (``source_sha256`` in the ONNX metadata or
-the plan's sidecar) is that checkpoint's. Hashes, not file names: a retrained checkpoint keeps
+The checkpoint is the last training run's (in train's default ``--out-dir``); its exports are
+the files in ``export/`` whose recorded checkpoint hash (``source_sha256`` in the ONNX metadata
+or the plan's sidecar) is that checkpoint's. Hashes, not file names: a retrained checkpoint keeps
 its name, and its old exports must not be benchmarked as if they were of it.
 
 Only the standard library is imported at the top: the commands' ``--help`` stays instant.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stn_deploy.errors import StnDeployError
 
-TRAIN_OUT = Path("runs/train")  # stn-deploy train's --out default (tests/test_plain_flow.py)
+TRAIN_OUT = Path("runs/train")  # stn-deploy train's --out-dir default (tests/test_plain_flow.py)
 DEFAULT_CHECKPOINT = TRAIN_OUT / "last.pt"
 EXPORT_DIR = Path("export")  # stn-deploy export writes here unless --out says otherwise
 

@@ -1,9 +1,9 @@
-"""Spatial-transformer models that stn-deploy did not design, for ``stn-deploy export --model``.
+"""Spatial-transformer models that stn-deploy did not design, for ``stn-deploy export --factory``.
 
 They are written the way users write them, with ``F.affine_grid`` and ``F.grid_sample`` (or a
 grid built by hand), not with our ``AffineGrid``: they are the proof that export, verification
 and the FP32 sampling path work on any such model, e.g.
-``stn-deploy export --model stn_deploy.examples:tutorial_mnist_stn --input-shape 1x28x28``.
+``stn-deploy export --factory stn_deploy.examples:tutorial_mnist_stn --input-shape 1x28x28``.
 Every factory takes no required argument and returns a model for 1x28x28 inputs, 10 classes.
 """
 

@@ -283,8 +283,18 @@ class PeakMemory:
 
 # ------------------------------------------------------------------------------ machine
 
-LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
              "tensorrt", "stn-deploy")
+# The CPU extensions that decide which kernels the runtimes pick (OpenVINO's bf16 default and
+# fast INT8 need AVX512_BF16/AMX and VNNI), by the names people know, with the /proc/cpuinfo
+# flags that show each; a name is listed when any of its flags is there.
+ISA_FLAGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("AVX2", ("avx2",)),
+    ("AVX-512", ("avx512f",)),
+    ("VNNI", ("avx512_vnni", "avx_vnni")),
+    ("AVX512_BF16", ("avx512_bf16",)),
+    ("AMX", ("amx_tile", "amx_bf16", "amx_int8")),
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -336,11 +346,38 @@ def busy_warning(busy_pct: float | None) -> str | None:
             "machine or pass --threads below the CPU count.")
 
 
+def cpu_flags() -> set[str]:
+    """The first CPU's flags from /proc/cpuinfo (empty where there is none: not Linux x86)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> list[str]:
+    """The names of ``ISA_FLAGS`` this CPU has, in that order (``flags``: for tests)."""
+    have = cpu_flags() if flags is None else flags
+    return [name for name, wanted in ISA_FLAGS if have.intersection(wanted)]
+
+
+def machine_text(system: dict[str, Any]) -> str:
+    """One line for a report's reader: "CPU (N CPUs; AVX2, AVX-512), GPU name"."""
+    isa = system.get("cpu_isa")
+    return (f"{system.get('cpu')} ({system.get('cpus_available')} CPUs"
+            + (f"; {', '.join(isa)}" if isa else "") + ")"
+            + (f", GPU {system['gpu']}" if system.get("gpu") else ""))
+
+
 def system_info() -> dict[str, Any]:
     from stn_deploy.backends.base import cuda_device_name
 
     return {
         "cpu": cpu_name(),
+        "cpu_isa": cpu_isa(),
         "cpus_available": available_cpus(),
         "cpu_busy_pct_at_start": cpu_busy_pct(),
         "cpu_count": os.cpu_count(),

@@ -33,7 +33,7 @@ import numpy as np
 # Below this RMS displacement (pixels) theta is taken as constant: the STN has collapsed.
 COLLAPSE_PX = 0.5
 # A regressor whose hidden units are nearly all dead can no longer move theta. Working STNs
-# here run with 40-78% dead (benchmarks/results/stn_recipes_*.json), so the line is 90%.
+# here run with 40-78% dead (benchmarks/results/archive/stn_recipes_*.json), so the line is 90%.
 DEAD_WARN = 0.9
 # Sampling points spread over more than the frame itself: theta has run away (a known STN
 # instability at too high a rate), and the classifier sees mostly padding.
@@ -182,7 +182,7 @@ class StnHealth:
         """The few figures that go into epoch lines, metrics.json and tables."""
         undone, within = self.undone or {}, self.undone_within_class or {}
         return {"theta_spread_px": round(self.theta_spread_px, 3),
-                "dead_fraction": None if self.dead_fraction is None else round(self.dead_fraction, 3),
+                "dead_fraction": _r(self.dead_fraction, 3),
                 "rotation_undone": _r(undone.get("rotation")),
                 "scale_undone": _r(undone.get("scale")),
                 # Per epoch: whether the classes drift to poses of their own.
@@ -209,6 +209,20 @@ class StnHealth:
             parts.append("COLLAPSED")
         return ", ".join(parts)
 
+    def verdict(self) -> str:
+        """One sentence saying whether the STN transforms and what it undoes, for the end of
+        a training run (the summary's figures, in words)."""
+        if self.collapsed:
+            return (f"The STN has COLLAPSED: theta moves the sampling points by "
+                    f"{self.theta_spread_px:.2f} px across images, whatever the input.")
+        if not self.undone:
+            return (f"The STN transforms: theta moves the sampling points by "
+                    f"{self.theta_spread_px:.2f} px across images.")
+        undone = [f"{pct(self.undone[k])} of the {k}" for k in ("rotation", "scale", "translation")
+                  if k in self.undone]
+        listed = ", ".join(undone[:-1]) + (" and " if len(undone) > 1 else "") + undone[-1]
+        return f"The STN transforms: it undoes {listed} the images were distorted with."
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spread"] = {k: round(v, 5) for k, v in self.spread.items()}
@@ -223,8 +237,8 @@ class StnHealth:
         return d
 
 
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(v, 4)
+def _r(v: float | None, digits: int = 4) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 NO_STN = "no STN"

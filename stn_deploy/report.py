@@ -6,7 +6,8 @@ bumps the version)::
     {
       "schema_version": 1,
       "tool": "stn-deploy", "tool_version": str, "created": ISO-8601 UTC time,
-      "system": {"cpu", "cpus_available", "cpu_count", "gpu" (null), "platform", "python",
+      "system": {"cpu", "cpu_isa": [str] (harness.ISA_FLAGS names: "AVX2", "AVX-512", ...),
+                 "cpus_available", "cpu_count", "gpu" (null), "platform", "python",
                  "libraries": {package: version}, "cpu_busy_pct_at_start": float|null
                  (percent of all CPUs that other processes used just before the runs)},
       "settings": {"batch_sizes": [int], "iterations": int|null, "duration_s": float|null,
@@ -56,7 +57,7 @@ import os
 from typing import Any
 
 from stn_deploy.fileio import atomic_path, write_text_atomic
-from stn_deploy.harness import BUSY_WARN_PCT
+from stn_deploy.harness import BUSY_WARN_PCT, machine_text
 from stn_deploy.health import pct
 
 SCHEMA_VERSION = 1
@@ -245,8 +246,7 @@ def footnotes(report: dict[str, Any]) -> list[str]:
         notes.append("COLLAPSED STN (theta is the same for every image, so the grid_sample path "
                      "carries no information): " + ", ".join(collapsed))
     sysinfo = report.get("system") or {}
-    notes.append(f"Machine: {sysinfo.get('cpu')} ({sysinfo.get('cpus_available')} CPUs)"
-                 + (f", GPU {sysinfo['gpu']}" if sysinfo.get("gpu") else ""))
+    notes.append(f"Machine: {machine_text(sysinfo)}")
     busy = sysinfo.get("cpu_busy_pct_at_start")
     if busy is not None and busy >= BUSY_WARN_PCT:
         notes.append(f"The machine was busy when the runs started: other processes used "

@@ -27,11 +27,11 @@ def digits_bundle() -> DataBundle:
 @pytest.fixture(scope="session")
 def digits_checkpoint(digits_bundle: DataBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint trained for 3 epochs on the digits by the real training code (~85% test)."""
-    from stn_deploy.train import TrainOptions, train
+    from stn_deploy.training import TrainOptions, train
 
     out = tmp_path_factory.mktemp("digits-run")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = train(digits_bundle, out, TrainOptions(epochs=3, quiet=True, device="cpu"))
+    result = train(digits_bundle, out, TrainOptions.of(epochs=3, quiet=True, device="cpu"))
     return result.checkpoint
 
 
@@ -56,6 +56,72 @@ def random_model() -> STNClassifier:
         model.stn.regressor[2].weight.normal_(0, 0.01)
         model.stn.regressor[2].bias.add_(torch.tensor([-0.1, 0.05, 0.02, 0.03, -0.08, -0.04]))
     return model
+
+
+def _untrained_checkpoint(config: ModelConfig, images: torch.Tensor, path: Path) -> Path:
+    """A seeded, untrained checkpoint: the regressor moved off the identity (so the sampler
+    interpolates) and BatchNorm's statistics set from ``images`` (so the logits have a real
+    spread: FP16 and INT8 then agree with FP32 on real images, as a trained model's do)."""
+    from stn_deploy.checkpoint import Checkpoint, save_checkpoint
+    from stn_deploy.data import normalize
+
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        assert model.stn is not None
+        model.stn.regressor[2].weight.normal_(0, 0.01)
+        model.stn.regressor[2].bias.add_(torch.tensor([-0.1, 0.05, 0.02, 0.03, -0.08, -0.04]))
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # a plain average over the one batch
+                module.reset_running_stats()
+        model.train()(normalize(images, config))
+    save_checkpoint(path, Checkpoint(config, model.eval().state_dict()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(digits_bundle: DataBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained digits checkpoint (seconds, not a training run), for tests of what export
+    does with its options rather than of accuracy."""
+    out = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    return _untrained_checkpoint(digits_bundle.config, digits_bundle.train.images[:256], out)
+
+
+@pytest.fixture(scope="session")
+def digits_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two image folders of different digits, "data" and "calib": train/ (5 a class) and
+    test/ (4 a class), one folder per class, RGB PNGs at 28x28."""
+    from PIL import Image
+
+    bundle = load_dataset("digits", image_size=28)
+    root = tmp_path_factory.mktemp("digit-folders")
+    folders = {}
+    for offset, name in enumerate(("data", "calib")):
+        for split, data, count in (("train", bundle.train, 5), ("test", bundle.test, 4)):
+            for k in range(10):
+                idx = (data.labels == k).nonzero().flatten()[offset * count:(offset + 1) * count]
+                folder = root / name / split / str(k)
+                folder.mkdir(parents=True)
+                for i in idx.tolist():
+                    image = Image.fromarray(data.images[i, 0].numpy()).convert("RGB")
+                    image.save(folder / f"{i}.png")
+        folders[name] = root / name
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_folder_checkpoint(digits_folders: dict[str, Path],
+                           tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained RGB checkpoint of an image folder's classes (dataset imagefolder): it
+    verifies and calibrates on the folder given with --data-dir / --calib-dir."""
+    from stn_deploy.data import load_imagefolder
+
+    train = load_imagefolder("train", digits_folders["data"], image_size=32)
+    config = ModelConfig(in_channels=3, image_size=32, num_classes=10, class_names=train.classes,
+                         mean=(0.1, 0.1, 0.1), std=(0.3, 0.3, 0.3), dataset="imagefolder")
+    out = tmp_path_factory.mktemp("tiny-folder") / "folder.pt"
+    return _untrained_checkpoint(config, train.images, out)
 
 
 @pytest.fixture(scope="session")

@@ -181,6 +181,31 @@ def test_torch_memory_formats_agree(digits_checkpoint: Path, digits_bundle: Data
         create_runner("torch", digits_checkpoint, memory_format="nhwc")
 
 
+def test_device_auto_is_each_runners_own_choice(digits_checkpoint: Path,
+                                                digits_onnx: Path) -> None:
+    """device="auto" (every command's default): torch picks CUDA when it sees one, else the
+    CPU; a runner that places itself takes auto as no preference. Anything else is checked
+    by name."""
+    import torch
+
+    expect = "cuda" if torch.cuda.is_available() else "cpu"
+    with create_runner("torch", digits_checkpoint, device="auto") as r:
+        assert r.device == expect and r.describe()["device"] == expect
+        out = r.infer(np.zeros((2, *r.config.input_shape), np.float32))
+        assert out["logits"].shape == (2, r.config.num_classes)
+    assert create_runner("torch", digits_checkpoint).device == "cpu"  # the library's default
+    from stn_deploy.backends.onnxrt import OnnxRuntimeRunner
+
+    assert OnnxRuntimeRunner(digits_onnx, device="auto").device is None
+    with pytest.raises(StnDeployError, match="onnxruntime takes no option device"):
+        OnnxRuntimeRunner(digits_onnx, device="cpu")
+    with pytest.raises(StnDeployError, match="unknown device 'gpu'; use auto, cpu or cuda"):
+        create_runner("torch", digits_checkpoint, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(StnDeployError, match="no CUDA device is visible"):
+            create_runner("torch", digits_checkpoint, device="cuda:1")
+
+
 def test_torch_runner_restores_thread_count(digits_checkpoint: Path) -> None:
     """The thread count is process-wide: a runner must not leave training on its setting."""
     import torch

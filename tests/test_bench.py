@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from stn_deploy import report
 from stn_deploy.cli import cli
+from stn_deploy.data import DataBundle
 
 FAST = ["--batch-sizes", "1,4", "--iterations", "3", "--warmup", "1", "--eval-samples", "64",
         "--quiet"]
@@ -51,7 +52,8 @@ def test_bench_writes_every_output_with_stable_schema(digits_checkpoint: Path, d
     assert doc["schema_version"] == report.SCHEMA_VERSION == 1
     assert {"tool", "tool_version", "created", "system", "settings", "reference", "eval_data",
             "skipped_backends", "results", "gate"} <= set(doc)
-    assert doc["reference"]["backend"] == "torch" and doc["reference"]["model"] == str(digits_checkpoint)
+    assert doc["reference"]["backend"] == "torch"
+    assert doc["reference"]["model"] == str(digits_checkpoint)
     assert doc["eval_data"]["n"] == 64 and doc["gate"]["passed"] is True
     # checkpoint x {torch, onnxruntime (via a temporary export)}, onnx x onnxruntime only.
     pairs = sorted((Path(r["model"]).suffix, r["backend"]) for r in doc["results"])
@@ -63,7 +65,13 @@ def test_bench_writes_every_output_with_stable_schema(digits_checkpoint: Path, d
     for r in ok:
         assert r["eval"]["agreement_pct"] == 100.0 and r["eval"]["n"] == 64
         assert r["eval"]["max_abs_logit_diff"] < 1e-3
-        assert r["eval"]["mean_abs_theta_diff"] is not None
+        # Every row has theta (the checkpoint's ONNX row through its temporary export with
+        # theta); the reference against itself is exactly 0, ONNX Runtime within float error.
+        theta_diff = r["eval"]["mean_abs_theta_diff"]
+        if r["backend"] == "torch":
+            assert theta_diff == 0.0
+        else:
+            assert 0.0 <= theta_diff < 1e-5
         assert r["size_mb"] > 0 and r["device"] and r["library_version"]
         modes = {(lat["batch_size"], lat["mode"]) for lat in r["latency"]}
         assert modes == {(1, "end_to_end"), (1, "compute_only"), (4, "end_to_end"),
@@ -196,10 +204,39 @@ def test_backend_that_fits_no_model_fails(digits_onnx: Path) -> None:
     assert "skipped torch: runs checkpoint files and none was given" in res.output
 
 
+def test_json_to_standard_output_and_sample_counts(digits_onnx: Path,
+                                                   digits_bundle: DataBundle) -> None:
+    """--json - is the one document on standard output (the table goes to stderr);
+    --eval-samples all is the whole test split and 0 is no evaluation at all."""
+    quick = ["bench", str(digits_onnx), "--backend", "onnxruntime", "--no-compute-only",
+             "--batch-sizes", "1", "--iterations", "2", "--warmup", "0"]
+    res = CliRunner().invoke(cli, [*quick, "--eval-samples", "all", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert "stn-deploy bench" in res.stderr  # the table's title
+    (row,) = doc["results"]
+    assert doc["eval_data"]["n"] == len(digits_bundle.test.labels) == row["eval"]["n"]
+    assert doc["settings"]["eval_samples"] is None
+    res = CliRunner().invoke(cli, [*quick, "--eval-samples", "0", "--quiet", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["eval_data"] is None and doc["results"][0]["eval"] is None
+    assert doc["settings"]["eval_samples"] == 0
+
+
+def test_tensorrt_is_trt(digits_onnx: Path) -> None:
+    """The old spellings of TensorRT's runner are quiet aliases of trt (which runs plans)."""
+    for typed in ("tensorrt", "trt"):
+        res = CliRunner().invoke(cli, ["bench", str(digits_onnx), "--backend", typed, *FAST])
+        assert res.exit_code == 1, res.output
+        assert "trt: runs plan files and none was given" in res.output
+
+
 def test_usage_errors_exit_2(digits_onnx: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     for args in (["--backend", "nope"], ["--batch-sizes", "1,x"], ["--batch-sizes", "0"],
-                 ["--iterations", "3", "--duration", "1"]):
+                 ["--iterations", "3", "--duration", "1"], ["--ov-precision", "f32"],
+                 ["--eval-samples", "-1"], ["--eval-samples", "some"], ["--device", "gpu"]):
         res = runner.invoke(cli, ["bench", str(digits_onnx), *args])
         assert res.exit_code == 2, (args, res.output)
     res = runner.invoke(cli, ["bench", str(tmp_path / "missing.onnx")])
@@ -231,3 +268,24 @@ def test_busy_machine_is_warned_and_recorded(digits_onnx: Path, tmp_path: Path,
     assert busy >= 25
     assert f"other processes kept {busy:.0f}% of the CPUs busy" in res.output
     assert f"other processes used {busy:.0f}% of the CPUs" in (tmp_path / "b.md").read_text()
+
+
+def test_bench_flags_a_collapsed_stn(tmp_path: Path) -> None:
+    """An identity STN (as initialised) is collapsed: bench says so in table and JSON."""
+    from stn_deploy.checkpoint import Checkpoint, save_checkpoint
+    from stn_deploy.data import load_dataset
+    from stn_deploy.model import build_model
+
+    bundle = load_dataset("digits")
+    model = build_model(bundle.config)
+    ckpt = tmp_path / "identity.pt"
+    save_checkpoint(ckpt, Checkpoint(config=bundle.config, state_dict=model.state_dict()))
+    js = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    r = CliRunner().invoke(cli, ["bench", str(ckpt), "--backend", "torch", "--batch-sizes", "4",
+                                 "--iterations", "2", "--warmup", "0", "--eval-samples", "64",
+                                 "--json", str(js), "--markdown", str(md)])
+    assert r.exit_code == 0, r.output
+    health = json.loads(js.read_text())["results"][0]["eval"]["stn_health"]
+    assert health["collapsed"] is True and health["theta_spread_px"] == 0.0
+    assert "COLLAPSED (0.00 px)" in md.read_text() and "COLLAPSED STN" in md.read_text()

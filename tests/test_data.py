@@ -11,13 +11,16 @@ import torch
 from PIL import Image
 
 from stn_deploy.data import (
+    DISTORTIONS,
     distort_rts,
     load_dataset,
     load_split,
+    model_image_size,
     normalize,
     rts_thetas,
 )
 from stn_deploy.errors import StnDeployError
+from stn_deploy.health import decompose
 
 
 def _digits_rgb(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,3 +160,59 @@ def test_cifar_jpeg_copy_reads(cifar_jpeg_dir: Path) -> None:
     assert bundle.train.images.shape == (200, 3, 32, 32) and len(bundle.test) == 100
     # Real photos: channel means near CIFAR-10's own (0.49, 0.48, 0.45).
     assert all(0.3 < m < 0.65 for m in bundle.config.mean)
+
+
+def test_redistort_draws_fresh_distortions_with_known_thetas() -> None:
+    bundle = load_dataset("digits", distort="rts")
+    a, b = bundle.redistort_train(1), bundle.redistort_train(2)
+    assert not torch.equal(a.images, b.images) and not torch.equal(a.applied, b.applied)
+    assert torch.equal(a.images, bundle.redistort_train(1).images)
+    assert torch.equal(a.labels, bundle.train.labels)
+
+
+def test_clean_fraction_keeps_that_share_in_the_original_pose() -> None:
+    bundle = load_dataset("digits", distort="rts")
+    plain, mixed = bundle.redistort_train(3), bundle.redistort_train(3, clean_fraction=0.25)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    clean = (mixed.applied == identity).flatten(1).all(dim=1)
+    assert 0.2 < clean.float().mean() < 0.3
+    # the clean images are the undistorted ones; the rest keep the draws made without the option
+    assert torch.equal(mixed.images[clean], bundle.train_clean.images[clean])
+    assert torch.equal(mixed.applied[~clean], plain.applied[~clean])
+    canvas = load_dataset("digits", distort="rts-canvas").redistort_train(3, clean_fraction=0.5)
+    centred = (canvas.applied == identity * 1.5).flatten(1).all(dim=1)  # full size, centred
+    assert 0.4 < centred.float().mean() < 0.6
+
+
+def test_rts_canvas_places_the_image_on_a_larger_canvas() -> None:
+    bundle = load_dataset("digits", distort="rts-canvas")
+    assert bundle.config.image_size == 48 and bundle.train.images.shape[-1] == 48
+    assert bundle.test.applied is not None and bundle.test.applied.shape == (450, 2, 3)
+    # The digit (32 px source) covers 32/48 of the canvas at scale 1: the applied sampling
+    # theta scales by 1.5 / s with s in 0.7-1.2.
+    scale = np.exp(-decompose(bundle.test.applied.numpy())["log_scale"])
+    assert scale.min() >= 0.7 / 1.5 - 1e-6 and scale.max() <= 1.2 / 1.5 + 1e-6
+
+
+def test_model_image_size_is_the_size_load_dataset_gives() -> None:
+    """--print-config reports the input size without loading data: it must be load_dataset's."""
+    for kwargs in ({}, {"distort": "rts"}, {"distort": "rts-canvas"}, {"image_size": 40},
+                   {"image_size": 50, "distort": "rts-canvas"},
+                   {"image_size": 35, "distort": "rts-canvas"}):
+        config = load_dataset("digits", **kwargs).config  # type: ignore[arg-type]
+        assert model_image_size("digits", kwargs.get("image_size"),  # type: ignore[arg-type]
+                                str(kwargs.get("distort", "none"))) == config.image_size, kwargs
+    assert model_image_size("imagefolder", None, "none") is None  # the images' own
+
+
+def test_the_model_config_carries_the_choices_it_is_built_with() -> None:
+    config = load_dataset("digits", distort="rts", loc_net="large", stn_passes=2,
+                          loc_act="leaky", dropout=0.0).config
+    assert (config.distort, config.loc_net, config.stn_passes, config.loc_act,
+            config.dropout) == ("rts", "large", 2, "leaky", 0.0)
+
+
+def test_the_command_lists_the_distortions_data_knows() -> None:
+    from stn_deploy.training.options import DISTORTIONS as LISTED  # torch-free copy
+
+    assert LISTED == DISTORTIONS

@@ -226,6 +226,7 @@ def test_cli_failed_verification_writes_nothing(digits_checkpoint: Path, tmp_pat
 
 
 def test_cli_bad_inputs(digits_checkpoint: Path, tmp_path: Path) -> None:
+    """Bad files exit 1, refused options exit 2 (a usage error); each one line, no file."""
     runner = CliRunner()
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
@@ -234,18 +235,36 @@ def test_cli_bad_inputs(digits_checkpoint: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cases = [
-        ([str(text)], "not a readable stn-deploy checkpoint"),
-        ([str(truncated)], "not a readable stn-deploy checkpoint"),
-        ([str(digits_checkpoint), "--opset", "15"], "opset 15 is not supported"),
-        ([str(digits_checkpoint), "--out", str(blocker / "m.onnx")], "cannot write"),
-        ([str(digits_checkpoint), "--target", "tensorrt", "--opset", "20"], "--opset 19"),
+        ([str(text)], 1, "not a readable stn-deploy checkpoint"),
+        ([str(truncated)], 1, "not a readable stn-deploy checkpoint"),
+        ([str(digits_checkpoint), "--opset", "15"], 1, "opset 15 is not supported"),
+        ([str(digits_checkpoint), "--out", str(blocker / "m.onnx")], 1, "cannot write"),
+        ([str(digits_checkpoint), "--target", "tensorrt", "--opset", "20"], 2, "--opset 19"),
     ]
-    for args, message in cases:
+    for args, code, message in cases:
         out = [] if "--out" in args else ["--out", str(tmp_path / "o" / "m.onnx")]
         r = runner.invoke(cli, ["export", *args, *out, "--verify-samples", "16"])
-        assert r.exit_code == 1, (args, r.output)
-        assert message in r.output and "Traceback" not in r.output
+        assert r.exit_code == code, (args, r.output)
+        errors = [line for line in r.output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_library_request_spells_options_as_before(digits_checkpoint: Path,
+                                                  tmp_path: Path) -> None:
+    """ExportRequest(checkpoint=...) straight to run_export, as triton-repo and the benchmarks
+    call it: the old spellings (format "engine", target "tensorrt") read as trt."""
+    from stn_deploy.export.pipeline import ExportRequest, run_export
+
+    req = ExportRequest(checkpoint=digits_checkpoint, format="engine", target="TensorRT",
+                        verify_samples="all")
+    assert (req.format, req.target, req.verify_samples) == ("trt", "trt", None)
+    lines: list[str] = []
+    res = run_export(ExportRequest(checkpoint=str(digits_checkpoint), out=tmp_path / "m.onnx",
+                                   verify_samples=16, embed_preprocess=True),
+                     echo=lines.append)
+    assert res.path == tmp_path / "m.onnx" and res.report is not None
+    assert res.report.samples == 16 and lines[-1] == f"wrote {res.path}"
 
 
 def test_cli_engine_without_tensorrt_writes_nothing(digits_checkpoint: Path,

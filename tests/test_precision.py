@@ -25,7 +25,7 @@ def trained(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory): 
     out = tmp_path_factory.mktemp("precision")
     path = export_onnx(model, out / "fp32.onnx", OnnxOptions(opset=17, with_theta=True),
                        {"source_sha256": ckpt.sha256()})
-    test, _ = verification_data(ckpt.config, "test", None, 0)
+    test, _ = verification_data(ckpt.config, "test", None, None)
     reference = torch_reference(digits_checkpoint, test.images.numpy(), ckpt)
     return reference, ckpt.config, path, test, out
 

@@ -59,7 +59,7 @@ def test_predict_real_images_json(backend: str, digits_checkpoint: Path,
         pytest.skip(unavailable_reason(backend))
     model = digits_checkpoint if backend == "torch" else digits_onnx_plain
     res = CliRunner().invoke(cli, ["predict", str(model), *map(str, digit_files), "--backend",
-                                   backend, "--top-k", "3", "--json"])
+                                   backend, "--top-k", "3", "--json", "-"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["backend"] == backend and len(doc["results"]) == len(digit_files)
@@ -119,13 +119,14 @@ def test_decompression_bomb_is_one_line_and_the_others_still_run(
     bomb = _png_claiming(tmp_path / "bomb.png", 30000, 30000)
     assert bomb.stat().st_size < 1000
     res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(digit_files[0]),
-                                   str(bomb), str(digit_files[1]), "--top-k", "1", "--json"])
+                                   str(bomb), str(digit_files[1]), "--top-k", "1",
+                                   "--json", "-"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
     errors = [ln for ln in res.output.splitlines() if ln.startswith("Error: ")]
     assert len(errors) == 1 and "900000000 pixels" in errors[0]
     assert errors[0].startswith(f"Error: {bomb}: refused as a possible decompression bomb")
-    doc = json.loads(res.output[:res.output.rindex("}") + 1])
+    doc = json.loads(res.stdout)  # the error lines went to stderr
     assert [r["ok"] for r in doc["results"]] == [True, False, True]
     expected = _expected_top1(digits_checkpoint, [digit_files[0], digit_files[1]])
     assert [doc["results"][i]["top_k"][0]["index"] for i in (0, 2)] == expected
@@ -157,7 +158,7 @@ def test_rgb_photo_on_the_digits_model_is_converted_with_a_note(
         Image.open(path).convert("L").save(target)
         converted.append(target)
     res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(jpg), str(ppm),
-                                   "--json"])
+                                   "--json", "-"])
     doc = json.loads(res.output)
     want = _expected_top1(digits_checkpoint, converted)
     assert [r["top_k"][0]["index"] for r in doc["results"]] == want
@@ -178,7 +179,7 @@ def test_rgba_png_is_converted_with_a_note(digits_checkpoint: Path, digit_files:
     clear = tmp_path / "corner.png"
     Image.fromarray(rgba, mode="RGBA").save(clear)
     res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(opaque), str(clear),
-                                   str(digit_files[1]), "--json"])
+                                   str(digit_files[1]), "--json", "-"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert [r["notes"] for r in doc["results"]] == [
@@ -223,7 +224,7 @@ def test_save_warped_and_ppm(digits_checkpoint: Path, digit_files: list[Path],
 
     res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), str(digit_files[1]),
                                    "--save-warped", str(tmp_path / "w"), "--save-ppm",
-                                   str(tmp_path / "p"), "--json"])
+                                   str(tmp_path / "p"), "--json", "-"])
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)["results"][0]
     warped = np.asarray(Image.open(r["warped"]))
@@ -247,11 +248,50 @@ def test_predict_cifar_jpegs(cifar_jpeg_dir: Path, random_model: object, tmp_pat
     save_checkpoint(ckpt, Checkpoint(config=random_model.config,  # type: ignore[attr-defined]
                                      state_dict=random_model.state_dict()))  # type: ignore[attr-defined]
     files = sorted((cifar_jpeg_dir / "test").rglob("*.jpg"))[:5]
-    res = CliRunner().invoke(cli, ["predict", str(ckpt), *map(str, files), "--json"])
+    res = CliRunner().invoke(cli, ["predict", str(ckpt), *map(str, files), "--json", "-"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert [r["ok"] for r in doc["results"]] == [True] * 5
     assert doc["results"][0]["top_k"][0]["class"] in random_model.config.class_names  # type: ignore[attr-defined]
+
+
+def test_json_file_beside_the_text(digits_checkpoint: Path, digit_files: list[Path],
+                                   tmp_path: Path) -> None:
+    """--json FILE writes the document and the terminal still gets the text; '-' replaces
+    the text with the document."""
+    out = tmp_path / "p" / "predictions.json"
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), *map(str, digit_files),
+                                   "--top-k", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    lines = res.stdout.strip().splitlines()
+    assert [ln.split(": ")[0] for ln in lines] == [r["file"] for r in doc["results"]]
+    want = _expected_top1(digits_checkpoint, digit_files)
+    assert [r["top_k"][0]["index"] for r in doc["results"]] == want
+    assert [ln.split(": ")[1].split(" ")[0] for ln in lines] == [str(w) for w in want]
+    assert doc["backend"] == "torch"
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "missing.pt"), str(digit_files[0]),
+                                   "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_device_and_backend_by_name(digits_checkpoint: Path, digits_onnx_plain: Path,
+                                    digit_files: list[Path]) -> None:
+    """--device is where torch runs: refused by name for a runner that picks its own;
+    auto (the default) runs anywhere; tensorrt is the quiet alias of trt."""
+    one = str(digit_files[0])
+    res = CliRunner().invoke(cli, ["predict", str(digits_onnx_plain), one, "--device", "cpu"])
+    assert res.exit_code == 2 and "--device" in res.output and "onnxruntime" in res.output
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), one, "--device", "cpu",
+                                   "--json", "-"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["backend"] == "torch"
+    res = CliRunner().invoke(cli, ["predict", str(digits_onnx_plain), one, "--json", "-"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["backend"] == "onnxruntime"
+    res = CliRunner().invoke(cli, ["predict", str(digits_onnx_plain), one, "--backend",
+                                   "tensorrt"])
+    assert res.exit_code == 1 and "backend trt cannot run onnx files" in res.output
+    res = CliRunner().invoke(cli, ["predict", str(digits_checkpoint), one, "--backend", "nope"])
+    assert res.exit_code == 2 and "torch-compile" in res.output  # the choices, named
 
 
 def test_help() -> None:

@@ -23,10 +23,12 @@ import pytest
 from stn_deploy.errors import StnDeployError
 from stn_deploy.serving import loadtest
 from stn_deploy.serving.loadtest import LoadRequest, classify
-from stn_deploy.serving.serve import check_ports, libpython_fix
+from stn_deploy.serving.serve import check_ports
 
 HAS_PYTRITON = importlib.util.find_spec("pytriton") is not None
 HAS_HTTP_CLIENT = importlib.util.find_spec("geventhttpclient") is not None
+# gRPC where tritonclient's gRPC client (grpcio) is installed
+PROTOCOLS = ("json", "binary", *(("grpc",) if importlib.util.find_spec("grpc") else ()))
 
 
 def _free_port() -> int:
@@ -80,21 +82,53 @@ def test_a_host_that_does_not_resolve_is_one_line() -> None:
 
 
 def test_serve_leaves_half_the_cpus_to_triton() -> None:
-    from stn_deploy.serving.serve import default_threads
+    from stn_deploy.serving.python_model import default_threads
 
     cpus = len(os.sched_getaffinity(0))
     assert default_threads(1) == max(1, cpus // 2)
     assert default_threads(cpus) == 1  # never zero
 
 
-def test_libpython_folder_goes_first_once() -> None:
-    env = {"LD_LIBRARY_PATH": "/opt/x"}
-    added = libpython_fix(env)
-    if added is None:
-        pytest.skip("this interpreter has no shared libpython")
-    assert env["LD_LIBRARY_PATH"] == f"{added}{os.pathsep}/opt/x"
-    libpython_fix(env)
-    assert env["LD_LIBRARY_PATH"].count(added) == 1
+def test_the_stub_library_path_puts_this_libpython_first() -> None:
+    from stn_deploy.serving.serve import ServerFiles, server_env
+
+    files = ServerFiles(Path("/x/tritonserver"), (), Path("/wheel/libs"))
+    env = server_env(files, {"LD_LIBRARY_PATH": "/opt/x"})
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [
+        str(Path(sys.base_prefix) / "lib"), "/wheel/libs", "/opt/x"]
+
+
+def test_a_batch_is_cut_back_into_its_requests() -> None:
+    from stn_deploy.serving.python_model import split_batch
+
+    out = {"logits": np.arange(12, dtype=np.float32).reshape(6, 2), "theta": np.zeros((6, 1))}
+    parts = split_batch(out, ["logits"], [1, 3, 2])
+    assert [p["logits"].tolist() for p in parts] == [[[0, 1]], [[2, 3], [4, 5], [6, 7]],
+                                                     [[8, 9], [10, 11]]]
+    assert all(list(p) == ["logits"] for p in parts)
+
+
+def test_the_serve_extra_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stn_deploy.serving import serve as serve_mod
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(serve_mod.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytriton" else find(name, *a))
+    with pytest.raises(StnDeployError, match=r"tritonserver is not installed here: pip "
+                                             r"install 'stn-deploy\[serve\]'"):
+        serve_mod.server_files()
+
+
+def test_the_stub_error_is_read_from_the_log(tmp_path: Path) -> None:
+    from stn_deploy.serving.serve import log_error
+
+    log = tmp_path / "log"
+    log.write_text('I1204 23:30:41.36 1 server.cc:1] "started"\n'
+                   'E1204 23:30:42.10 27 model_lifecycle.cc:654] "failed to load \'m\' '
+                   'version 1: Internal: StnDeployError: unknown backend \'x\'"\n'
+                   'E1204 23:30:42.20 27 server.cc:1] "failed to load all models"\n')
+    assert log_error(log) == ("failed to load 'm' version 1: Internal: StnDeployError: "
+                              "unknown backend 'x'")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("geventhttpclient") is None,
@@ -225,35 +259,59 @@ def test_loadtest_passes_its_dataset_and_folder_on(digits_onnx: Path,
     assert asked == [("imagefolder", "/data/x", 8)]
 
 
-NEEDS_PYTRITON = pytest.mark.skipif(not HAS_PYTRITON, reason="nvidia-pytriton is not installed "
-                                    "(the [serve] extra, which needs numpy<2)")
+def _has_tritonserver() -> bool:
+    from stn_deploy.serving.serve import server_files
+
+    try:
+        server_files()
+    except StnDeployError:
+        return False
+    return True
 
 
-def _serving(checkpoint: Path, tmp_path: Path, *options: str) -> tuple[Path, int,
-                                                                      subprocess.Popen[str]]:
-    """(the served u8 ONNX, its HTTP port, ``stn-deploy serve`` once it says it is serving).
-    The server has its own process group, so a kill takes tritonserver with it, as a
-    container kill would."""
+NEEDS_SERVER = pytest.mark.skipif(
+    not _has_tritonserver(), reason="the tritonserver binary is not installed (the [serve] "
+    "extra's nvidia-pytriton wheel: pip install --no-deps nvidia-pytriton)")
+
+
+@pytest.fixture(scope="module")
+def served_onnx(digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The verified uint8 NHWC export serve writes for a checkpoint."""
     from stn_deploy.export.pipeline import ExportRequest, run_export
 
-    model = tmp_path / "digits.onnx"
-    run_export(ExportRequest(checkpoint=checkpoint, embed_preprocess=True, verify_samples=64,
-                             out=model), echo=lambda _: None)
+    model = tmp_path_factory.mktemp("served") / "digits.onnx"
+    run_export(ExportRequest(checkpoint=digits_checkpoint, embed_preprocess=True,
+                             verify_samples=64, out=model), echo=lambda _: None)
+    return model
+
+
+def _free_ports() -> int:
     port = _free_port()
-    while any(socket.socket().connect_ex(("127.0.0.1", p)) == 0 for p in (port + 1, port + 2)):
+    while not _ports_free_from(port):
         port = _free_port()
+    return port
+
+
+def _ports_free_from(port: int) -> bool:
+    return not any(socket.socket().connect_ex(("127.0.0.1", p)) == 0
+                   for p in (port, port + 1, port + 2))
+
+
+def _serving(model: Path, *options: str) -> tuple[int, int, subprocess.Popen[str]]:
+    """(HTTP port, tritonserver's pid = its process group, ``stn-deploy serve`` once ready)."""
+    port = _free_ports()
     server = subprocess.Popen([sys.executable, "-m", "stn_deploy", "serve", str(model),
                                "--port", str(port), *options], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert server.stdout is not None
-    deadline = time.monotonic() + 120
-    first = ""
-    while time.monotonic() < deadline and "serving digits" not in first:
-        first = server.stdout.readline()
-        if not first and server.poll() is not None:
-            pytest.fail("serve exited before it was ready")
-    assert f"at http://127.0.0.1:{port}/v2/models/digits" in first
-    return model, port, server
+    lines = []
+    while not lines or "tritonserver pid" not in lines[-1]:
+        lines.append(server.stdout.readline())
+        if not lines[-1] and server.poll() is not None:
+            pytest.fail("serve exited before it was ready: " + "".join(lines))
+    assert f"at http://127.0.0.1:{port}/v2/models/digits" in lines[0], lines
+    pid = int(re.search(r"tritonserver pid (\d+)", lines[-1]).group(1))  # type: ignore[union-attr]
+    return port, pid, server
 
 
 def _kill(server: subprocess.Popen[str]) -> None:
@@ -262,82 +320,133 @@ def _kill(server: subprocess.Popen[str]) -> None:
         server.wait()
 
 
-@pytest.mark.slow
-@NEEDS_PYTRITON
-def test_serve_and_loadtest_round_trip_on_loopback(digits_checkpoint: Path,
-                                                   tmp_path: Path) -> None:
+def _group_gone(pgid: int, within_s: float = 5.0) -> bool:
+    from stn_deploy.serving.serve import group_alive
+
+    deadline = time.monotonic() + within_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not group_alive(pgid)
+
+
+def _infer(port: int, images: np.ndarray, binary: bool = True) -> np.ndarray:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(f"127.0.0.1:{port}")
+    x = http.InferInput("input", list(images.shape), "UINT8")
+    x.set_data_from_numpy(images, binary_data=binary)
+    out = http.InferRequestedOutput("logits", binary_data=binary)
+    return np.asarray(client.infer("digits", [x], outputs=[out]).as_numpy("logits"))
+
+
+@NEEDS_SERVER
+def test_served_top1_equals_the_local_runner_and_sigterm_stops_the_group(
+        served_onnx: Path) -> None:
+    """One hop: tritonserver's Python-backend stub runs ONNX Runtime on the digits test
+    images and answers the local runner's top-1 on every one; overload loses nothing; SIGTERM
+    exits 0 within seconds and takes tritonserver's whole process group with it."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.bench import load_eval_data
+    from stn_deploy.harness import to_runner_input
     from stn_deploy.serving.loadtest import LoadRequest, run_loadtest
 
-    model, port, server = _serving(digits_checkpoint, tmp_path, "--max-batch", "16",
-                                   "--max-queue", "8")
+    port, pgid, server = _serving(served_onnx, "--max-queue", "8", "--threads", "1")
     try:
-        for url in (f"http://127.0.0.1:{port}", f"grpc://127.0.0.1:{port + 1}"):
-            report = run_loadtest(LoadRequest(url=url, model=model, concurrency=(1, 4),
-                                              duration_s=1.5, max_requests=300, samples=100),
-                                  echo=lambda _: None)
-            for row in report["results"]:
-                assert row["answered"] > 0 and row["errors"] == 0
-                assert row["agreement_pct"] == 100.0
-        # overload against a queue of 8: every request answered or rejected, none lost
-        report = run_loadtest(LoadRequest(url=f"http://127.0.0.1:{port}", model=model,
-                                          concurrency=(64,), duration_s=2, max_requests=400,
-                                          samples=100), echo=lambda _: None)
+        with create_runner("onnxruntime", served_onnx) as runner:
+            data, _ = load_eval_data(runner.config, None, None, 96)
+            assert data is not None
+            images = to_runner_input(runner, data.images)
+            local = runner.infer(images)["logits"].argmax(axis=1)
+        served = np.concatenate([_infer(port, images[i:i + 32], binary=i % 64 == 0)
+                                 for i in range(0, len(images), 32)]).argmax(axis=1)
+        assert len(served) == 96 and (served == local).all()
+        # overload: far more in flight than the queue of 8 holds
+        report = run_loadtest(LoadRequest(url=f"http://127.0.0.1:{port}", model=served_onnx,
+                                          concurrency=(48,), duration_s=1.5, max_requests=300,
+                                          samples=64), echo=lambda _: None)
         row = report["results"][0]
         assert row["lost"] == 0 and row["errors"] == 0
         assert row["answered"] + row["rejected"] == row["requests"] > 0
+        # open loop over the three transports; the batcher's mean batch and the
+        # served/in-process ratio come from the same run
+        report = run_loadtest(LoadRequest(url=f"http://127.0.0.1:{port}", model=served_onnx,
+                                          protocols=PROTOCOLS, rates=(100,),
+                                          arrivals="poisson", duration_s=1.0, samples=64),
+                              echo=lambda _: None)
+        assert [r["protocol"] for r in report["results"]] == list(PROTOCOLS)
+        for row in report["results"]:
+            assert row["answered"] == row["requests"] > 50 and row["agreement_pct"] == 100.0
+            assert row["mean_batch"] >= 1.0 and row["served_ratio"] > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready") as r:
+            assert r.status == 200
+        t0 = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
+        assert server.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < 10
         assert server.stdout is not None and "stopping" in server.stdout.read()
+        assert _group_gone(pgid)
     finally:
         _kill(server)
 
 
-def _ports_free_from(port: int) -> bool:
-    return not any(socket.socket().connect_ex(("127.0.0.1", p)) == 0
-                   for p in (port, port + 1, port + 2))
+@NEEDS_SERVER
+def test_a_model_failing_in_the_stub_is_its_own_error_in_one_line(
+        served_onnx: Path, tmp_path: Path) -> None:
+    from stn_deploy.serving.triton_repo import RepoOptions, write_repository
+
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(kinds=("python-onnxruntime",), name="m"))
+    config = repo / "m-python-onnxruntime" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "onnxruntime"',
+                                                 'string_value: "nosuch"'))
+    port = _free_ports()
+    result = subprocess.run([sys.executable, "-m", "stn_deploy", "serve", str(repo), "--port",
+                             str(port)], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: tritonserver exited: "), lines
+    assert "unknown backend 'nosuch'" in lines[0]
+    assert _ports_free_from(port)  # nothing left listening
+    out = subprocess.run(["pgrep", "-f", f"--http-port {port}"], capture_output=True,
+                         text=True)
+    assert out.stdout == ""  # no orphan server
 
 
-@pytest.mark.slow
-@NEEDS_PYTRITON
-def test_serve_refuses_a_static_batch_and_closes_its_runners(
-        digits_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stn_deploy.backends
-    from stn_deploy.export.pipeline import ExportRequest, run_export
-    from stn_deploy.serving.serve import ServeOptions, serve
+@NEEDS_SERVER
+def test_a_repository_without_its_model_and_a_port_in_use_are_one_line(
+        served_onnx: Path, tmp_path: Path) -> None:
+    from stn_deploy.serving.triton_repo import RepoOptions, write_repository
 
-    static = tmp_path / "static.onnx"
-    run_export(ExportRequest(checkpoint=digits_checkpoint, embed_preprocess=True, static_batch=4,
-                             verify_samples=16, out=static), echo=lambda _: None)
-    made: list[Any] = []
-    create = stn_deploy.backends.create_runner
-
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        made.append(create(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(stn_deploy.backends, "create_runner", recorded)
-    port = _free_port()
-    while not _ports_free_from(port):
-        port = _free_port()
-    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    with pytest.raises(StnDeployError, match=r"static.onnx has a static batch \(4\); Triton's "
-                                             "dynamic batcher needs one exported without "
-                                             "--static-batch"):
-        serve(ServeOptions(model=static, port=port, instances=2), echo=lambda _: None)
-    assert len(made) == 2 and not any(r.is_active for r in made)
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(kinds=("python-onnxruntime",), name="m"))
+    (repo / "m-python-onnxruntime" / "1" / "model.onnx").unlink()
+    result = subprocess.run([sys.executable, "-m", "stn_deploy", "serve", str(repo), "--port",
+                             str(_free_ports())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {repo} is not a servable repository: m-python-onnxruntime/config.pbtxt: "
+        'parameters "model_file": 1/model.onnx is missing']
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "stn_deploy", "serve", str(served_onnx),
+                                 "--port", str(port)], capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: HTTP port {port} on 127.0.0.1 is not free (Address already in use); pass "
+        "another --port"]
 
 
-@pytest.mark.slow
-@NEEDS_PYTRITON
-def test_loadtest_names_a_server_killed_mid_run(digits_checkpoint: Path,
-                                                tmp_path: Path) -> None:
-    model, port, server = _serving(digits_checkpoint, tmp_path)
+@NEEDS_SERVER
+def test_loadtest_names_a_server_killed_mid_run(served_onnx: Path) -> None:
+    port, pgid, server = _serving(served_onnx)
     try:
         client = subprocess.Popen([sys.executable, "-m", "stn_deploy", "loadtest",
-                                   f"http://127.0.0.1:{port}", "--model", str(model),
+                                   f"http://127.0.0.1:{port}", "--model", str(served_onnx),
                                    "--concurrency", "4", "--duration", "60", "--samples", "64",
-                                   "--timeout", "5"],
+                                   "--timeout", "5", "--max-requests", "1000000"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         metrics = f"http://127.0.0.1:{port + 2}/metrics"
         deadline = time.monotonic() + 60  # the client loads its local reference first
@@ -345,10 +454,12 @@ def test_loadtest_names_a_server_killed_mid_run(digits_checkpoint: Path,
                 r'^nv_inference_request_success{[^}]*} [1-9]',
                 urllib.request.urlopen(metrics, timeout=5).read().decode(), re.M):
             time.sleep(0.2)
-        _kill(server)
-        _, err = client.communicate(timeout=40)  # a hang fails here, well inside the 60 s
+        os.killpg(pgid, signal.SIGKILL)  # tritonserver crashes
+        _, err = client.communicate(timeout=40)
         assert client.returncode == 1
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "stopped answering at concurrency 4" in lines[0], err
+        assert server.wait(timeout=10) == 1  # serve says so too, and exits
+        assert _group_gone(pgid)
     finally:
         _kill(server)

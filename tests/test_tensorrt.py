@@ -14,6 +14,7 @@ import torch
 from stn_deploy import artifacts
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy import tensorrt_env
 from stn_deploy.export import tensorrt as trt_mod
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -31,12 +32,12 @@ def test_profile_shapes() -> None:
 
 
 def test_version_detection_and_settings() -> None:
-    assert trt_mod.trt_major(SimpleNamespace(__version__="10.13.0.35")) == 10
-    assert trt_mod.trt_major(SimpleNamespace(__version__="11.4.1")) == 11
+    assert tensorrt_env.trt_major(SimpleNamespace(__version__="10.13.0.35")) == 10
+    assert tensorrt_env.trt_major(SimpleNamespace(__version__="11.4.1")) == 11
     with pytest.raises(StnDeployError, match="not supported"):
-        trt_mod.trt_major(SimpleNamespace(__version__="8.6.1"))
+        tensorrt_env.trt_major(SimpleNamespace(__version__="8.6.1"))
     with pytest.raises(StnDeployError, match="cannot read"):
-        trt_mod.trt_major(SimpleNamespace(__version__="dev"))
+        tensorrt_env.trt_major(SimpleNamespace(__version__="dev"))
     # FP16 is strongly typed on both, so the FP16 graph's FP32 STN path stays FP32.
     for major in (10, 11):
         assert trt_mod.build_settings(major, "fp16") == {
@@ -71,13 +72,13 @@ def test_sidecar_round_trip_and_compatibility(tmp_path: Path) -> None:
     assert side["input_layout"] == "NHWC" and side["input_dtype"] == "uint8"
     assert side["num_classes"] == "10" and side["opset"] == "17"  # flat keys for C++
     trt10 = SimpleNamespace(__version__="10.13.0.35")
-    assert trt_mod.check_plan_compatible(plan, trt10, "NVIDIA H100", "9.0") == side
+    assert tensorrt_env.check_plan_compatible(plan, trt10, "NVIDIA H100", "9.0") == side
     with pytest.raises(StnDeployError, match="built with TensorRT 10.13.0.35, this is "
                                              "TensorRT 11.0"):
-        trt_mod.check_plan_compatible(plan, SimpleNamespace(__version__="11.0"), "NVIDIA H100",
+        tensorrt_env.check_plan_compatible(plan, SimpleNamespace(__version__="11.0"), "NVIDIA H100",
                                       "9.0")
     with pytest.raises(StnDeployError, match="built for NVIDIA H100 .* this GPU is NVIDIA L4"):
-        trt_mod.check_plan_compatible(plan, trt10, "NVIDIA L4", "8.9")
+        tensorrt_env.check_plan_compatible(plan, trt10, "NVIDIA L4", "8.9")
 
 
 def test_bad_sidecars(tmp_path: Path) -> None:
@@ -93,20 +94,20 @@ def test_bad_sidecars(tmp_path: Path) -> None:
 
 
 def test_tensorrt_must_match_torchs_cuda_major() -> None:
-    trt_mod.check_cuda_major({"13"}, "13.0")
-    trt_mod.check_cuda_major(set(), "13.0")  # a tar install: nothing to compare
-    trt_mod.check_cuda_major({"12"}, None)  # CPU-only torch: cuda_device() says so
+    tensorrt_env.check_cuda_major({"13"}, "13.0")
+    tensorrt_env.check_cuda_major(set(), "13.0")  # a tar install: nothing to compare
+    tensorrt_env.check_cuda_major({"12"}, None)  # CPU-only torch: cuda_device() says so
     with pytest.raises(StnDeployError, match=r"tensorrt-cu12\) than torch \(CUDA 13.0\); "
                                              r"install stn-deploy\[trt\]"):
-        trt_mod.check_cuda_major({"12"}, "13.0")
+        tensorrt_env.check_cuda_major({"12"}, "13.0")
     if importlib.util.find_spec("tensorrt") is None:  # read from the installed wheels' names
-        assert trt_mod.installed_trt_cuda_majors() == set()
+        assert tensorrt_env.installed_trt_cuda_majors() == set()
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed; the missing-package path cannot run")
 def test_import_tensorrt_missing() -> None:
     with pytest.raises(MissingDependencyError, match=r"pip install 'stn-deploy\[trt\]'.*NVIDIA GPU"):
-        trt_mod.import_tensorrt()
+        tensorrt_env.import_tensorrt()
 
 
 @pytest.mark.tensorrt
@@ -125,7 +126,7 @@ def test_build_engine_real(digits_checkpoint: Path, tmp_path: Path, precision: s
                                    precision=precision, opset=17, out=tmp_path / "m.plan",
                                    max_batch=64, opt_batch=16, timing_cache=cache,
                                    verify_samples=128, calib_samples=200))
-    trt = trt_mod.import_tensorrt()
-    name, cc = trt_mod.cuda_device()
-    side = trt_mod.check_plan_compatible(res.path, trt, name, cc)
+    trt = tensorrt_env.import_tensorrt()
+    name, cc = tensorrt_env.cuda_device()
+    side = tensorrt_env.check_plan_compatible(res.path, trt, name, cc)
     assert side["precision"] == precision and cache.is_file() and res.onnx_path.is_file()

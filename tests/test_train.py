@@ -1,3 +1,7 @@
+"""The training loop (stn_deploy.training): real short runs on the bundled digits, resumed
+runs equal to uninterrupted ones, the STN objectives on transforms whose answer is known, and
+the options' grouping and refusals."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +12,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from dataclasses import replace
 
 from stn_deploy.checkpoint import load_checkpoint
-from stn_deploy.data import warp_images
+from stn_deploy.data import load_dataset, rts_thetas, warp_images
 from stn_deploy.errors import StnDeployError
-from stn_deploy.model import build_model
-from stn_deploy.train import (TrainOptions, WeightEma, affine_batch, augment_batch, evaluate,
-                               rts_batch, train)
+from stn_deploy.health import StnHealth
+from stn_deploy.model import build_model, compose_thetas
+from stn_deploy.training import TrainOptions, evaluate, train
+from stn_deploy.training.augment import affine_batch, augment_batch, rts_batch
+from stn_deploy.training.loop import EpochTotals, epoch_seed
+from stn_deploy.training.objectives import (Batch, PoseLoss, WarpPenalty, class_warp_penalty,
+                                            objectives, pose_loss, warp_penalty)
+from stn_deploy.training.optim import WeightEma
+from stn_deploy.training.options import check
+
+
+def _rotation(deg: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    r = np.radians(deg)
+    t = np.zeros((len(r), 2, 3))
+    t[:, 0, 0], t[:, 0, 1] = np.cos(r) * scale, -np.sin(r) * scale
+    t[:, 1, 0], t[:, 1, 1] = np.sin(r) * scale, np.cos(r) * scale
+    return t
 
 
 def test_short_training_beats_chance(digits_checkpoint: Path, digits_bundle) -> None:
@@ -38,28 +56,30 @@ def test_short_training_beats_chance(digits_checkpoint: Path, digits_bundle) -> 
 
 def test_resume_continues_exactly(digits_checkpoint: Path, digits_bundle, tmp_path: Path) -> None:
     """Stopping after epoch 2 and resuming gives the same weights as never stopping."""
-    train(digits_bundle, tmp_path, TrainOptions(epochs=3, stop_after=2, quiet=True, device="cpu"))
+    train(digits_bundle, tmp_path,
+          TrainOptions.of(epochs=3, stop_after=2, quiet=True, device="cpu"))
     assert load_checkpoint(tmp_path / "last.pt").epoch == 2
-    train(digits_bundle, tmp_path, TrainOptions(epochs=3, quiet=True, device="cpu"),
+    train(digits_bundle, tmp_path, TrainOptions.of(epochs=3, quiet=True, device="cpu"),
           resume=tmp_path / "last.pt")
     resumed, straight = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(digits_checkpoint)
     assert resumed.epoch == 3 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for k, v in straight.state_dict.items():
         assert torch.equal(v, resumed.state_dict[k]), k
     with pytest.raises(StnDeployError, match="already has 3 epochs"):
-        train(digits_bundle, tmp_path, TrainOptions(epochs=3, quiet=True),
+        train(digits_bundle, tmp_path, TrainOptions.of(epochs=3, quiet=True),
               resume=tmp_path / "last.pt")
     with pytest.raises(StnDeployError, match="same --epochs"):
-        train(digits_bundle, tmp_path, TrainOptions(epochs=5, quiet=True),
+        train(digits_bundle, tmp_path, TrainOptions.of(epochs=5, quiet=True),
               resume=tmp_path / "last.pt")
 
 
 def test_stn_optimizer_of_its_own_resumes_exactly(digits_bundle, tmp_path: Path) -> None:
     """AdamW for the STN beside SGD: both optimizers' states travel in the checkpoint."""
-    opts = TrainOptions(epochs=2, quiet=True, device="cpu", stn_optimizer="adam", stn_lr=1e-3)
+    opts = TrainOptions.of(epochs=2, quiet=True, device="cpu", stn_optimizer="adam",
+                           stn_lr=1e-3)
     train(digits_bundle, tmp_path / "straight", opts)
-    train(digits_bundle, tmp_path / "c", replace(opts, epochs=3, stop_after=1))
-    train(digits_bundle, tmp_path / "split", replace(opts, stop_after=1))
+    train(digits_bundle, tmp_path / "c", opts.replace(epochs=3, stop_after=1))
+    train(digits_bundle, tmp_path / "split", opts.replace(stop_after=1))
     train(digits_bundle, tmp_path / "split", opts, resume=tmp_path / "split" / "last.pt")
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "split" / "last.pt")
@@ -69,10 +89,10 @@ def test_stn_optimizer_of_its_own_resumes_exactly(digits_bundle, tmp_path: Path)
     assert "momentum_buffer" in straight.optimizer["main"]["state"][0]  # SGD's
     assert [g["max_lr"] for g in straight.optimizer["stn"]["param_groups"]] == [1e-3]
     with pytest.raises(StnDeployError, match="other options .*--stn-optimizer adam -> None"):
-        train(digits_bundle, tmp_path / "split", TrainOptions(epochs=3, quiet=True),
+        train(digits_bundle, tmp_path / "split", TrainOptions.of(epochs=3, quiet=True),
               resume=tmp_path / "c" / "last.pt")
     with pytest.raises(StnDeployError, match="needs --stn-lr"):
-        train(digits_bundle, tmp_path / "x", TrainOptions(stn_optimizer="adam", quiet=True))
+        train(digits_bundle, tmp_path / "x", TrainOptions.of(stn_optimizer="adam", quiet=True))
     assert not (tmp_path / "x").exists()
 
 
@@ -97,15 +117,17 @@ def test_weight_ema_is_the_moving_average_of_the_weights(digits_bundle) -> None:
     ema.update(0)  # the first step: decay 1/10, the average mostly follows the weights
     assert torch.allclose(ema.model.state_dict()[key],
                           0.1 * (before[key] + 0.1) + 0.9 * params[key], atol=1e-5)
-    with pytest.raises(StnDeployError, match="--ema must be in"):
+    with pytest.raises(ValueError, match="decay must be in"):
         WeightEma(model, 1.0)
+    with pytest.raises(StnDeployError, match="--ema must be in"):
+        check(TrainOptions.of(ema=1.0), use_stn=True, distort="none")
 
 
 def test_ema_checkpoint_carries_the_average_and_resumes_exactly(digits_bundle,
                                                                tmp_path: Path) -> None:
-    opts = TrainOptions(epochs=2, quiet=True, device="cpu", ema=0.99)
+    opts = TrainOptions.of(epochs=2, quiet=True, device="cpu", ema=0.99)
     train(digits_bundle, tmp_path / "straight", opts)
-    train(digits_bundle, tmp_path / "split", replace(opts, stop_after=1))
+    train(digits_bundle, tmp_path / "split", opts.replace(stop_after=1))
     train(digits_bundle, tmp_path / "split", opts, resume=tmp_path / "split" / "last.pt")
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "split" / "last.pt")
@@ -126,11 +148,11 @@ def test_ema_checkpoint_carries_the_average_and_resumes_exactly(digits_bundle,
     _, raw_acc = evaluate(raw, digits_bundle.test, straight.config, torch.device("cpu"))
     assert raw_acc == pytest.approx(last["raw_test_acc"], abs=1e-4)
     with pytest.raises(StnDeployError, match="--ema 0.99 -> 0.0"):
-        train(digits_bundle, tmp_path / "split", replace(opts, epochs=2, ema=0.0),
+        train(digits_bundle, tmp_path / "split", opts.replace(epochs=2, ema=0.0),
               resume=tmp_path / "split" / "last.pt")
     # Any option that shapes the weights (here a recipe's rate) may not change halfway.
     with pytest.raises(StnDeployError, match="--lr 0.05 -> 0.01"):
-        train(digits_bundle, tmp_path / "split", replace(opts, epochs=2, lr=0.01),
+        train(digits_bundle, tmp_path / "split", opts.replace(epochs=2, lr=0.01),
               resume=tmp_path / "split" / "last.pt")
 
 
@@ -188,7 +210,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     if torchrun is None:
         pytest.skip("torchrun not found beside the Python interpreter")
     cmd = [torchrun, "--nproc-per-node", "2", "-m", "stn_deploy", "train", "--dataset", "digits",
-           "--epochs", "6", "--out", str(tmp_path), "--quiet", "--device", "cpu"]
+           "--epochs", "6", "--distort", "none", "--out-dir", str(tmp_path), "--quiet",
+           "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -196,3 +219,218 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     # Each rank sees half the data: 6 epochs are 66 steps, enough to learn (1 epoch: chance).
     assert doc["world_size"] == 2 and doc["history"][-1]["test_acc"] > 0.5
     assert load_checkpoint(tmp_path / "last.pt").epoch == 6
+
+
+def test_clean_fraction_without_redistort_is_refused(tmp_path: Path) -> None:
+    bundle = load_dataset("digits", distort="rts")
+    opts = TrainOptions.from_recipe("rts", epochs=1, redistort=False, clean_fraction=0.2,
+                                    quiet=True, device="cpu")
+    with pytest.raises(StnDeployError, match="--clean-fraction needs --redistort"):
+        train(bundle, tmp_path, opts)
+    assert not any(tmp_path.iterdir())
+
+
+def test_rts_augment_also_measures_the_stn_on_an_rts_distorted_test_split(
+        tmp_path: Path) -> None:
+    """Undistorted data: the clean test images show no distortion to undo, so --rts-augment
+    measures the STN on the test split RTS-distorted too, with each image's transform known."""
+    bundle = load_dataset("digits")  # undistorted
+    opts = TrainOptions.from_recipe("rts", epochs=2, rts_augment=0.5, quiet=True, device="cpu")
+    result = train(bundle, tmp_path, opts)
+    row = result.history[-1]
+    assert 0.0 <= row["rts_test_acc"] <= 1.0 and row["rts_test_acc"] != row["test_acc"]
+    assert "rotation_undone" in row["stn_rts"] and row["stn"]["rotation_undone"] is None
+    h = result.health_rts
+    assert isinstance(h, StnHealth) and h.images == len(bundle.test) and h.undone is not None
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["stn_health_rts"]["undone"] == h.to_dict()["undone"]
+    assert (tmp_path / "transforms_rts.png").stat().st_size > 1000
+    # Without --rts-augment there is no second split, and none on --distort data either.
+    plain = train(bundle, tmp_path / "plain", TrainOptions.from_recipe(
+        "seed", epochs=1, quiet=True, device="cpu"))
+    assert plain.health_rts is None and "stn_rts" not in plain.history[-1]
+    assert not (tmp_path / "plain" / "transforms_rts.png").exists()
+
+
+def test_pose_loss_is_zero_exactly_when_the_stn_undoes_the_distortion() -> None:
+    applied = rts_thetas(64, seed=5, clean_fraction=0.25)
+    eye = torch.eye(3)[:2].expand(64, 2, 3)
+    h = torch.cat([applied, torch.tensor([0.0, 0.0, 1.0]).expand(64, 1, 3)], 1)
+    inverse = torch.linalg.inv(h)[:, :2]
+    assert float(pose_loss(applied, inverse)) == pytest.approx(0.0, abs=1e-10)
+    # Otherwise it is the mean squared displacement over the frame, here by sampling it.
+    p = torch.rand(200_000, 2, dtype=torch.float64) * 2 - 1
+    m = compose_thetas(applied.double(), eye.double()) - torch.eye(2, 3, dtype=torch.float64)
+    moved = torch.einsum("nij,pj->npi", m[:, :, :2], p) + m[:, None, :, 2]
+    expect = (moved ** 2).sum(-1).mean()
+    assert float(pose_loss(applied.double(), eye.double())) == pytest.approx(float(expect),
+                                                                             rel=1e-2)
+
+
+def test_warp_penalty_charges_a_pose_per_class_beyond_the_upright_one() -> None:
+    """The STN undoing zero-mean rotations to upright, against the same STN turning two
+    classes to -14 and +20 degrees (Fashion-MNIST seed 1): the penalty is the rotation's
+    mean squared displacement, 4 (1 - cos a) / 3, and the offsets cost their share on top."""
+    rng = np.random.default_rng(0)
+    applied = rng.normal(0.0, 26.0, 4000)
+    applied -= applied.mean()
+    offset = np.where(np.arange(4000) % 2 == 0, -14.0, 20.0)
+
+    def penalty(deg: np.ndarray) -> float:
+        return float(warp_penalty(torch.from_numpy(_rotation(deg))))
+
+    assert penalty(np.zeros(4)) == pytest.approx(0.0, abs=1e-12)
+    assert penalty(np.full(4, 30.0)) == pytest.approx(4 * (1 - math.cos(math.radians(30))) / 3)
+    upright, own_poses = penalty(-applied), penalty(offset - applied)
+    assert own_poses > 1.2 * upright
+    assert own_poses == pytest.approx(np.mean(4 * (1 - np.cos(np.radians(offset - applied))) / 3))
+
+
+def test_class_warp_penalty_charges_a_class_its_own_pose_not_the_undoing() -> None:
+    """Two classes: where each class's shifts average to none, the class charge is zero and
+    the per-image one is not; turns cost it a little (their mean is a slight shrink); a class
+    with a pose of its own pays that pose's warp, weighted by the class's share."""
+    def turns(degrees: list[float]) -> torch.Tensor:
+        a = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+        c, s, z = a.cos(), a.sin(), torch.zeros_like(a)
+        return torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1)
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 1])
+    shifts = turns([0] * 6)
+    shifts[:, :, 2] = torch.tensor([[0.2, -0.1], [-0.2, 0.1], [0.3, 0.0], [-0.3, 0.0],
+                                    [0.0, 0.25], [0.0, -0.25]], dtype=torch.float64)
+    assert float(warp_penalty(shifts)) > 0.03
+    assert float(class_warp_penalty(shifts, labels, 3)) == pytest.approx(0.0, abs=1e-12)
+    undoing = turns([-30, 30, -20, 20, -10, 10])
+    assert 0 < float(class_warp_penalty(undoing, labels, 3)) < float(warp_penalty(undoing)) / 10
+    own_pose = turns([25, 25, 0, 0, 0, 0])  # class 0 turned 25 degrees, class 1 upright
+    expected = float(warp_penalty(own_pose[:1])) * 2 / 6
+    assert float(class_warp_penalty(own_pose, labels, 3)) == pytest.approx(expected)
+
+
+def test_warp_penalty_waits_for_the_take_off_when_asked() -> None:
+    """--stn-warp-from: on from the epoch after one whose training thetas spread that far, and
+    staying on if the spread falls back (the history decides, so a resume agrees)."""
+    history = [{"train_theta_spread_px": s} for s in (0.1, 1.9)]
+
+    def weight(objective: WarpPenalty, rows: list[dict[str, float]]) -> float:
+        objective.begin_epoch(rows)
+        return objective.active
+
+    late = WarpPenalty(0.1, from_px=2.0)
+    assert weight(late, history) == 0.0
+    assert weight(late, history + [{"train_theta_spread_px": 2.4}]) == 0.1
+    assert weight(late, history + [{"train_theta_spread_px": 2.4},
+                                   {"train_theta_spread_px": 1.0}]) == 0.1
+    assert weight(WarpPenalty(0.1), []) == 0.1
+    theta = torch.eye(2, 3).expand(4, 2, 3) * 1.1
+    batch = Batch(theta, torch.zeros(4, dtype=torch.long), None, 10)
+    assert late.loss(batch) == pytest.approx(0.1 * float(warp_penalty(theta)))
+    assert late.row(0.0) == {"stn_warp_penalty": 0.1}
+    # The options turn on exactly the objectives asked for, pose first (the loss's order).
+    assert objectives(TrainOptions()) == []
+    kinds = objectives(TrainOptions.of(stn_pose_loss=1.0, rts_augment=0.25,
+                                       stn_warp_penalty=0.3))
+    assert [type(o) for o in kinds] == [PoseLoss, WarpPenalty]
+
+
+def test_pose_loss_makes_the_stn_undo_the_augmentation_it_is_told_about(
+        tmp_path: Path) -> None:
+    """Digits, undistorted, --rts-augment 0.5, two epochs of the rts recipe: told the transform
+    it should undo, the STN undoes more of the RTS-distorted test split than without."""
+    bundle = load_dataset("digits")
+    runs = {w: train(bundle, tmp_path / str(w), TrainOptions.from_recipe(
+        "rts", epochs=2, rts_augment=0.5, stn_pose_loss=w, quiet=True, device="cpu"))
+        for w in (0.0, 1.0)}
+    told, untold = runs[1.0].health_rts, runs[0.0].health_rts
+    assert told is not None and untold is not None and told.undone and untold.undone
+    assert told.undone["scale"] > 0.15 and told.undone["scale"] > untold.undone["scale"] + 0.1
+    assert not told.collapsed
+    pose = [row["train_pose_loss"] for row in runs[1.0].history]
+    assert pose[1] < pose[0] and "train_pose_loss" not in runs[0.0].history[-1]
+
+
+def test_pose_loss_without_rts_augment_is_refused(tmp_path: Path) -> None:
+    opts = TrainOptions.from_recipe("rts", epochs=1, stn_pose_loss=1.0, quiet=True, device="cpu")
+    with pytest.raises(StnDeployError, match="--stn-pose-loss needs --rts-augment"):
+        train(load_dataset("digits"), tmp_path, opts)
+    assert not any(tmp_path.iterdir())
+
+
+def test_rts_recipe_without_fresh_distortions_drops_its_clean_fraction(tmp_path: Path) -> None:
+    """The recipe's clean share only applies to fresh distortions; --no-redistort still trains."""
+    assert TrainOptions.from_recipe("rts").augment.clean_fraction == 0.25
+    opts = TrainOptions.from_recipe("rts", epochs=1, redistort=False, quiet=True, device="cpu")
+    assert opts.augment.clean_fraction == 0.0
+    train(load_dataset("digits", distort="rts"), tmp_path, opts)
+    assert (tmp_path / "last.pt").is_file()
+
+
+def test_rts_recipe_without_its_warp_penalty_drops_its_start(tmp_path: Path) -> None:
+    """--stn-warp-penalty 0 turns the recipe's charge off, and its start goes with it, so
+    train does not refuse --stn-warp-from as given alone."""
+    assert TrainOptions.from_recipe("rts").stn.stn_warp_from_px == 2.0
+    opts = TrainOptions.from_recipe("rts", epochs=1, stn_warp_penalty=0.0, quiet=True,
+                                    device="cpu")
+    assert opts.stn.stn_warp_from_px == 0.0
+    result = train(load_dataset("digits", distort="rts"), tmp_path, opts)
+    assert "stn_warp_penalty" not in result.history[-1]
+
+
+def test_train_reports_health_every_epoch(digits_checkpoint: Path) -> None:
+    doc = json.loads((digits_checkpoint.parent / "metrics.json").read_text())
+    assert all("theta_spread_px" in row["stn"] for row in doc["history"])
+    assert doc["stn_health"]["images"] == 450
+
+
+def test_options_are_grouped_by_what_they_act_on_and_recorded_flat() -> None:
+    """Each flat name lives in one group; checkpoints and metrics.json keep the flat names
+    (so checkpoints written before the grouping resume alike)."""
+    opts = TrainOptions.of(lr=0.01, rts_augment=0.25, stn_pose_loss=1.0, epochs=3)
+    assert (opts.optim.lr, opts.augment.rts_augment, opts.stn.stn_pose_loss,
+            opts.run.epochs) == (0.01, 0.25, 1.0, 3)
+    flat = opts.to_dict()
+    assert len(flat) == 29 and TrainOptions.of(**flat) == opts
+    assert opts.replace(lr=0.02).optim.lr == 0.02 and opts.optim.lr == 0.01
+    with pytest.raises(StnDeployError, match="unknown training option.*: learning_rate"):
+        TrainOptions.of(learning_rate=0.1)
+    # Without an STN the recipe's STN terms go; one given by name stays, to be refused by name.
+    improved = TrainOptions.from_recipe("improved", use_stn=False)
+    assert improved.stn.stn_pose_loss == 0.0 and improved.augment.rts_augment == 0.25
+    asked = TrainOptions.from_recipe("improved", use_stn=False, stn_warp_penalty=0.1)
+    with pytest.raises(StnDeployError, match="--stn-warp-penalty needs an STN"):
+        check(asked, use_stn=False, distort="none")
+    assert TrainOptions.from_recipe("rts").run.epochs == 20  # the recipe's schedule
+
+
+def test_the_data_and_the_options_agree_on_dropout(tmp_path: Path) -> None:
+    """The model config (built once, by load_dataset) carries dropout; options that ask for
+    another are refused by name, not silently overruled."""
+    improved = TrainOptions.from_recipe("improved", epochs=1, quiet=True, device="cpu")
+    with pytest.raises(StnDeployError, match="dropout 0.05 and the options 0.0"):
+        train(load_dataset("digits"), tmp_path / "x", improved)
+    assert not (tmp_path / "x").exists()
+    assert load_dataset("digits", dropout=0.0).config.dropout == 0.0
+    check(improved, use_stn=True, distort="none", dropout=0.0)
+
+
+def test_pose_loss_objective_adds_its_weighted_term_and_tallies_the_plain_one() -> None:
+    applied = rts_thetas(8, seed=3)
+    theta = torch.eye(2, 3).expand(8, 2, 3).clone().requires_grad_(True)
+    pose = PoseLoss(2.0)
+    batch = Batch(theta, torch.arange(8) % 10, applied, 10)
+    term = pose.loss(batch)
+    plain = pose_loss(applied, theta)
+    assert term is not None and float(term.detach()) == pytest.approx(2 * float(plain.detach()))
+    assert float(pose.total) == pytest.approx(8 * float(plain.detach()))
+    term.backward()  # the term reaches theta: it is what tells the STN what to undo
+    assert theta.grad is not None and float(theta.grad.abs().sum()) > 0
+    assert pose.loss(Batch(theta, batch.labels, None, 10)) is None  # nothing applied
+    pose.begin_epoch([])
+    assert float(pose.total) == 0.0
+    totals = EpochTotals(loss=20.0, correct=6, seen=8, theta_spread_px=1.23456,
+                         objectives=[4.0])
+    assert totals.row([pose], use_stn=True) == {
+        "train_loss": 2.5, "train_acc": 0.75, "train_theta_spread_px": 1.235,
+        "train_pose_loss": 0.5}
+    assert epoch_seed(1, 2) == 100_005  # one formula: the epoch's draws derive from it

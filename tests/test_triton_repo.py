@@ -88,14 +88,53 @@ def test_gpu_onnxruntime_with_tensorrt_fp16_and_a_plan(served_onnx: Path,
     assert "KIND_GPU" in text and 'value: "FP16"' in text and 'name: "tensorrt"' in text
     plan = _plan(tmp_path, artifacts.config_from_onnx(served_onnx))
     write_repository(plan, repo, RepoOptions(kinds=("tensorrt",), name="d", device="gpu"))
-    text = (repo / "d-tensorrt" / "config.pbtxt").read_text()
+    text = (repo / "d-trt" / "config.pbtxt").read_text()  # the old spelling, read quietly
     assert 'platform: "tensorrt_plan"' in text and 'key: "9.0"' in text
-    assert (repo / "d-tensorrt" / "1" / "model.plan.json").is_file()
+    assert (repo / "d-trt" / "1" / "model.plan.json").is_file()
     assert validate_repository(repo) == []
     with pytest.raises(StnDeployError, match="exceeds the plan's profile maximum 64"):
-        write_repository(plan, tmp_path / "r2", RepoOptions(kinds=("tensorrt",), max_batch=128))
-    with pytest.raises(StnDeployError, match="--kind tensorrt serves .plan files"):
-        write_repository(served_onnx, tmp_path / "r2", RepoOptions(kinds=("tensorrt",)))
+        write_repository(plan, tmp_path / "r2", RepoOptions(kinds=("trt",), max_batch=128))
+    with pytest.raises(StnDeployError, match="--kind trt serves .plan files"):
+        write_repository(served_onnx, tmp_path / "r2", RepoOptions(kinds=("trt",)))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_python_flavour_runs_our_runner_in_the_stub(served_onnx: Path, tmp_path: Path) -> None:
+    """python-onnxruntime / python-openvino: the same config, labels and metadata as the
+    native kinds, backend python, model.py beside the ONNX file, and parameters naming the
+    runner and where stn-deploy is imported from."""
+    from stn_deploy.serving.python_model import MODEL_PY
+
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(
+        kinds=("onnxruntime", "python-onnxruntime", "python-openvino"), name="d", max_batch=16,
+        threads=1, max_queue=8))
+    native = (repo / "d-onnxruntime" / "config.pbtxt").read_text()
+    for kind in ("onnxruntime", "openvino"):
+        folder = repo / f"d-python-{kind}"
+        text = (folder / "config.pbtxt").read_text()
+        assert 'backend: "python"' in text and f'string_value: "{kind}"' in text
+        assert 'key: "threads"' in text and "max_queue_size: 8" in text
+        # tensors and batching exactly as the native flavour's
+        assert text.split("max_batch_size")[1].split("instance_group")[0] == \
+            native.split("max_batch_size")[1].split("instance_group")[0]
+        assert (folder / "1" / "model.py").read_text() == MODEL_PY
+        assert (folder / "1" / "model.onnx").read_bytes() == served_onnx.read_bytes()
+        assert (folder / "labels.txt").read_text() == (repo / "d-onnxruntime" /
+                                                       "labels.txt").read_text()
+        assert json.loads((folder / "stn_deploy.json").read_text())["kind"] == f"python-{kind}"
+    if schema_available():
+        assert validate_repository(repo) == []
+        (repo / "d-python-openvino" / "1" / "model.onnx").unlink()
+        assert validate_repository(repo) == ['d-python-openvino/config.pbtxt: parameters '
+                                             '"model_file": 1/model.onnx is missing']
+    with pytest.raises(StnDeployError, match="--kind python-onnxruntime runs on cpu instances "
+                                             "only"):
+        write_repository(served_onnx, tmp_path / "r2", RepoOptions(
+            kinds=("python-onnxruntime",), device="gpu"))
+    with pytest.raises(StnDeployError, match="--threads sets the runner threads of the "
+                                             "python-\\* kinds"):
+        write_repository(served_onnx, tmp_path / "r2", RepoOptions(threads=2))
     assert not (tmp_path / "r2").exists()
 
 
@@ -221,9 +260,9 @@ def test_openvino_loads_its_ir_by_default(served_onnx: Path, tmp_path: Path) -> 
 @needs_schema
 def test_inspect_validates_a_repository(served_onnx: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    result = CliRunner().invoke(cli, ["triton-repo", str(served_onnx), "--out", str(repo),
+    result = CliRunner().invoke(cli, ["triton-repo", str(served_onnx), "--out-dir", str(repo),
                                       "--kind", "onnxruntime", "--kind", "openvino",
-                                      "--name", "m", "--max-batch", "8"])
+                                      "--model-name", "m", "--max-batch-size", "8"])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and (repo / "m-openvino" / "1" / "model.onnx").is_file()
     ok = CliRunner().invoke(cli, ["inspect", str(repo)])

@@ -31,7 +31,7 @@ BACKENDS: dict[str, BackendInfo] = {
                                     ("onnx",), needs_gpu=True),
     "onnxruntime-trt": BackendInfo("stn_deploy.backends.onnxrt", "OnnxRuntimeTensorRTRunner",
                                    ("onnx",), needs_gpu=True),
-    "openvino": BackendInfo("stn_deploy.backends.ov", "OpenVinoRunner", ("onnx",)),
+    "openvino": BackendInfo("stn_deploy.backends.ov", "OpenVinoRunner", ("onnx", "openvino")),
     "trt": BackendInfo("stn_deploy.backends.trt", "TensorRTRunner", ("plan",), needs_gpu=True),
 }
 
@@ -39,6 +39,7 @@ BACKENDS: dict[str, BackendInfo] = {
 DEFAULT_BACKENDS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("torch",),
     "onnx": ("onnxruntime", "openvino"),
+    "openvino": ("openvino",),
     "plan": ("trt",),
 }
 

@@ -25,6 +25,10 @@ import numpy as np
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
 
+# ``device="auto"``: each runner says what it means (Runner.auto_device); the CLI's default.
+AUTO_DEVICE = "auto"
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What ``infer`` accepts: batch dimension -1 when dynamic."""
@@ -56,8 +60,9 @@ class Runner(abc.ABC):
 
     name: ClassVar[str] = "base"
     supports_compute_only: ClassVar[bool] = False
-    # Options beyond threads/precision this runner understands ("device" among them); create_runner hands a
-    # runner only these, so a caller can pass one option set to every backend.
+    # Options beyond threads/precision this runner understands ("device" among them);
+    # create_runner hands a runner only these, so a caller can pass one option set to every
+    # backend.
     OPTIONS: ClassVar[tuple[str, ...]] = ()
     COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("threads", "precision")
 
@@ -67,12 +72,20 @@ class Runner(abc.ABC):
         runtime, never loads a model). The registry adds the GPU check."""
         return None
 
+    @classmethod
+    def auto_device(cls) -> str | None:
+        """What ``device="auto"`` means here; None: the runner's own default. One option set
+        (``--device auto``) then serves every runner of a run, each choosing its device."""
+        return None
+
     def __init__(self, model_path: str | os.PathLike[str], *, device: str | None = None,
                  threads: int | None = None, precision: str | None = None,
                  **options: Any) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise StnDeployError(f"model file not found: {self.model_path}")
+        if device == AUTO_DEVICE:
+            device = self.auto_device()
         self.device = device
         # None means "all CPUs this process may use", resolved once here and reported as is.
         self.threads = threads if threads is not None else available_cpus()

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from stn_deploy.artifacts import config_from_metadata, model_kind, read_ir_metadata
 from stn_deploy.backends.base import cpu_name
 from stn_deploy.backends.onnx_file import OnnxFileRunner
+from stn_deploy.config import ModelConfig
 from stn_deploy.errors import MissingDependencyError, StnDeployError, error_line, require
 
 HINTS = ("latency", "throughput")
@@ -77,6 +79,14 @@ class OpenVinoRunner(OnnxFileRunner):
                                  f"when the file is fp32), not as {self.precision}")
         self.device = self.device or "CPU"
         self._n_requests = 1
+
+    def load_config(self) -> ModelConfig:
+        """An ONNX file's metadata, or an IR's (.xml): the same keys, in its rt_info."""
+        if model_kind(self.model_path) != "openvino":
+            return super().load_config()
+        self.meta = read_ir_metadata(self.model_path)
+        self._precision = self.meta.get("precision") or "fp32"
+        return config_from_metadata(self.meta, self.model_path)
 
     @property
     def version(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from stn_deploy.errors import MissingDependencyError, StnDeployError, error_line
 
 
 MEMORY_FORMATS = ("channels_last", "contiguous")
+TORCH_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 class TorchRunner(Runner):
@@ -39,11 +41,21 @@ class TorchRunner(Runner):
             return str(e)
         return None
 
+    @classmethod
+    def auto_device(cls) -> str:
+        """``auto``: the current CUDA device when torch sees one, else the CPU (as train's)."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def __init__(self, model_path: str | os.PathLike[str], **opts: Any) -> None:
         import torch
 
         super().__init__(model_path, **opts)
-        self.device = self.device or "cpu"
+        self.device = self.device or "cpu"  # None: the CPU, the library's plain default
+        if not TORCH_DEVICE.fullmatch(self.device):
+            raise StnDeployError(f"{self.name}: unknown device {self.device!r}; use auto, cpu "
+                                 "or cuda[:N]")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise StnDeployError(f"{self.name} on {self.device}: no CUDA device is visible")
         if self.precision not in ("fp32", "fp16"):
@@ -153,7 +165,8 @@ class TorchCompileRunner(TorchRunner):
             return torch.compile(model.forward_with_theta,
                                  mode=self.options.get("compile_mode") or "default")
         except Exception as e:  # torch.compile raises many types (backend, platform)
-            raise StnDeployError(f"torch.compile is not usable here: {error_line(e, with_type=True)}") from None
+            raise StnDeployError("torch.compile is not usable here: "
+                                 f"{error_line(e, with_type=True)}") from None
 
     def _run(self, t: Any) -> Any:
         try:

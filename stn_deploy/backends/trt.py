@@ -1,4 +1,4 @@
-"""TensorRT plans (from ``stn-deploy export --format engine``): deserialize, set the dynamic
+"""TensorRT plans (from ``stn-deploy export --format trt``): deserialize, set the dynamic
 batch shape, run ``execute_async_v3`` on a CUDA stream.
 
 Written against the TensorRT 10/11 Python API (name-based I/O tensors: ``num_io_tensors``,
@@ -6,7 +6,8 @@ Written against the TensorRT 10/11 Python API (name-based I/O tensors: ``num_io_
 ``execute_async_v3``). NOT RUN on the machine this was written on (no GPU, no TensorRT):
 device buffers and the stream are torch CUDA tensors and a ``torch.cuda.Stream``, so the only
 extra dependency is ``tensorrt``. The plan's sidecar (``<plan>.json``) supplies the model config
-and is checked against this TensorRT and GPU before deserializing.
+and is checked against this TensorRT and GPU before deserializing (``stn_deploy.tensorrt_env``,
+shared with the exporter, so this runner never imports the exporter).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from stn_deploy.artifacts import read_sidecar
 from stn_deploy.backends.base import Runner, spec_for
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
@@ -31,7 +33,7 @@ class TensorRTRunner(Runner):
 
         if not torch.cuda.is_available():
             raise StnDeployError("trt needs a CUDA GPU and none is visible")
-        from stn_deploy.export.tensorrt import import_tensorrt
+        from stn_deploy.tensorrt_env import import_tensorrt
 
         self._trt = import_tensorrt()
         super().__init__(model_path, **opts)
@@ -56,13 +58,11 @@ class TensorRTRunner(Runner):
                 "profile": self._sidecar.get("profile")}
 
     def activate_impl(self) -> None:
-        from stn_deploy.export.tensorrt import check_plan_compatible
+        from stn_deploy.tensorrt_env import check_plan_compatible, cuda_device
 
         trt, torch = self._trt, self._torch
         dev = torch.device(self.device)
-        major, minor = torch.cuda.get_device_capability(dev)
-        check_plan_compatible(self.model_path, trt, torch.cuda.get_device_name(dev),
-                              f"{major}.{minor}")
+        check_plan_compatible(self.model_path, trt, *cuda_device(dev))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(self.model_path.read_bytes())

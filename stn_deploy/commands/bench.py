@@ -13,42 +13,19 @@ from typing import Any
 
 import click
 
-from stn_deploy.commands.options import DATASET_CHOICES
-
-
-def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise click.BadParameter("batch sizes must be positive integers")
-    return tuple(sorted(set(sizes)))
-
-
-def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if names == ["all"]:
-        return "all"
-    from stn_deploy.backends import BACKENDS
-
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown backend {', '.join(unknown) or value!r}; choose from "
-                                 f"{', '.join(BACKENDS)} or all")
-    return tuple(dict.fromkeys(names))
+from stn_deploy.commands.options import (DATASET_CHOICES, OV_PRECISION_CHOICES, SampleCount,
+                                         backend_option, batch_sizes, device_option, is_stdout,
+                                         json_option, write_json_text)
 
 
 @click.command()
 @click.argument("models", nargs=-1,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--backend", "backends", callback=_backends, default=None, metavar="NAMES",
-              help="Comma-separated backends, or 'all' (every available one; the rest are "
-                   "listed with the reason). [default: torch for a checkpoint, onnxruntime and "
-                   "openvino for .onnx, trt for a plan]")
-@click.option("--batch-sizes", callback=_batch_sizes, default="1,8,64,256", show_default=True)
+@backend_option(multiple=True, allow_all=True, dest="backends",
+                note=" (all: every available one; the rest are listed with the reason)",
+                default_help="torch for a checkpoint, onnxruntime and openvino for .onnx, trt "
+                             "for a plan")
+@click.option("--batch-sizes", callback=batch_sizes, default="1,8,64,256", show_default=True)
 @click.option("--iterations", type=click.IntRange(1), default=None,
               help="Timed iterations per batch size and mode [default: 100 unless --duration].")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None,
@@ -63,25 +40,24 @@ def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--ov-hint", type=click.Choice(["latency", "throughput"]), default="latency",
               show_default=True, help="OpenVINO performance hint (throughput: a batch is "
               "split across concurrent requests).")
-@click.option("--ov-precision", type=click.Choice(["f32", "bf16"]), default="f32",
+@click.option("--ov-precision", type=click.Choice(OV_PRECISION_CHOICES), default="fp32",
               show_default=True, help="OpenVINO compute precision for FP32 files. bf16 is "
               "OpenVINO's own default on CPUs with AVX512_BF16 or AMX; its row is labelled bf16.")
-@click.option("--device", default=None, help="torch device (cpu, cuda:0) [default: cpu].")
+@device_option
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
               help="Evaluation data [default: the model's own dataset].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Dataset folder (needed for cifar10 and imagefolder).")
-@click.option("--eval-samples", type=click.IntRange(0), default=None,
-              help="First N test images for accuracy/agreement; 0 skips evaluation "
-                   "[default: the whole test split].")
+@click.option("--eval-samples", type=SampleCount(allow_none=True), default=None,
+              help="First N test images for accuracy/agreement, or all; 0 skips evaluation "
+                   "[default: all].")
 @click.option("--min-agreement", type=click.FloatRange(0, 100), default=None,
               help="Gate: exit 1 if a backend's top-1 agreement with the reference is below "
                    "this percentage.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None,
               help="Gate: exit 1 if a backend's accuracy is more than this many points below "
                    "the reference's.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write every figure as JSON.")
+@json_option("every figure")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every figure as CSV (one line per backend, batch size and mode).")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -92,7 +68,7 @@ def _backends(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               "gate still work).")
 def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
           iterations: int | None, duration: float | None, warmup: int, compute_only: bool,
-          threads: int | None, ov_hint: str, ov_precision: str, device: str | None,
+          threads: int | None, ov_hint: str, ov_precision: str, device: str,
           dataset: str | None, data_dir: str | None, eval_samples: int | None,
           min_agreement: float | None, max_accuracy_drop: float | None, json_path: Path | None,
           csv_path: Path | None, md_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
@@ -127,12 +103,12 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
         click.echo(line, err=True)
         models = tuple(picked)
         missing = (f"no TensorRT plan of {picked[0]} in {EXPORT_DIR}/: run `stn-deploy export "
-                   "--format engine` first")
+                   "--format trt` first")
     report = run_bench(BenchRequest(
         list(models), backends, settings, dataset=dataset, data_dir=data_dir,
         eval_samples=eval_samples, device=device, ov_hint=ov_hint, ov_precision=ov_precision,
-        progress=not quiet, missing=missing))
-    from stn_deploy import report as rep
+        progress=not quiet and sys.stderr.isatty(), missing=missing))
+    import stn_deploy.report as rep
 
     if gate_asked and report["eval_data"] is None:
         raise StnDeployError("the gate needs evaluation data: pass --dataset/--data-dir")
@@ -140,16 +116,19 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
     report["settings"].update(min_agreement_pct=min_agreement,
                               max_accuracy_drop_pct=max_accuracy_drop)
     report["gate"] = {"passed": not failures, "failures": failures}
-    if not quiet:
-        rep.print_table(report)
-    for path, writer in ((json_path, rep.write_json), (csv_path, rep.write_csv),
-                         (md_path, rep.write_markdown), (plot_path, rep.write_plot)):
-        if path is not None:
-            writer(report, path)
-            if not quiet:
-                click.echo(f"wrote {path}", err=True)
-    # A gated run has already turned every errored row into a gate failure line; otherwise
-    # only what --backend named fails the command.
+    _write_outputs(report, quiet, json_path, csv_path, md_path, plot_path)
+    if _echo_problems(report, backends, failures, gate_asked):
+        sys.exit(1)
+
+
+def _echo_problems(report: dict[str, Any], backends: Any, failures: list[str],
+                   gate_asked: bool) -> bool:
+    """One stderr line per gate failure, per named backend that errored or was skipped, and
+    (gated) per row the gate did not check; True when the run fails. A gated run has already
+    turned every errored row into a gate failure line; otherwise only what --backend named
+    fails the command."""
+    import stn_deploy.report as rep
+
     errors = [r for r in report["results"] if r.get("requested") and (
         r["status"] == "skipped" or (r["status"] == "error" and not gate_asked))]
     for line in failures:
@@ -167,5 +146,29 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
         if backends == "all":
             for name, reason in report["skipped_backends"].items():
                 click.echo(f"not gated: skipped {name}: {reason}", err=True)
-    if failures or errors or unused:
-        sys.exit(1)
+    return bool(failures or errors or unused)
+
+
+def _write_outputs(report: dict[str, Any], quiet: bool, json_path: Path | None,
+                   csv_path: Path | None, md_path: Path | None, plot_path: Path | None) -> None:
+    """The table and every file asked for. ``--json -`` takes standard output, so the table
+    goes to standard error then: what a pipe reads stays one JSON document."""
+    import stn_deploy.report as rep
+
+    if not quiet:
+        if is_stdout(json_path):
+            from rich.console import Console
+
+            rep.print_table(report, Console(stderr=True))
+        else:
+            rep.print_table(report)
+    if json_path is not None:
+        write_json_text(json_path, rep.to_json(report))
+        if not quiet and not is_stdout(json_path):
+            click.echo(f"wrote {json_path}", err=True)
+    for path, writer in ((csv_path, rep.write_csv), (md_path, rep.write_markdown),
+                         (plot_path, rep.write_plot)):
+        if path is not None:
+            writer(report, path)
+            if not quiet:
+                click.echo(f"wrote {path}", err=True)

@@ -13,7 +13,7 @@ def _step(title: str, args: list[str]) -> None:
 
 
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="export/demo",
+@click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="export/demo",
               show_default=True, help="Folder for the checkpoint, exported models and reports.")
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True,
               help="20: the rts recipe's STN has taken off by then (66% of the rotation undone).")
@@ -30,7 +30,7 @@ def demo(out_dir: str, epochs: int, opset: int, quick: bool) -> None:
         epochs = min(epochs, 6)
     ckpt = out / "train" / "last.pt"
     _step("train", ["train", "--dataset", "digits", "--distort", "rts", "--epochs", str(epochs),
-                    "--out", str(out / "train"), "--quiet"])
+                    "--out-dir", str(out / "train"), "--quiet"])
     fp32 = out / f"stn-opset{opset}-fp32.onnx"
     int8 = out / f"stn-opset{opset}-int8.onnx"
     _step("export FP32", ["export", str(ckpt), "--opset", str(opset), "--with-theta",

@@ -1,126 +1,179 @@
-"""``stn-deploy export``: a checkpoint to a verified ONNX file or TensorRT engine."""
+"""``stn-deploy export``: a checkpoint or your own ``nn.Module`` to a verified ONNX file,
+OpenVINO IR or TensorRT plan.
+
+Every parameter is named as the ``ExportRequest`` field it fills, so the command is one
+mapping onto the request that ``stn_deploy.export_model`` fills too; the pipeline does the
+rest and refuses by name what it cannot honour (shown here as a usage error, exit 2).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from stn_deploy.artifacts import PRECISIONS
+from stn_deploy.commands.options import (PRECISION_CHOICES, TARGET_CHOICES, TRT, AliasChoice,
+                                         SampleCount)
+from stn_deploy.export.request import (BF16_REFUSAL, CALIB_SAMPLES, EXPORT_PRECISIONS,
+                                       QUANTIZERS, TRT_PROFILE, WORKSPACE_MB)
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+PROFILE_TEXT = ",".join(str(v) for v in TRT_PROFILE)
+
+
+class ExportPrecision(click.Choice):
+    """The precisions export writes; bf16 gets its own line saying where bf16 comes from."""
+
+    def __init__(self) -> None:
+        super().__init__([p for p in PRECISION_CHOICES if p in EXPORT_PRECISIONS])
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if str(value).lower() == "bf16":
+            self.fail(f"bf16: {BF16_REFUSAL}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _parsed(parse: Any) -> Any:
+    """A click callback from a parser that raises StnDeployError (a usage error here)."""
+    from stn_deploy.errors import StnDeployError
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except StnDeployError as e:
+            raise click.BadParameter(str(e)) from None
+    return callback
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    from stn_deploy.errors import StnDeployError
+
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise StnDeployError(f"{text!r}: expected CxHxW, e.g. 1x28x28")
+    return shape
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    from stn_deploy.errors import StnDeployError
+
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise StnDeployError(f"{text!r}: expected comma-separated numbers") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(","))
+
+
+def _profile(text: str) -> tuple[int, int, int]:
+    from stn_deploy.export.request import parse_trt_profile
+
+    return parse_trt_profile(text)
 
 
 @click.command("export")
-@click.argument("checkpoint", required=False, default=None,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx",
-              show_default=True, help="engine: a TensorRT plan (needs tensorrt and a GPU).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
-              show_default=True, help="fp16/int8 keep the STN path (theta, grid) in FP32.")
+@click.argument("checkpoint", required=False, default=None, type=EXISTING_FILE)
+@click.option("--format", "format", type=AliasChoice(("onnx", TRT, "openvino")), default="onnx",
+              show_default=True, help="trt: a TensorRT plan (needs tensorrt and a GPU); "
+              "openvino: OpenVINO IR, .xml + .bin (needs openvino).")
+@click.option("--precision", type=ExportPrecision(), default="fp32", show_default=True,
+              help="fp16/int8 keep the STN path (theta, grid, sampler) in FP32.")
+@click.option("--keep-float", type=EXISTING_FILE, default=None, metavar="FILE",
+              help="fp16/int8: also keep these nodes in float: the JSON 'debug precision "
+                   "--json' writes, or a JSON list of node names.")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default=None,
+              help="int8: whose quantizer [default: nncf for --target openvino, else "
+                   "onnxruntime]. nncf leaves the regressor, grid and sampler float and "
+                   "quantizes the localization convolutions.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100, min_open=True),
+              default=None, metavar="POINTS",
+              help="int8 with nncf: keep layers float until top-1 accuracy is within POINTS "
+                   "of FP32's on half the verification images; nothing written if it cannot.")
 @click.option("--opset", type=click.IntRange(1, None), default=17, show_default=True,
               help="Exact ONNX opset to write (16 up to what torch and onnx support here).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file [default: export/<checkpoint>-opset<N>-<precision>.onnx|.plan].")
+@click.option("--out", type=FILE, default=None,
+              help="Output file [default: export/<model>-opset<N>-<precision>.onnx|.xml|.plan].")
 @click.option("--static-batch", type=click.IntRange(1, None), default=None,
               help="Fixed batch size instead of a dynamic batch dimension.")
-@click.option("--with-theta", is_flag=True, help="Add the STN's theta as a second output.")
+@click.option("--with-theta", is_flag=True,
+              help="Add theta as an output (your own module: the theta of each F.affine_grid "
+                   "call, theta or theta0, theta1, ...).")
 @click.option("--embed-preprocess", is_flag=True,
               help="Graph takes uint8 NHWC images and normalises inside.")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default=None,
               help="torch exporter [default: torchscript while torch has it, else dynamo; "
                    "dynamo graphs below opset 18 are converted down by stn-deploy].")
 @click.option("--affine-grid-op", is_flag=True,
-              help="Use the ONNX AffineGrid op (opset 20+, torchscript exporter) instead of "
+              help="Write the ONNX AffineGrid op (opset 20+, torchscript exporter) instead of "
                    "the constant base grid and MatMul.")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="The checkpoint's dataset, for verification (digits: none).")
-@click.option("--calib-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Dataset folder for INT8 calibration [default: --data-dir].")
-@click.option("--calib-samples", type=click.IntRange(1, None), default=500, show_default=True,
-              help="Training images used to calibrate INT8.")
-@click.option("--verify-samples", type=click.IntRange(0, None), default=0, show_default=True,
-              help="Test images to verify on (0: the whole test split).")
-@click.option("--min-batch", type=click.IntRange(1, None), default=1, show_default=True)
-@click.option("--opt-batch", type=click.IntRange(1, None), default=32, show_default=True)
-@click.option("--max-batch", type=click.IntRange(1, None), default=256, show_default=True)
-@click.option("--workspace-mb", type=click.IntRange(1, None), default=1024, show_default=True,
-              help="TensorRT builder workspace limit.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TensorRT timing cache file, read if present and updated after the build.")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]),
-              default=None, help="Runtime to check the graph for [default: tensorrt for "
-                                 "engines, else onnxruntime].")
-@click.option("--model", "factory", default=None, metavar="PACKAGE.MODULE:FACTORY",
-              help="Export your own nn.Module instead of a CHECKPOINT (see README 'Your own "
-                   "STN'); F.affine_grid is exported as a constant grid.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="--model: a state dict, loaded with weights_only=True.")
-@click.option("--input-shape", default=None, metavar="CxHxW",
-              help="--model: the input shape without the batch, e.g. 1x28x28.")
-@click.option("--mean", default=None, help="--model: per-channel mean of pixel/255, "
-                                           "comma-separated [default: none, 0].")
-@click.option("--std", default=None, help="--model: per-channel std [default: none, 1].")
-@click.option("--class-names", default=None, help="--model: comma-separated class names.")
+@click.option("--target", type=AliasChoice(TARGET_CHOICES), default=None,
+              help="Runtime to check the graph for [default: trt for --format trt, openvino "
+                   "for --format openvino, else onnxruntime].")
+@click.option("--data-dir", type=EXISTING_DIR, default=None,
+              help="Images to verify on: the checkpoint's dataset (digits, fashion-mnist: not "
+                   "needed), or an image folder (test/) for --factory.")
+@click.option("--calib-dir", type=EXISTING_DIR, default=None,
+              help="INT8 calibration images (the train split) [default: --data-dir].")
+@click.option("--verify-samples", type=SampleCount(), default="all", show_default=True,
+              help="Test images to verify on.")
+@click.option("--calib-samples", type=SampleCount(), default=str(CALIB_SAMPLES),
+              show_default=True, help="Training images to calibrate INT8 on.")
+@click.option("--trt-profile", default=None, metavar="MIN,OPT,MAX",
+              callback=_parsed(_profile),
+              help=f"--format trt: the batch profile [default: {PROFILE_TEXT}; with "
+                   "--static-batch N: N,N,N].")
+@click.option("--workspace-mb", type=click.IntRange(1, None), default=None,
+              help=f"--format trt: the builder's workspace limit [default: {WORKSPACE_MB}].")
+@click.option("--timing-cache", type=FILE, default=None,
+              help="--format trt: a timing cache file, read if present, updated after.")
+@click.option("--factory", default=None, metavar="PACKAGE.MODULE:FACTORY",
+              help="Export your own nn.Module instead of a CHECKPOINT: a callable returning "
+                   "it, or the module object.")
+@click.option("--weights", type=EXISTING_FILE, default=None,
+              help="--factory: a state dict, loaded with weights_only=True.")
+@click.option("--input-shape", default=None, metavar="CxHxW", callback=_parsed(_input_shape),
+              help="--factory: the input shape without the batch, e.g. 1x28x28.")
+@click.option("--mean", default=None, callback=_parsed(_floats),
+              help="--factory: per-channel mean of pixel/255, comma-separated [default: 0].")
+@click.option("--std", default=None, callback=_parsed(_floats),
+              help="--factory: per-channel std [default: 1].")
+@click.option("--class-names", default=None, callback=_parsed(_names),
+              help="--factory: comma-separated class names [default: 0..N-1].")
 @click.option("--extra-output", "extra_outputs", multiple=True, metavar="NAME",
-              help="--model: name the model's next output (e.g. theta): exported, compared.")
-def export(checkpoint: Path | None, fmt: str, precision: str, opset: int, out: Path | None,
-           static_batch: int | None, with_theta: bool, embed_preprocess: bool,
-           exporter: str | None, affine_grid_op: bool, data_dir: Path | None,
-           calib_data: Path | None, calib_samples: int, verify_samples: int, min_batch: int,
-           opt_batch: int, max_batch: int, workspace_mb: int, timing_cache: Path | None,
-           target: str | None, factory: str | None, weights: Path | None,
-           input_shape: str | None, mean: str | None, std: str | None,
-           class_names: str | None, extra_outputs: tuple[str, ...]) -> None:
-    """Export CHECKPOINT at an exact opset and verify it against PyTorch before writing.
+              help="--factory: name the model's next output: exported and compared.")
+def export(**options: Any) -> None:
+    """Export CHECKPOINT (or your own module, --factory) at an exact opset and verify it
+    against PyTorch before writing.
 
-    CHECKPOINT defaults to the last training run's, runs/train/last.pt (train's default --out);
-    the file goes into export/ unless --out says otherwise.
+    CHECKPOINT defaults to the last training run's, runs/train/last.pt (train's default --out-dir);
+    the file goes into export/ unless --out says otherwise. --format openvino writes an
+    OpenVINO IR (FILE.xml + FILE.bin), verified on OpenVINO.
 
     Verification runs ONNX Runtime on real test images: logit difference, top-1 agreement,
     theta difference and accuracy, each PASSED/FAILED against a stated tolerance. A failed
     check fails the command and writes nothing."""
-    from stn_deploy.export.pipeline import ExportRequest, run_export
+    from stn_deploy.export.pipeline import run_export
+    from stn_deploy.export.request import ExportRequest, OptionError
 
-    if factory is not None:
-        _export_factory(factory, checkpoint, fmt, weights, input_shape, data_dir, out,
-                        verify_samples, calib_samples, mean, std, class_names, extra_outputs,
-                        opset=opset, precision=precision, exporter=exporter,
-                        static_batch=static_batch, embed_preprocess=embed_preprocess)
-        return
-    if checkpoint is None:
+    req = ExportRequest(**options)
+    if req.checkpoint is None and req.factory is None:
         from stn_deploy.defaults import default_checkpoint
 
-        checkpoint = default_checkpoint("CHECKPOINT")
-        click.echo(f"export: {checkpoint} (the last training run; name a checkpoint for "
+        req.checkpoint = default_checkpoint("CHECKPOINT")
+        click.echo(f"export: {req.checkpoint} (the last training run; name a checkpoint for "
                    "another)", err=True)
-    if static_batch is not None and fmt == "engine":
-        min_batch = opt_batch = max_batch = static_batch
-    req = ExportRequest(
-        checkpoint=checkpoint, format=fmt, precision=precision, opset=opset, out=out,
-        static_batch=static_batch, with_theta=with_theta, embed_preprocess=embed_preprocess,
-        exporter=exporter, affine_grid_op=affine_grid_op, data_dir=data_dir,
-        calib_data=calib_data, calib_samples=calib_samples, verify_samples=verify_samples,
-        min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-        workspace_mb=workspace_mb, timing_cache=timing_cache, target=target,
-    )
-    run_export(req, echo=click.echo)
-
-
-def _export_factory(factory: str, checkpoint: Path | None, fmt: str, weights: Path | None,
-                    input_shape: str | None, data_dir: Path | None, out: Path | None,
-                    verify_samples: int, calib_samples: int, mean: str | None, std: str | None,
-                    class_names: str | None, extra_outputs: tuple[str, ...],
-                    **options: object) -> None:
-    from stn_deploy.custom import export_factory, parse_floats
-    from stn_deploy.errors import StnDeployError
-
-    if checkpoint is not None:
-        raise StnDeployError("give a CHECKPOINT or --model, not both")
-    if fmt != "onnx":
-        raise StnDeployError("--model exports --format onnx")
-    if input_shape is None:
-        raise StnDeployError("--model needs --input-shape CxHxW, e.g. 1x28x28")
-    names = tuple(n.strip() for n in class_names.split(",")) if class_names else None
-    export_factory(factory, out, input_shape=input_shape, weights=weights, data_dir=data_dir,
-                   verify_samples=verify_samples, calib_samples=calib_samples, echo=click.echo,
-                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-                   class_names=names, extra_outputs=extra_outputs, **options)
+    try:
+        run_export(req, echo=click.echo)
+    except OptionError as e:
+        raise click.UsageError(str(e)) from None

@@ -8,11 +8,13 @@ from typing import Any
 
 import click
 
+from stn_deploy.commands.options import TARGET_CHOICES, AliasChoice, library_name
+
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]),
-              default=None, help="Also list what this runtime will mishandle (ONNX files).")
+@click.option("--target", type=AliasChoice(TARGET_CHOICES), default=None,
+              help="Also list what this runtime will mishandle (ONNX files).")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=str),
               default=None, help="A checkpoint's dataset, to measure its STN's health "
                                  "(digits and fashion-mnist: not needed).")
@@ -23,13 +25,7 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
     measured at export. A checkpoint: its config and training, and the STN's health measured
     now on its test split. With --target, exit 1 when the graph has a finding of severity
     error. A folder: a Triton model repository, validated (one line per problem, exit 1)."""
-    from collections import Counter
-
-    import onnx
-
     from stn_deploy.artifacts import model_kind
-    from stn_deploy.errors import StnDeployError
-    from stn_deploy.export.targets import check_target
 
     if model.is_dir():
         from stn_deploy.serving.validate import inspect_repository
@@ -41,6 +37,18 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
             raise click.UsageError("--target checks ONNX graphs; export the checkpoint first")
         _inspect_checkpoint(model, data_dir)
         return
+    proto = _inspect_onnx(model)
+    if target is not None:
+        _check_target(proto, target)
+
+
+def _inspect_onnx(model: Path) -> Any:
+    """Print the file's opset, tensors, op counts and stn-deploy metadata; the loaded graph."""
+    from collections import Counter
+
+    import onnx
+
+    from stn_deploy.errors import StnDeployError
 
     try:
         proto = onnx.load(str(model), load_external_data=False)
@@ -66,9 +74,15 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
             click.echo(f"{key}: {meta[key]}")
     if "stn_health" in meta:
         _echo_health("STN health (measured at export)", json.loads(meta["stn_health"]))
-    if target is None:
-        return
-    findings = check_target(proto, target)
+    return proto
+
+
+def _check_target(proto: Any, target: str) -> None:
+    """One line per finding for ``target`` (as the user spells it); exit 1 on an error."""
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.export.targets import TARGETS, check_target
+
+    findings = check_target(proto, library_name(target, TARGETS))
     if not findings:
         click.echo(f"{target}: no findings")
         return
@@ -78,7 +92,7 @@ def inspect(model: Path, target: str | None, data_dir: str | None) -> None:
     if errors:
         fixable = all(f.fixable for f in errors)
         raise StnDeployError(f"{len(errors)} finding(s) {target} would mishandle"
-                             + ("; export --format engine rewrites them" if fixable else ""))
+                             + ("; export --format trt rewrites them" if fixable else ""))
 
 
 def _echo_health(title: str, health: dict[str, Any]) -> None:

@@ -1,13 +1,15 @@
 """Options and parameter types shared by several commands, defined once.
 
 docs/vocabulary.md is the table of names these implement; tests/test_vocabulary.py walks every
-command's parameters and holds them to it. Only click and the standard library are imported
-here, so every command's ``--help`` stays instant.
+command's parameters and holds them to it. At import only click and the standard library
+load (the backend registry and file writing load inside functions, and import no runtime), so
+every command's ``--help`` stays instant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +23,11 @@ PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")
 TRT = "trt"
 TRT_ALIASES = {"tensorrt": TRT, "engine": TRT}
 TARGET_CHOICES = ("onnxruntime", "openvino", TRT)  # export/inspect --target
+# OpenVINO's compute precision for FP32 files (its own names are f32/bf16; ours are these).
+OV_PRECISION_CHOICES = ("fp32", "bf16")
 ALL = "all"
+STDOUT = "-"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class SampleCount(click.ParamType):
@@ -72,7 +78,18 @@ class AliasChoice(click.Choice):
 
 def canonical_backend(name: str) -> str:
     """A backend name with the quiet aliases resolved (``tensorrt`` -> ``trt``)."""
-    return TRT_ALIASES.get(name, name)
+    return TRT_ALIASES.get(name.lower(), name)
+
+
+def library_name(value: str, known: Iterable[str]) -> str:
+    """The spelling a library function takes for a value the user typed: ``value`` itself when
+    the library knows it, else the library's alias of it (a library that still spells TensorRT
+    ``tensorrt`` gets ``tensorrt`` for ``trt``). Keeps the user's surface independent of the
+    library's keyword values."""
+    known = tuple(known)
+    if value in known:
+        return value
+    return next((k for k in known if canonical_backend(k) == value), value)
 
 
 def backend_names() -> tuple[str, ...]:
@@ -102,34 +119,62 @@ def parse_backends(value: str | None, allow_all: bool, multiple: bool) -> Any:
 
 
 def backend_option(*, multiple: bool = False, allow_all: bool = False,
-                   default_help: str = "the model kind's first") -> Callable[[F], F]:
+                   default_help: str = "the model kind's first", note: str = "",
+                   dest: str = "backend") -> Callable[[F], F]:
     """``--backend``: one runner name (or a comma-separated list / ``all`` where the command
-    runs several), its choices listed in --help."""
+    runs several), its choices listed in --help. The registry is read when the command's
+    module is imported; it imports no runtime, so --help stays instant."""
     choices = ", ".join(backend_names()) + (", all" if allow_all else "")
     what = "Comma-separated runners" if multiple else "Runner"
     return click.option(
-        "--backend", "backend", default=None, metavar="NAME" + ("[,NAME]" if multiple else ""),
+        "--backend", dest, default=None, metavar="NAME" + ("[,NAME]" if multiple else ""),
         callback=lambda ctx, param, value: parse_backends(value, allow_all, multiple),
-        help=f"{what}: {choices} [default: {default_help}].")
+        help=f"{what}: {choices}{note} [default: {default_help}].")
 
 
-def json_option(what: str = "the results") -> Callable[[F], F]:
+def json_option(what: str = "the results", stdout_note: str = "") -> Callable[[F], F]:
     """``--json FILE``: write ``what`` as JSON to FILE (``-``: standard output)."""
     return click.option("--json", "json_path", default=None, metavar="FILE",
                         type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-                        help=f"Write {what} as JSON to FILE ('-': standard output).")
+                        help=f"Write {what} as JSON to FILE ('-': standard output"
+                             f"{stdout_note}).")
+
+
+def is_stdout(path: str | Path | None) -> bool:
+    """Whether a ``--json``-like FILE is ``-``, standard output."""
+    return path is not None and str(path) == STDOUT
+
+
+def write_json_text(path: str | Path, text: str) -> None:
+    """Write JSON text for ``--json FILE``: to standard output for ``-``, else atomically
+    (a file is complete or absent, never half-written)."""
+    if is_stdout(path):
+        click.echo(text.rstrip("\n"))
+        return
+    from stn_deploy.fileio import write_text_atomic
+
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not DEVICE_PATTERN.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: use auto, cpu or cuda[:N]")
+    return value
 
 
 def device_option(f: F) -> F:
-    """``--device``: where torch runs; ``auto`` is the first CUDA device, else the CPU."""
-    return click.option("--device", default="auto", show_default=True,
+    """``--device``: where torch runs; ``auto`` is the first CUDA device, else the CPU (the
+    runner resolves it, see stn_deploy.backends.base.Runner.auto_device)."""
+    return click.option("--device", default="auto", show_default=True, callback=_check_device,
+                        metavar="auto|cpu|cuda[:N]",
                         help="Where torch runs: auto (CUDA if visible, else cpu), cpu or "
                              "cuda[:N].")(f)
 
 
 def dataset_options(f: F) -> F:
     f = click.option("--download", is_flag=True,
-                     help="Download CIFAR-10 into --data-dir if it is not there (needs internet).")(f)
+                     help="Download CIFAR-10 into --data-dir if it is not there (needs "
+                          "internet).")(f)
     f = click.option("--data-dir", type=click.Path(file_okay=False, path_type=str), default=None,
                      help="Dataset folder (cifar10: torchvision batches; imagefolder: train/ and "
                           "test/ of class folders; fashion-mnist: IDX files, default "
@@ -138,3 +183,14 @@ def dataset_options(f: F) -> F:
                      show_default=True,
                      help="digits is scikit-learn's bundled set: no download.")(f)
     return f
+
+
+def batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """``--batch-sizes 1,8,64`` -> (1, 8, 64): positive, deduplicated, ascending."""
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise click.BadParameter("batch sizes must be positive integers")
+    return tuple(sorted(set(sizes)))

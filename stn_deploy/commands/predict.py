@@ -21,6 +21,9 @@ from typing import Any
 
 import click
 
+from stn_deploy.commands.options import (backend_option, device_option, is_stdout, json_option,
+                                         write_json_text)
+
 # PIL modes of more than 8 bits a channel: "I", "I;16", "I;16B", ..., "F".
 HIGH_DEPTH_PREFIXES = ("I", "F")
 
@@ -28,41 +31,35 @@ HIGH_DEPTH_PREFIXES = ("I", "F")
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--backend", default=None,
-              help="Backend [default: torch for a checkpoint, onnxruntime for .onnx, trt for a "
-                   "plan].")
+@backend_option(default_help="torch for a checkpoint, onnxruntime for .onnx, trt for a plan")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@json_option("the predictions", stdout_note=", instead of the text")
 @click.option("--save-warped", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write what the STN made of each image (PNG) into this folder; needs the "
                    "theta output (checkpoints have it; ONNX: export with --with-theta).")
 @click.option("--save-ppm", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write each preprocessed (resized) input as PPM/PGM into this folder, for the "
                    "C++ runtime.")
-@click.option("--device", default=None, help="torch device (cpu, cuda:0) [default: cpu].")
+@device_option
 def predict(model: Path, images: tuple[Path, ...], backend: str | None, top_k: int,
-            as_json: bool, save_warped: Path | None, save_ppm: Path | None,
-            device: str | None) -> None:
+            json_path: Path | None, save_warped: Path | None, save_ppm: Path | None,
+            device: str) -> None:
     """Classify IMAGE... (PNG, JPEG, ...) with MODEL (checkpoint, .onnx or TensorRT plan)."""
     import json
 
-    import numpy as np
-
-    from stn_deploy.backends import BACKENDS, DEFAULT_BACKENDS, create_runner
     from stn_deploy.artifacts import model_kind
+    from stn_deploy.backends import DEFAULT_BACKENDS, create_runner, runner_class
+    from stn_deploy.backends.base import AUTO_DEVICE
     from stn_deploy.errors import StnDeployError
-    from stn_deploy.harness import to_runner_input
 
-    kind = model_kind(model)
-    name = backend or DEFAULT_BACKENDS[kind][0]
-    if name not in BACKENDS:
-        raise click.BadParameter(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}",
-                                 param_hint="--backend")
-    opts: dict[str, Any] = {"device": device} if name.startswith("torch") else {}
-    runner = create_runner(name, model, **opts)
+    name = backend or DEFAULT_BACKENDS[model_kind(model)][0]
+    if device != AUTO_DEVICE and "device" not in runner_class(name).OPTIONS:
+        raise click.BadParameter(f"{device!r}: the {name} runner chooses its own device; "
+                                 "--device applies to the torch runners", param_hint="--device")
+    runner = create_runner(name, model, device=device)
     config = runner.config
     results: list[dict[str, Any]] = []
-    loaded: list[tuple[int, np.ndarray]] = []
+    loaded: list[tuple[int, Any]] = []
     for path in images:
         try:
             img, notes = load_image(path, config.in_channels, config.image_size)
@@ -71,56 +68,77 @@ def predict(model: Path, images: tuple[Path, ...], backend: str | None, top_k: i
         except StnDeployError as e:
             results.append({"file": str(path), "ok": False, "error": str(e)})
     if loaded:
-        batch = np.stack([img for _, img in loaded]).transpose(0, 3, 1, 2)  # NCHW uint8
-        with runner:
-            if save_warped is not None and "theta" not in runner.output_names:
-                raise StnDeployError(f"--save-warped needs the theta output, which {model.name} "
-                                     "does not have (export it with --with-theta)")
-            static = runner.input_spec.static_batch
-            outs: dict[str, list[np.ndarray]] = {}
-            step = static or 64
-            for start in range(0, len(batch), step):
-                chunk = batch[start:start + step]
-                n = len(chunk)
-                if static is not None and n < static:
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - n, axis=0)])
-                for k, v in runner.infer(to_runner_input(runner, chunk)).items():
-                    outs.setdefault(k, []).append(np.asarray(v)[:n])
-            out = {k: np.concatenate(v) for k, v in outs.items()}
-        k = min(top_k, config.num_classes)
-        logits = out["logits"].astype(np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        theta = out.get("theta")
-        for j, (i, img) in enumerate(loaded):
-            order = np.argsort(-probs[j], kind="stable")[:k]
-            results[i]["top_k"] = [{"index": int(c), "class": config.class_names[c],
-                                    "probability": float(probs[j, c])} for c in order]
-            stem = f"{i:03d}-{Path(results[i]['file']).stem}"
-            if save_ppm is not None:
-                from stn_deploy.pnm import write_pnm
-
-                ext = ".pgm" if img.shape[2] == 1 else ".ppm"
-                results[i]["ppm"] = str(write_pnm(save_ppm / f"{stem}{ext}", img))
-            if save_warped is not None:
-                results[i]["warped"] = str(save_warped_png(save_warped / f"{stem}-warped.png",
-                                                           img, theta[j], config))
-                results[i]["theta"] = np.asarray(theta[j]).round(6).tolist()
-    failed = [r for r in results if not r["ok"]]
-    if as_json:
-        click.echo(json.dumps({"model": str(model), "backend": name,
-                               "device": runner.device_name, "results": results}, indent=2))
-    else:
+        out = _infer(runner, [img for _, img in loaded], save_warped is not None, model)
+        _fill_results(results, loaded, out, config, top_k, save_warped, save_ppm)
+    if json_path is not None:
+        write_json_text(json_path, json.dumps(
+            {"model": str(model), "backend": name, "device": runner.device_name,
+             "results": results}, indent=2))
+    if not is_stdout(json_path):
         for r in results:
             if r["ok"]:
                 top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%"
                                 for t in r["top_k"])
                 notes = "".join(f"  ({n})" for n in r["notes"])
                 click.echo(f"{r['file']}: {top}{notes}")
+    failed = [r for r in results if not r["ok"]]
     for r in failed:
         click.echo(f"Error: {r['file']}: {r['error']}", err=True)
     if failed:
         sys.exit(1)
+
+
+def _infer(runner: Any, images: list[Any], want_theta: bool, model: Path) -> dict[str, Any]:
+    """Every image through the runner in chunks (a static-batch graph gets its batch, the last
+    chunk padded with copies of its last image); outputs per image, padding dropped."""
+    import numpy as np
+
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.harness import to_runner_input
+
+    batch = np.stack(images).transpose(0, 3, 1, 2)  # NCHW uint8
+    with runner:
+        if want_theta and "theta" not in runner.output_names:
+            raise StnDeployError(f"--save-warped needs the theta output, which {model.name} "
+                                 "does not have (export it with --with-theta)")
+        static = runner.input_spec.static_batch
+        outs: dict[str, list[Any]] = {}
+        step = static or 64
+        for start in range(0, len(batch), step):
+            chunk = batch[start:start + step]
+            n = len(chunk)
+            if static is not None and n < static:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - n, axis=0)])
+            for k, v in runner.infer(to_runner_input(runner, chunk)).items():
+                outs.setdefault(k, []).append(np.asarray(v)[:n])
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _fill_results(results: list[dict[str, Any]], loaded: list[tuple[int, Any]],
+                  out: dict[str, Any], config: Any, top_k: int, save_warped: Path | None,
+                  save_ppm: Path | None) -> None:
+    """Top-k classes per image, and the warped PNG / PPM files asked for."""
+    import numpy as np
+
+    k = min(top_k, config.num_classes)
+    logits = out["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    theta = out.get("theta")
+    for j, (i, img) in enumerate(loaded):
+        order = np.argsort(-probs[j], kind="stable")[:k]
+        results[i]["top_k"] = [{"index": int(c), "class": config.class_names[c],
+                                "probability": float(probs[j, c])} for c in order]
+        stem = f"{i:03d}-{Path(results[i]['file']).stem}"
+        if save_ppm is not None:
+            from stn_deploy.pnm import write_pnm
+
+            ext = ".pgm" if img.shape[2] == 1 else ".ppm"
+            results[i]["ppm"] = str(write_pnm(save_ppm / f"{stem}{ext}", img))
+        if save_warped is not None:
+            results[i]["warped"] = str(save_warped_png(save_warped / f"{stem}-warped.png",
+                                                       img, theta[j], config))
+            results[i]["theta"] = np.asarray(theta[j]).round(6).tolist()
 
 
 def load_image(path: Path, channels: int, size: int) -> tuple[Any, list[str]]:

@@ -7,34 +7,43 @@ from pathlib import Path
 
 import click
 
+from stn_deploy.commands.options import TRT, AliasChoice, canonical_backend, library_name
 from stn_deploy.serving.triton_repo import KINDS
+
+# The kinds as a user types them (TensorRT is ``trt``, whatever the library calls it).
+KIND_CHOICES = tuple(dict.fromkeys(canonical_backend(k) for k in KINDS))
+INSTANCE_KINDS = ("cpu", "gpu")
 
 
 @click.command("triton-repo")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Repository folder (created, or added to: existing models are refused).")
-@click.option("--kind", "kinds", type=click.Choice(KINDS), multiple=True,
-              help="Triton backend(s) to write a model for (repeat for several) [default: "
-                   "onnxruntime for ONNX files, tensorrt for plans].")
-@click.option("--name", default=None, help="Model name prefix; each model is <name>-<kind> "
-                                           "[default: the file's stem].")
-@click.option("--max-batch", type=click.IntRange(1, None), default=32, show_default=True,
+@click.option("--kind", "kinds", type=AliasChoice(KIND_CHOICES), multiple=True,
+              help=f"Triton backend(s) to write a model for (repeat for several) [default: "
+                   f"onnxruntime for ONNX files, {TRT} for plans].")
+@click.option("--model-name", default=None,
+              help="Model name prefix; each model is <name>-<kind> [default: the file's stem].")
+@click.option("--max-batch-size", type=click.IntRange(1, None), default=32, show_default=True,
               help="max_batch_size: the largest batch the dynamic batcher forms.")
-@click.option("--preferred-batch", type=click.IntRange(1, None), multiple=True,
+@click.option("--preferred-batch-size", type=click.IntRange(1, None), multiple=True,
               help="dynamic_batching preferred_batch_size (repeat) [default: 4, 8, 16 ... "
-                   "up to --max-batch].")
+                   "up to --max-batch-size].")
 @click.option("--queue-delay-us", type=click.IntRange(0, None), default=500, show_default=True,
               help="dynamic_batching max_queue_delay_microseconds.")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="instance_group kind (tensorrt: always GPU).")
+@click.option("--instance-kind", type=click.Choice(INSTANCE_KINDS), default=None,
+              help=f"instance_group kind [default: cpu; a plan ({TRT}) runs on gpu only].")
 @click.option("--instances", type=click.IntRange(1, None), default=1, show_default=True,
               help="instance_group count.")
+@click.option("--threads", type=click.IntRange(1, None), default=None,
+              help="python-* kinds: the runner's threads per instance [default: the "
+                   "runtime's own].")
 @click.option("--trt-fp16", is_flag=True,
               help="onnxruntime on GPUs: the TensorRT execution accelerator in FP16.")
-def triton_repo(model: Path, out: Path, kinds: tuple[str, ...], name: str | None,
-                max_batch: int, preferred_batch: tuple[int, ...], queue_delay_us: int,
-                device: str, instances: int, trt_fp16: bool) -> None:
+def triton_repo(model: Path, out_dir: Path, kinds: tuple[str, ...], model_name: str | None,
+                max_batch_size: int, preferred_batch_size: tuple[int, ...],
+                queue_delay_us: int, instance_kind: str | None, instances: int,
+                threads: int | None, trt_fp16: bool) -> None:
     """Write a Triton model repository serving MODEL, a verified .onnx or .plan export.
 
     Each model gets config.pbtxt, 1/<model file>, labels.txt (class names for Triton's
@@ -53,11 +62,16 @@ def triton_repo(model: Path, out: Path, kinds: tuple[str, ...], name: str | None
             run_export(ExportRequest(checkpoint=model, embed_preprocess=True, out=onnx_path),
                        echo=click.echo)
             model = onnx_path
-        kind = model_kind(model)
-        opts = RepoOptions(kinds=kinds or (("tensorrt",) if kind == "plan" else ("onnxruntime",)),
-                           name=name, max_batch=max_batch, preferred_batch=preferred_batch,
+        plan = model_kind(model) == "plan"
+        if plan and instance_kind == "cpu":
+            raise click.BadParameter("a TensorRT plan runs on gpu instances only",
+                                     param_hint="--instance-kind")
+        asked = kinds or ((TRT,) if plan else ("onnxruntime",))
+        opts = RepoOptions(kinds=tuple(library_name(k, KINDS) for k in dict.fromkeys(asked)),
+                           name=model_name, max_batch=max_batch_size,
+                           preferred_batch=preferred_batch_size,
                            queue_delay_us=queue_delay_us,
-                           device="gpu" if kind == "plan" else device,
-                           instances=instances, trt_fp16=trt_fp16)
-        for folder in write_repository(model, out, opts):
+                           device="gpu" if plan else instance_kind or "cpu",
+                           instances=instances, threads=threads, trt_fp16=trt_fp16)
+        for folder in write_repository(model, out_dir, opts):
             click.echo(f"wrote {folder}")

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from stn_deploy import __version__
 from stn_deploy.artifacts import set_metadata
 from stn_deploy.config import ModelConfig, flat_metadata
 from stn_deploy.errors import StnDeployError, error_line
 from stn_deploy.fileio import atomic_path
 from stn_deploy.model import Normalize, STNClassifier
+from stn_deploy.version import __version__
 
 if TYPE_CHECKING:
     import onnx
@@ -205,38 +205,40 @@ def check_opset(opset: int) -> None:
                              f"opset {MIN_OPSET} or later, and this torch/onnx write up to {top}")
 
 
+def affine_grid_op_problem(opset: int) -> str | None:
+    """Why the AffineGrid op cannot be written at ``opset`` (None: it can)."""
+    if opset < AFFINE_GRID_OP_MIN_OPSET:
+        return f"the AffineGrid op exists from opset {AFFINE_GRID_OP_MIN_OPSET}"
+    return None
+
+
 def export_onnx(model: STNClassifier, path: str | os.PathLike[str], options: OnnxOptions,
                 extra_metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a single self-contained ONNX file at exactly ``options.opset``."""
-    check_opset(options.opset)
-    if options.affine_grid_op and options.opset < AFFINE_GRID_OP_MIN_OPSET:
-        raise StnDeployError(f"the AffineGrid op exists from opset {AFFINE_GRID_OP_MIN_OPSET}; "
-                             f"drop --affine-grid-op or pass --opset {AFFINE_GRID_OP_MIN_OPSET}")
     model = model.eval().cpu()
     config = model.config
     source = with_affine_grid_op(model) if options.affine_grid_op else model
     wrapper = _ExportWrapper(source, options).eval()
     outputs = [OUTPUT_NAME, THETA_NAME] if options.with_theta else [OUTPUT_NAME]
-
-    def check(proto: "onnx.ModelProto", exporter: str) -> None:
-        if options.affine_grid_op and not any(n.op_type == "AffineGrid" for n in proto.graph.node):
-            raise StnDeployError(f"the {exporter} exporter decomposed F.affine_grid instead of "
-                                 "writing the AffineGrid op; use --exporter torchscript")
-
     meta = {"affine_grid": "AffineGrid op" if options.affine_grid_op else "constant+MatMul",
             **(extra_metadata or {})}
-    return write_onnx(wrapper, config, path, options, outputs, meta, check)
+    return write_onnx(wrapper, config, path, options, outputs, meta)
 
 
 def write_onnx(wrapper: nn.Module, config: ModelConfig, path: str | os.PathLike[str],
-               options: OnnxOptions, outputs: list[str], extra_metadata: dict[str, str],
-               check: Callable[["onnx.ModelProto", str], None] | None = None) -> Path:
+               options: OnnxOptions, outputs: list[str],
+               extra_metadata: dict[str, str]) -> Path:
     """Export ``wrapper`` (input -> ``outputs``) at exactly ``options.opset``, with ``config``
-    and ``extra_metadata`` in its metadata; ``check`` may refuse the graph before it is saved.
-    Shared by our model and any user's module, so both get the same opset guarantee."""
+    and ``extra_metadata`` in its metadata. Shared by our model and any user's module, so
+    both get the same opset guarantee and the same refusal of a graph that lacks the
+    AffineGrid op ``options.affine_grid_op`` asked for."""
     import onnx
 
     check_opset(options.opset)
+    problem = affine_grid_op_problem(options.opset) if options.affine_grid_op else None
+    if problem:
+        raise StnDeployError(f"--affine-grid-op: {problem}; pass --opset "
+                             f"{AFFINE_GRID_OP_MIN_OPSET} or drop it")
     if options.static_batch is not None and options.static_batch < 1:
         raise StnDeployError(f"static batch must be positive, got {options.static_batch}")
     exporter = resolve_exporter(options.exporter)
@@ -249,8 +251,13 @@ def write_onnx(wrapper: nn.Module, config: ModelConfig, path: str | os.PathLike[
             proto = _export_torchscript(wrapper, x, tmp, options.opset, outputs, dynamic)
         else:
             proto = _export_dynamo(wrapper, x, options.opset, outputs, dynamic)
-        if check is not None:
-            check(proto, exporter)
+        if options.affine_grid_op and not any(n.op_type == "AffineGrid"
+                                              for n in proto.graph.node):
+            raise StnDeployError(f"the {exporter} exporter decomposed F.affine_grid instead of "
+                                 "writing the AffineGrid op; use --exporter torchscript")
+        if len(proto.graph.output) != len(outputs):
+            raise StnDeployError(f"the {exporter} exporter wrote {len(proto.graph.output)} "
+                                 f"outputs, expected {len(outputs)} ({', '.join(outputs)})")
         written = {op.domain or "ai.onnx": op.version for op in proto.opset_import}
         if written.get("ai.onnx") != options.opset:
             raise StnDeployError(f"asked for opset {options.opset}, the {exporter} exporter "

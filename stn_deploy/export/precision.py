@@ -9,8 +9,10 @@ faster on ONNX Runtime and OpenVINO.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,10 @@ from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError, require
 from stn_deploy.fileio import atomic_path
 
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Block lists work by node name; the exporters leave some empty."""
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Block lists work by node name; the exporters leave some empty. The same rule as
+    ``debug.stages.ensure_node_names``, so a ``debug precision`` list names these nodes."""
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
@@ -53,18 +57,20 @@ def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, precision: str) -
     set_metadata(dst, {**metadata(src), "precision": precision})
 
 
-def convert_fp16(src: Path, dst: Path) -> Path:
-    """FP16 graph with float32 inputs/outputs and the STN path in FP32."""
+def convert_fp16(src: Path, dst: Path, keep_float: Sequence[str] = ()) -> Path:
+    """FP16 graph with float32 inputs/outputs and the STN path, and ``keep_float``'s nodes
+    (named as ``name_nodes`` names them), in FP32."""
     float16 = require("onnxconverter_common.float16", "pip install onnxconverter-common",
                       package="onnxconverter-common")
     model = onnx.load(str(src))
-    _name_nodes(model)
-    block = stn_path_nodes(model)
+    name_nodes(model)
+    check_keep_float(model, keep_float)
+    block = sorted({*stn_path_nodes(model), *keep_float})
     # Stale intermediate types confuse the converter at the FP32/FP16 borders; re-infer after.
     del model.graph.value_info[:]
     io_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
     half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block)
-    _fix_blocked_casts(half, set(block))
+    fix_blocked_casts(half, set(block))
     for out in half.graph.output:  # keep_io_types: every output stays as it was
         out.type.tensor_type.elem_type = io_types[out.name]
     del half.graph.value_info[:]
@@ -76,7 +82,7 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
-def _fix_blocked_casts(model: onnx.ModelProto, blocked: set[str]) -> None:
+def fix_blocked_casts(model: onnx.ModelProto, blocked: set[str]) -> None:
     """Undo two converter slips at FP32 nodes (onnxconverter-common 1.14-1.16): it casts a
     graph output made by a blocked node to FP16 (ONNX Runtime then refuses to load the
     file, with ``--with-theta``), and round-trips blocked constants through FP16 (losing grid precision).
@@ -113,15 +119,27 @@ def _input_is_uint8(model: onnx.ModelProto) -> bool:
     return model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 
 
+def weights_need_7_bits(isa: Sequence[str] | None = None) -> bool:
+    """True on x86 CPUs without VNNI (``harness.cpu_isa``). Without VNNI, ONNX Runtime's
+    INT8 convolutions multiply pairs of 8-bit values into a saturating 16-bit sum
+    (VPMADDUBSW); with full-range weights a digits model trained here lost 40 points of
+    accuracy to that saturation once ONNX Runtime fused the QDQ graph (unfused: 98.9%
+    agreement), and 7 bits gave 99.1%. VNNI (VPDPBUSD) sums into 32 bits and cannot
+    saturate, so there the eighth bit is free precision. Decided on the exporting CPU: a file
+    for a VNNI server exported on an older laptop keeps 7 bits (safe everywhere)."""
+    from stn_deploy.harness import cpu_isa
+
+    return "VNNI" not in (cpu_isa() if isa is None else isa)
+
+
 def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: ModelConfig, *,
                   per_channel: bool = True, keep_stn_float: bool = True,
-                  reduce_range: bool = True) -> Path:
+                  reduce_range: bool | None = None, keep_float: Sequence[str] = ()) -> Path:
     """Static QDQ INT8, calibrated on real images; symmetric (zero point 0) as TensorRT needs.
 
-    Weights use 7 bits (``reduce_range``): ONNX Runtime's x86 INT8 convolutions multiply
-    pairs of 8-bit values into a saturating 16-bit sum (VPMADDUBSW); with full-range weights
-    a digits model trained here lost 40 points of accuracy to that saturation once ONNX
-    Runtime fused the QDQ graph (unfused: 98.9% agreement), and 7 bits gave 99.1%.
+    Weights use 7 bits (``reduce_range``) where the CPU lacks VNNI, 8 where it has it
+    (None: decided here by ``weights_need_7_bits``). ``keep_float``: more nodes left in
+    float, named as ``name_nodes`` names them.
 
     ``calib_images`` are uint8 NCHW; a graph with embedded preprocessing gets them as uint8
     NHWC, otherwise normalised exactly as in training."""
@@ -135,8 +153,10 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
     if len(calib_images) == 0:
         raise StnDeployError("no calibration images")
     model = onnx.load(str(src))
-    _name_nodes(model)
-    exclude = stn_path_nodes(model) if keep_stn_float else []
+    name_nodes(model)
+    check_keep_float(model, keep_float)
+    exclude = sorted({*(stn_path_nodes(model) if keep_stn_float else []), *keep_float})
+    seven = weights_need_7_bits() if reduce_range is None else reduce_range
     embed = _input_is_uint8(model)
     input_name = model.graph.input[0].name
     static = model.graph.input[0].type.tensor_type.shape.dim[0]
@@ -161,7 +181,7 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
         quantize_static(
             str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            per_channel=per_channel, reduce_range=reduce_range,
+            per_channel=per_channel, reduce_range=seven,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=exclude,
             # Biases stay float: TensorRT's DequantizeLinear takes no INT32 input.
@@ -169,6 +189,8 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
                            "QuantizeBias": False},
         )
         q = onnx.load(str(tmp))
+        if keep_float:  # an excluded node still reads a QDQ'd tensor another node needs
+            float_inputs(q, keep_float, model)
         _copy_metadata(model, q, "int8")
         onnx.save(q, str(tmp))
     return Path(dst)
@@ -177,3 +199,88 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
 def count_qdq(path: str | os.PathLike[str]) -> int:
     model = onnx.load(str(path))
     return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
+
+
+# ------------------------------------------------------------------------- keep-float lists
+
+def read_keep_float(source: str | os.PathLike[str] | Sequence[str]) -> list[str]:
+    """Node names to keep in float: the JSON ``debug precision --json`` writes (its
+    ``keep_float`` list), a JSON list of names, or the names themselves."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise StnDeployError(f"cannot read {path}: {e.strerror or e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StnDeployError(f"{path} is not valid JSON ({e})") from None
+        names = data.get("keep_float") if isinstance(data, dict) else data
+        where = str(path)
+    else:
+        names, where = list(source), "the keep-float list"
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise StnDeployError(f"{where}: expected a list of node names, or the JSON "
+                             "'debug precision' writes ({\"keep_float\": [...]})")
+    return list(dict.fromkeys(names))
+
+
+def unknown_nodes(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """The names in ``names`` that no node of ``model`` has (after ``name_nodes``)."""
+    have = {n.name for n in model.graph.node}
+    return [n for n in names if n not in have]
+
+
+def check_keep_float(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """One line naming the nodes a keep-float list names that the graph does not have."""
+    unknown = unknown_nodes(model, names)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8
+                                          else "")
+        raise StnDeployError(f"not in the graph: {shown} (was the list made for this model, "
+                             "at this opset and exporter?)")
+
+
+def float_inputs(q: onnx.ModelProto, keep: Sequence[str], fp32: onnx.ModelProto) -> None:
+    """Make the ``keep`` nodes of the QDQ graph ``q`` read float: an input from a
+    QuantizeLinear/DequantizeLinear pair reads the tensor before the pair, a quantized weight
+    is replaced by the FP32 graph's (the same node's same input there). A quantizer leaves
+    its excluded nodes reading a tensor it quantized for another consumer."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in q.graph.node for o in n.output}
+    source = {n.name: n for n in fp32.graph.node}
+    weights = {t.name: t for t in fp32.graph.initializer}
+    have = {t.name for t in q.graph.initializer}
+    for node in q.graph.node:
+        if node.name not in keep or node.name not in source:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            qnode = producer.get(dq.input[0])
+            original = source[node.name].input[i] if i < len(source[node.name].input) else ""
+            if qnode is not None and qnode.op_type == "QuantizeLinear":
+                node.input[i] = qnode.input[0]
+            elif original in weights:
+                if original not in have:
+                    q.graph.initializer.append(numpy_helper.from_array(
+                        numpy_helper.to_array(weights[original]), original))
+                    have.add(original)
+                node.input[i] = original
+    prune_dead(q)
+
+
+def prune_dead(model: onnx.ModelProto) -> None:
+    """Nodes whose outputs nobody reads, and initializers nobody uses, removed."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {t for n in model.graph.node for t in n.input} | outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    used = {t for n in model.graph.node for t in n.input} | outputs
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)

@@ -17,7 +17,8 @@ from onnx import numpy_helper
 
 from stn_deploy.errors import StnDeployError
 
-TARGETS = ("onnxruntime", "tensorrt", "openvino")
+TARGETS = ("onnxruntime", "openvino", "trt")
+TARGET_ALIASES = {"tensorrt": "trt"}  # the old spelling, still read
 TENSORRT_MAX_OPSET = 20  # onnx-tensorrt operators.md: TensorRT 10.0 parses opsets 9..20
 # Ops onnx-tensorrt's operators.md (TensorRT 10.x) marks "N".
 TENSORRT_UNSUPPORTED = frozenset({
@@ -150,23 +151,31 @@ def check_generic(model: onnx.ModelProto, target: str) -> list[Finding]:
     return findings
 
 
+def canonical_target(target: str) -> str:
+    """``target`` as TARGETS spells it (``tensorrt`` -> ``trt``), or one line naming them."""
+    name = TARGET_ALIASES.get(target.lower(), target.lower())
+    if name not in TARGETS:
+        raise StnDeployError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    return name
+
+
 def check_target(model: onnx.ModelProto | str | os.PathLike[str], target: str) -> list[Finding]:
     """Findings for ``target``; errors first."""
-    if target not in TARGETS:
-        raise StnDeployError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    target = canonical_target(target)
     if not isinstance(model, onnx.ModelProto):
         try:
             model = onnx.load(str(model), load_external_data=False)
         except Exception as e:  # protobuf decode errors have no common base
             raise StnDeployError(f"{model} is not a readable ONNX file ({e})") from None
-    found = check_tensorrt(model) if target == "tensorrt" else check_generic(model, target)
+    found = check_tensorrt(model) if target == "trt" else check_generic(model, target)
     return sorted(found, key=lambda f: f.severity != "error")
 
 
 def make_safe(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, list[str]]:
     """Rewrite what can be rewritten (opset-20 GridSample -> opset 19), refuse the rest.
 
-    Returns the graph to build from and a line per change made."""
+    Returns the graph to build from and a line per change made. Messages name the target as
+    the caller spelled it."""
     from stn_deploy.export.downconvert import downconvert
 
     findings = check_target(model, target)

@@ -9,83 +9,23 @@ ONNX itself, whose STN path is FP32 (the weakly typed FP16 flag would let Tensor
 kernels for theta and the grid too). INT8 on TensorRT 10 is the QDQ graph with the INT8 flag;
 TensorRT 11 removed the flags and reads the QDQ nodes in strongly typed mode. TF32 is turned
 off in every build, so FP32 layers compute in FP32, as the verification tolerances assume.
-Everything here except ``build_engine`` and ``import_tensorrt`` is plain Python and tested
-without TensorRT; those two are written against NVIDIA's documented Python
-API and have NOT run on this project's machines (no GPU, no TensorRT wheel).
+What the exporter and the runner both ask of the TensorRT installation and the GPU (version,
+CUDA major, device, plan compatibility) lives in :mod:`stn_deploy.tensorrt_env`.
+Everything here except ``build_engine`` is plain Python and tested without TensorRT;
+``build_engine`` is written against NVIDIA's documented Python API and has NOT run on this
+project's machines (no GPU, no TensorRT wheel).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from stn_deploy.artifacts import PRECISIONS, read_sidecar, sidecar_path
-from stn_deploy.errors import StnDeployError, require
+from stn_deploy.artifacts import PRECISIONS, sidecar_path
+from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
-
-INSTALL = ("pip install 'stn-deploy[trt]' ('stn-deploy[trt-cu12]' with a CUDA 12 torch) on a "
-           "machine with an NVIDIA GPU and driver")
-SUPPORTED_MAJORS = (10, 11)
-
-
-def import_tensorrt() -> ModuleType:
-    trt = require("tensorrt", INSTALL)
-    import torch
-
-    check_cuda_major(installed_trt_cuda_majors(), torch.version.cuda)
-    return trt
-
-
-def installed_trt_cuda_majors() -> set[str]:
-    """CUDA majors of the installed TensorRT wheels: NVIDIA names them tensorrt-cu12-* and
-    tensorrt-cu13-* (the bare ``tensorrt`` package pulls the cu13 ones)."""
-    import importlib.metadata as md
-
-    majors = set()
-    for dist in md.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name.startswith("tensorrt-cu"):
-            majors.add(name.removeprefix("tensorrt-cu").split("-")[0])
-    return majors
-
-
-def check_cuda_major(trt_majors: set[str], torch_cuda: str | None) -> None:
-    """TensorRT and torch (whose CUDA runtime and streams the runner uses) must share a CUDA
-    major; a cu12 TensorRT beside a cu13 torch fails later, far from the cause."""
-    if not torch_cuda or not trt_majors:
-        return  # a CPU-only torch is caught by cuda_device(); a tar install has no wheel names
-    want = torch_cuda.split(".")[0]
-    if want not in trt_majors:
-        have = ", ".join(f"tensorrt-cu{m}" for m in sorted(trt_majors))
-        raise StnDeployError(f"TensorRT is built for another CUDA ({have}) than torch (CUDA "
-                             f"{torch_cuda}); install stn-deploy[trt] for CUDA 13 torch or "
-                             f"stn-deploy[trt-cu12] for CUDA 12 torch")
-
-
-def trt_major(trt_module: Any) -> int:
-    """Major version from ``tensorrt.__version__`` ("10.13.0.35" -> 10)."""
-    version = str(getattr(trt_module, "__version__", ""))
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        raise StnDeployError(f"cannot read the TensorRT version from {version!r}") from None
-    if major not in SUPPORTED_MAJORS:
-        raise StnDeployError(f"TensorRT {version} is not supported; stn-deploy builds with "
-                             f"TensorRT {' or '.join(map(str, SUPPORTED_MAJORS))}")
-    return major
-
-
-def cuda_device() -> tuple[str, str]:
-    """(GPU name, compute capability "8.9") of CUDA device 0, or StnDeployError."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise StnDeployError("no CUDA device: TensorRT engines need an NVIDIA GPU with its "
-                             "driver (torch.cuda.is_available() is False)")
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.get_device_name(0), f"{major}.{minor}"
+from stn_deploy.tensorrt_env import cuda_device, import_tensorrt, trt_major
 
 
 def profile_shapes(input_shape: tuple[int, ...], profile: tuple[int, int, int],
@@ -139,23 +79,6 @@ def make_sidecar(*, config: Any, input_name: str, output_names: list[str], preci
     for key in ("source_sha256", "opset", "exporter", "verification"):
         if onnx_metadata and key in onnx_metadata:
             side[key] = onnx_metadata[key]
-    return side
-
-
-def check_plan_compatible(plan: Path, trt_module: Any, gpu_name: str,
-                          compute_capability: str) -> dict[str, Any]:
-    """The sidecar, if the plan was built by this TensorRT for this GPU; else a clear error
-    (TensorRT itself would fail with a deserialization message or, worse, crash)."""
-    side = read_sidecar(plan)
-    have = str(getattr(trt_module, "__version__", ""))
-    if side["tensorrt_version"] != have:
-        raise StnDeployError(f"{plan} was built with TensorRT {side['tensorrt_version']}, this "
-                             f"is TensorRT {have}; rebuild it with stn-deploy export "
-                             "--format engine")
-    if side["compute_capability"] != compute_capability or side["gpu_name"] != gpu_name:
-        raise StnDeployError(f"{plan} was built for {side['gpu_name']} (compute capability "
-                             f"{side['compute_capability']}), this GPU is {gpu_name} "
-                             f"({compute_capability}); rebuild it here")
     return side
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,20 +122,31 @@ def verify_file(path: str | os.PathLike[str], reference: dict[str, np.ndarray],
     """Run ``path`` on ``backend`` and hold it to ``reference`` (from ``torch_reference``);
     accuracy when labels are given."""
     from stn_deploy.artifacts import load_onnx, model_kind, onnx_opset
-    from stn_deploy.backends import create_runner
     from stn_deploy.harness import EVAL_BATCH, run_batched
 
     if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4:
         raise StnDeployError("verification images must be uint8 NCHW")
     if len(images_uint8) == 0:
         raise StnDeployError("no verification images")
-    with create_runner(backend, path) as runner:
+    with _runner(backend, path) as runner:
         got = run_batched(runner, images_uint8, EVAL_BATCH)
         report = compare(got, reference, labels, config, tolerances)
         report.backend, report.backend_version = runner.name, runner.version
     if model_kind(path) == "onnx":
         report.opset = onnx_opset(load_onnx(path))
     return report
+
+
+def _runner(backend: str, path: str | os.PathLike[str]) -> Any:
+    """The backend's runner on ``path``; an OpenVINO IR opens on the openvino runner class
+    directly (the backend registry lists the kinds each runner reads; IR is not yet among
+    openvino's there)."""
+    from stn_deploy.artifacts import model_kind
+    from stn_deploy.backends import create_runner, runner_class
+
+    if model_kind(path) == "openvino" and backend == "openvino":
+        return runner_class("openvino")(path)
+    return create_runner(backend, path)
 
 
 def compare(got: dict[str, np.ndarray], reference: dict[str, np.ndarray],
@@ -184,9 +196,10 @@ def compare(got: dict[str, np.ndarray], reference: dict[str, np.ndarray],
 
 
 def verification_data(config: ModelConfig, split: str, data_dir: str | Path | None,
-                      samples: int) -> tuple[ImageSet, str]:
+                      samples: int | None) -> tuple[ImageSet, str]:
     """Real images for ``config``: its own dataset, else the embedded digits (parity only)
-    when the channel count fits, else an error saying what to pass."""
+    when the channel count fits, else an error saying what to pass. ``samples``: a seeded
+    draw of that many (None or 0: the whole split)."""
     from stn_deploy.data import model_split
 
     note = f"{config.dataset} {split} split"
@@ -194,7 +207,7 @@ def verification_data(config: ModelConfig, split: str, data_dir: str | Path | No
     if name not in ("digits", "fashion-mnist") and data_dir is None:
         if config.in_channels != 1:
             raise StnDeployError(f"verification needs real {config.dataset} images: pass "
-                                 "--data-dir (or --calib-data) with that dataset")
+                                 "--data-dir with that dataset")
         name, note = "digits", f"embedded digits {split} split (model data not given)"
     data = model_split(config, split, data_dir if name == config.dataset else None, name=name)
     if int(data.images.shape[1]) != config.in_channels:
@@ -203,9 +216,159 @@ def verification_data(config: ModelConfig, split: str, data_dir: str | Path | No
     if name != config.dataset:
         data = ImageSet(data.images, torch.full_like(data.labels, config.num_classes),
                         data.classes)  # labels of another dataset: no accuracy
-    if samples > 0:
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(len(data), generator=g)[:samples]
+    if samples:
+        idx = _draw(len(data), samples)
         data = ImageSet(data.images[idx], data.labels[idx], data.classes,
                         None if data.applied is None else data.applied[idx])
     return data, note
+
+
+def _draw(n: int, samples: int) -> torch.Tensor:
+    """The seeded draw every sample count makes: the same images for the same count."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:samples]
+
+
+# ------------------------------------------------------- images, references, user modules
+
+@dataclass(frozen=True)
+class Images:
+    """uint8 NCHW images to verify or calibrate on, and where they came from (``note`` reads
+    after "on": "the digits test split", "64 random inputs")."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    note: str
+    applied: np.ndarray | None = None  # each image's known distortion (STN health)
+    warning: str | None = None  # what verifying on these images does not prove
+
+
+def subset(data: Images, samples: int | None) -> Images:
+    """``samples`` of ``data`` by the seeded draw (None: all of them)."""
+    if not samples or samples >= len(data.images):
+        return data
+    idx = _draw(len(data.images), samples).numpy()
+    return Images(data.images[idx], None if data.labels is None else data.labels[idx],
+                  data.note, None if data.applied is None else data.applied[idx],
+                  data.warning)
+
+
+def as_images(images: Any, config: ModelConfig, what: str = "images") -> np.ndarray:
+    """uint8 NCHW images of the model's input shape, as numpy, or one line naming ``what``."""
+    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or tuple(arr.shape[1:]) != config.input_shape:
+        c, h, w = config.input_shape
+        raise StnDeployError(f"{what} must be uint8 (N, {c}, {h}, {w}), got {arr.dtype} "
+                             f"{tuple(arr.shape)}")
+    if len(arr) == 0:
+        raise StnDeployError(f"{what}: no images")
+    return np.ascontiguousarray(arr)
+
+
+@dataclass
+class Reference:
+    """PyTorch's outputs on the verification images by output name, and, for a user's
+    module, the grids its samplers used and the grid size each theta output made."""
+
+    outputs: dict[str, np.ndarray]
+    grids: list[np.ndarray] = field(default_factory=list)
+    sampled_shapes: list[tuple[int, ...]] = field(default_factory=list)  # each sampler's input
+    theta_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+GRID_OUTPUT = "stn_deploy.grid.{}"  # the verification copy's extra outputs, one per GridSample
+
+
+def with_grid_outputs(src: Path, dst: Path) -> int:
+    """A verification copy of ``src`` with every GridSample's grid as an extra output
+    (GRID_OUTPUT.format(i), graph order); returns how many."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(src))
+    grids = [n.input[1] for n in proto.graph.node if n.op_type == "GridSample"]
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    for i, name in enumerate(grids):
+        out = GRID_OUTPUT.format(i)
+        proto.graph.node.append(helper.make_node("Identity", [name], [out]))
+        proto.graph.output.append(helper.make_tensor_value_info(
+            out, types.get(name, onnx.TensorProto.FLOAT), None))
+    onnx.save(proto, str(dst))
+    return len(grids)
+
+
+def _grid_checks(got: dict[str, np.ndarray], ref: Reference,
+                 tol: Tolerances) -> list[tuple[str, str, bool]]:
+    bound = tol.theta_px
+    count = sum(1 for k in got if k.startswith(GRID_OUTPUT.format("")))
+    if count != len(ref.grids):
+        return [("grids", f"grids: the graph has {count} GridSample nodes, PyTorch called "
+                 f"grid_sample {len(ref.grids)} times", False)]
+    checks = []
+    for i, (want, shape) in enumerate(zip(ref.grids, ref.sampled_shapes)):
+        diff = np.abs(np.asarray(got[GRID_OUTPUT.format(i)], np.float64) - want)
+        # A normalised grid unit is half the sampled image's width (x) or height (y) in pixels.
+        px = float(max((diff[..., 0] * shape[-1] / 2).max(), (diff[..., 1] * shape[-2] / 2).max()))
+        ok = bound is None or px <= bound
+        need = f"required <= {bound:g} px" if bound is not None else "no bound"
+        checks.append((f"grid{i}", f"grid {i} (samples {shape[-2]}x{shape[-1]}): points "
+                       f"moved by at most {px:.2g} px ({need})", ok))
+    return checks
+
+
+def _output_checks(got: dict[str, np.ndarray], ref: Reference,
+                   tol: Tolerances) -> list[tuple[str, str, bool]]:
+    """Named outputs beyond logits and theta (which ``compare`` checks): the thetas of
+    several F.affine_grid calls in pixels, like theta; any other elementwise."""
+    from stn_deploy.health import displacement_px
+
+    checks = []
+    for name, want in ref.outputs.items():
+        if name in ("logits", "theta"):
+            continue
+        diff = np.asarray(got[name], np.float64) - want
+        if name in ref.theta_sizes and tol.theta_px is not None:
+            px = float(displacement_px(diff, max(ref.theta_sizes[name])).max())
+            checks.append((name, f"{name}: sampling points shifted by at most {px:.2g} px "
+                           f"(required <= {tol.theta_px:g} px)", px <= tol.theta_px))
+            continue
+        diff = np.abs(diff)
+        if tol.atol is None:
+            checks.append((name, f"{name}: max abs {diff.max():.3g} (reported; {name} has no "
+                           "elementwise bound at this precision)", True))
+            continue
+        ok = bool(np.all(diff <= tol.atol + (tol.rtol or 0.0) * np.abs(want)))
+        checks.append((name, f"{name}: max abs {diff.max():.3g} (required |diff| <= "
+                       f"{tol.atol:g} + {tol.rtol or 0:g}*|ref|)", ok))
+    return checks
+
+
+def verify_export(path: str | os.PathLike[str], reference: Reference, data: Images,
+                  config: ModelConfig, tol: Tolerances, backend: str = "onnxruntime",
+                  grids: bool = True) -> VerifyReport:
+    """``verify_file`` on logits and theta, plus every other named output and, with
+    ``grids`` (an ONNX file), every GridSample's grid, from a verification copy of the graph
+    run on the same backend. A checkpoint's reference has no grids or other outputs: its
+    report is ``verify_file``'s."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.harness import EVAL_BATCH, run_batched
+
+    report = verify_file(path, reference.outputs, data.images, data.labels, config, tol,
+                         backend)
+    extra = [k for k in reference.outputs if k not in ("logits", "theta")]
+    grids = grids and bool(reference.grids or reference.sampled_shapes)
+    if not grids and not extra:
+        return report
+    with tempfile.TemporaryDirectory(prefix="stn-grids-") as work:
+        copy = Path(path)
+        if grids:
+            copy = Path(work) / "grids.onnx"
+            with_grid_outputs(Path(path), copy)
+        with create_runner(backend, copy) as runner:
+            got = run_batched(runner, data.images, EVAL_BATCH)
+    report.checks += _output_checks(got, reference, tol)
+    if grids:
+        report.checks += _grid_checks(got, reference, tol)
+    return report

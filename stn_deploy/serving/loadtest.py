@@ -1,6 +1,13 @@
 """Load test against any Triton endpoint (KServe v2 over HTTP or gRPC, with tritonclient).
 
-Real test images at a sweep of concurrencies, each level bounded in time and request count.
+Real test images at a sweep of concurrencies (closed loop: each of N clients sends its next
+request when the last is answered) or of request rates (open loop, ``rates``: requests leave at
+scheduled times, constant or Poisson, whether or not earlier ones were answered, and latency is
+measured from the scheduled time, so a server falling behind shows its queue instead of
+slowing the clients down), each level bounded in time and request count; over HTTP with JSON
+or Triton's binary tensor extension, or over gRPC. With the server's metrics endpoint, each
+level also reports the mean batch Triton's dynamic batcher formed and the served/in-process
+ratio against the same runner at that batch, measured in the same run.
 Per level: throughput, p50/p90/p99 latency (harness.summarize, as bench), errors and
 rejections, and accuracy and top-1 agreement of the served answers with the same model run
 locally. A server that stops answering ends the run with one line, never a hang: every
@@ -50,6 +57,17 @@ class LoadRequest:
     samples: int | None = None  # test images used [default: the whole test split]
     dataset: str | None = None  # test images from [default: the model's own dataset]
     data_dir: str | None = None  # dataset folder (needed for cifar10 and imagefolder)
+    protocols: tuple[str, ...] = ()  # json, binary, grpc [default: binary for http://,
+    # grpc for grpc://]; the other transport is found on serve's ports (gRPC = HTTP + 1)
+    rates: tuple[float, ...] = ()  # open loop: requests/s per level (replaces concurrency)
+    arrivals: str = "constant"  # open loop: constant or poisson
+    open_loop_threads: int = 64  # open loop: requests in flight at most
+    metrics_url: str | None = None  # [default: serve's, HTTP port + 2]; "" skips
+    threads: int | None = None  # in-process reference runner [default: as serve's]
+
+
+PROTOCOLS = ("json", "binary", "grpc")
+ARRIVALS = ("constant", "poisson")
 
 
 @dataclass
@@ -73,6 +91,8 @@ def _client(url: str, concurrency: int, timeout_s: float) -> tuple[Any, Any, str
         proto, address = "http", url
     if proto not in ("http", "grpc"):
         raise StnDeployError(f"URL must start with http:// or grpc://, got {url}")
+    if proto == "grpc":
+        require("grpc", INSTALL, "grpcio")  # tritonclient.grpc raises RuntimeError without it
     mod = require(f"tritonclient.{proto}", INSTALL, "tritonclient")
     address = address.rstrip("/")
     if proto == "http":
@@ -104,7 +124,7 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     from stn_deploy.artifacts import model_kind
     from stn_deploy.backends import DEFAULT_BACKENDS, create_runner
     from stn_deploy.bench import load_eval_data
-    from stn_deploy.harness import (compare_outputs, run_batched, summarize, system_info,
+    from stn_deploy.harness import (compare_outputs, run_batched, system_info,
                                     to_runner_input)
     from stn_deploy.serving.triton_repo import default_prefix
 
@@ -120,66 +140,36 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
         spec = runner.input_spec
     local_top1 = np.asarray(local["logits"]).argmax(axis=1)
 
-    mod, probe, proto = _client(req.url, 1, req.timeout_s)
-    # HTTP clients carry their timeouts; gRPC calls take one each, else they wait forever.
-    timeout = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
-    try:
-        if not probe.is_server_ready(**timeout):
-            raise StnDeployError(f"{req.url} is up but not ready")
-        meta = probe.get_model_metadata(name, **timeout)
-    except StnDeployError:
-        raise
-    except Exception as e:
-        raise StnDeployError(f"no Triton server answers at {req.url} for model {name}: "
-                             f"{error_line(e)}") from None
-    served = meta["inputs"][0] if isinstance(meta, dict) else {
-        "name": meta.inputs[0].name, "datatype": meta.inputs[0].datatype,
-        "shape": list(meta.inputs[0].shape)}
-    outputs = [o["name"] for o in meta["outputs"]] if isinstance(meta, dict) else [
-        o.name for o in meta.outputs]
-    if "logits" not in outputs:
-        raise StnDeployError(f"{name} at {req.url} has no logits output (it has: "
-                             f"{', '.join(outputs) or 'none'}); loadtest compares served "
-                             f"logits with {req.model.name}'s")
-    want_dtype = {"uint8": "UINT8", "float32": "FP32"}[spec.dtype]
-    if served["datatype"] != want_dtype or [int(d) for d in served["shape"][1:]] != \
-            list(spec.shape[1:]):
-        raise StnDeployError(f"{name} at {req.url} takes {served['datatype']} "
-                             f"{served['shape']}, {req.model.name} takes {want_dtype} "
-                             f"{list(spec.shape)}: not the same model")
-    input_name = served["name"]
-
+    protocols = req.protocols or (("grpc",) if req.url.startswith("grpc://") else ("binary",))
+    metrics = req.metrics_url if req.metrics_url is not None else metrics_url(req.url)
+    levels = [("rate", r) for r in req.rates] or [("concurrency", c) for c in req.concurrency]
     rows = []
     cpu0 = time.process_time()
-    for c in req.concurrency:
-        level = _run_level(mod, proto, req, c, inputs, input_name, want_dtype, name)
-        n = len(level.latencies_ns)
-        # lost: sent but neither answered nor refused (timed out, or hung past the level)
-        row: dict[str, Any] = {"concurrency": c, "requests": level.sent, "answered": n,
-                               "errors": level.errors, "rejected": level.rejected,
-                               "lost": level.sent - n - level.errors - level.rejected}
-        if level.down:
-            raise StnDeployError(f"the server at {req.url} stopped answering at concurrency "
-                                 f"{c} ({row['requests']} sent, {n} answered, {row['lost']} "
-                                 f"unanswered): {level.first_error}")
-        if n:
-            stats = summarize(level.latencies_ns, req.batch, "end_to_end", 0)
-            idx = np.fromiter(level.answers, dtype=np.int64)
-            top1 = np.fromiter(level.answers.values(), dtype=np.int64)
-            row.update(
-                seconds=level.seconds, throughput_ips=n * req.batch / level.seconds,
-                p50_ms=stats.p50_ms, p90_ms=stats.p90_ms, p99_ms=stats.p99_ms,
-                accuracy_pct=float((top1 == data.labels[idx]).mean() * 100),
-                agreement_pct=float((top1 == local_top1[idx]).mean() * 100),
-                images_checked=int(len(idx)))
-        row["client_cpu_pct"] = level.cpu_pct
-        row["first_error"] = level.first_error
-        rows.append(row)
-        echo(line(row))
+    for protocol in protocols:
+        url = protocol_url(req.url, protocol)
+        mod, proto, input_name, want_dtype = _connect(url, req, name, spec)
+        for what, value in levels:
+            before = batcher_counts(metrics, name)
+            if what == "rate":
+                n = max(1, int(value * req.duration_s))
+                level = _run_level(mod, proto, req, req.open_loop_threads, inputs, input_name,
+                                   want_dtype, name, binary=protocol != "json",
+                                   schedule=arrival_times(value, n, req.arrivals))
+            else:
+                level = _run_level(mod, proto, req, int(value), inputs, input_name, want_dtype,
+                                   name, binary=protocol != "json")
+            row = _row(level, req, data.labels, local_top1, url)
+            row.update(protocol=protocol, rate=value if what == "rate" else None,
+                       mean_batch=mean_batch(before, batcher_counts(metrics, name)))
+            rows.append(row)
+            echo(line(row))
+    _add_inprocess(rows, req, backend, inputs)
     return {"tool": "stn-deploy loadtest", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                     time.gmtime()),
             "system": system_info(),
-            "settings": {"url": req.url, "protocol": proto, "model_name": name,
+            "settings": {"url": req.url, "protocols": list(protocols), "model_name": name,
+                         "rates": list(req.rates), "arrivals": req.arrivals,
+                         "metrics_url": metrics,
                          "batch": req.batch, "duration_s": req.duration_s,
                          "max_requests": req.max_requests, "timeout_s": req.timeout_s,
                          "concurrency": list(req.concurrency)},
@@ -189,14 +179,173 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
             "results": rows}
 
 
+def arrival_times(rate: float, n: int, arrivals: str, seed: int = 0) -> np.ndarray:
+    """Seconds from the start at which each of ``n`` requests is due: every 1/rate, or with
+    exponential gaps of mean 1/rate (Poisson arrivals, as independent users make)."""
+    if arrivals == "poisson":
+        return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n)) - 1.0 / rate
+    return np.arange(n) / rate
+
+
+def protocol_url(url: str, protocol: str) -> str:
+    """The URL a protocol talks to: the one given, or serve's other port (gRPC = HTTP + 1)."""
+    scheme, _, address = url.partition("://")
+    if not address:
+        scheme, address = "http", url
+    want = "grpc" if protocol == "grpc" else "http"
+    if scheme == want:
+        return f"{scheme}://{address}"
+    host, _, port = address.rstrip("/").rpartition(":")
+    shift = 1 if want == "grpc" else -1
+    return f"{want}://{host}:{int(port) + shift}"
+
+
+def metrics_url(url: str) -> str:
+    """serve's metrics endpoint for its HTTP (port + 2) or gRPC (port + 1) URL."""
+    http = protocol_url(url, "binary")
+    host, _, port = http.partition("://")[2].rstrip("/").rpartition(":")
+    return f"http://{host}:{int(port) + 2}/metrics"
+
+
+def batcher_counts(url: str, name: str) -> dict[str, float] | None:
+    """Triton's counters for ``name`` (requests, executions = batches run, inferences =
+    images); None when the endpoint does not answer (then no mean batch is reported)."""
+    import re
+    import urllib.request
+
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    counts = {}
+    for key in ("request_success", "exec_count", "count"):
+        m = re.search(rf'^nv_inference_{key}{{model="{re.escape(name)}",[^}}]*}} (\S+)', text,
+                      re.M)
+        if m:
+            counts[key] = float(m.group(1))
+    return counts or None
+
+
+def mean_batch(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
+    """Images per batch the dynamic batcher formed during a level (inferences over
+    executions; requests over executions where the image count is missing)."""
+    if not before or not after or "exec_count" not in after:
+        return None
+    runs = after["exec_count"] - before.get("exec_count", 0.0)
+    key = "count" if "count" in after else "request_success"
+    return (after[key] - before.get(key, 0.0)) / runs if runs > 0 else None
+
+
+def _add_inprocess(rows: list[dict[str, Any]], req: LoadRequest, backend: str,
+                   inputs: np.ndarray) -> None:
+    """The same runner in this process at each batch size Triton formed, and the served
+    throughput as a share of it (the client shares the CPU: run on a quiet machine)."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.serving.python_model import default_threads
+
+    sizes = sorted({max(1, round(r["mean_batch"])) for r in rows
+                    if r.get("mean_batch") and r.get("throughput_ips")})
+    if not sizes:
+        return
+    threads = req.threads or default_threads(1)
+    speed = {}
+    with create_runner(backend, req.model, threads=threads) as runner:
+        for b in sizes:
+            x = np.ascontiguousarray(inputs[np.arange(b) % len(inputs)])
+            runner.infer(x)  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.5:
+                runner.infer(x)
+                n += 1
+            speed[b] = n * b / (time.perf_counter() - t0)
+    for r in rows:
+        if r.get("mean_batch") and r.get("throughput_ips"):
+            b = max(1, round(r["mean_batch"]))
+            r.update(inprocess_ips=speed[b], inprocess_threads=threads,
+                     served_ratio=r["throughput_ips"] / speed[b])
+
+
+def _connect(url: str, req: LoadRequest, name: str, spec: Any) -> tuple[Any, str, str, str]:
+    """(client module, protocol, input name, Triton dtype) once the server is ready and
+    serves a model taking what ``req.model`` takes."""
+    mod, probe, proto = _client(url, 1, req.timeout_s)
+    # HTTP clients carry their timeouts; gRPC calls take one each, else they wait forever.
+    timeout = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
+    try:
+        if not probe.is_server_ready(**timeout):
+            raise StnDeployError(f"{url} is up but not ready")
+        meta = probe.get_model_metadata(name, **timeout)
+    except StnDeployError:
+        raise
+    except Exception as e:
+        raise StnDeployError(f"no Triton server answers at {url} for model {name}: "
+                             f"{error_line(e)}") from None
+    served = meta["inputs"][0] if isinstance(meta, dict) else {
+        "name": meta.inputs[0].name, "datatype": meta.inputs[0].datatype,
+        "shape": list(meta.inputs[0].shape)}
+    outputs = [o["name"] for o in meta["outputs"]] if isinstance(meta, dict) else [
+        o.name for o in meta.outputs]
+    if "logits" not in outputs:
+        raise StnDeployError(f"{name} at {url} has no logits output (it has: "
+                             f"{', '.join(outputs) or 'none'}); loadtest compares served "
+                             f"logits with {req.model.name}'s")
+    want_dtype = {"uint8": "UINT8", "float32": "FP32"}[spec.dtype]
+    if served["datatype"] != want_dtype or [int(d) for d in served["shape"][1:]] != \
+            list(spec.shape[1:]):
+        raise StnDeployError(f"{name} at {url} takes {served['datatype']} "
+                             f"{served['shape']}, {req.model.name} takes {want_dtype} "
+                             f"{list(spec.shape)}: not the same model")
+    return mod, proto, served["name"], want_dtype
+
+
+def _row(level: Level, req: LoadRequest, labels: np.ndarray, local_top1: np.ndarray,
+         url: str) -> dict[str, Any]:
+    """One level's results; a server gone is one line."""
+    from stn_deploy.harness import summarize
+
+    c = level.concurrency
+    n = len(level.latencies_ns)
+    # lost: sent but neither answered nor refused (timed out, or hung past the level)
+    row: dict[str, Any] = {"concurrency": c, "requests": level.sent, "answered": n,
+                           "errors": level.errors, "rejected": level.rejected,
+                           "lost": level.sent - n - level.errors - level.rejected}
+    if level.down:
+        raise StnDeployError(f"the server at {url} stopped answering at concurrency "
+                             f"{c} ({row['requests']} sent, {n} answered, {row['lost']} "
+                             f"unanswered): {level.first_error}")
+    if n:
+        stats = summarize(level.latencies_ns, req.batch, "end_to_end", 0)
+        idx = np.fromiter(level.answers, dtype=np.int64)
+        top1 = np.fromiter(level.answers.values(), dtype=np.int64)
+        row.update(
+            seconds=level.seconds, throughput_ips=n * req.batch / level.seconds,
+            p50_ms=stats.p50_ms, p90_ms=stats.p90_ms, p99_ms=stats.p99_ms,
+            accuracy_pct=float((top1 == labels[idx]).mean() * 100),
+            agreement_pct=float((top1 == local_top1[idx]).mean() * 100),
+            images_checked=int(len(idx)))
+    row["client_cpu_pct"] = level.cpu_pct
+    row["first_error"] = level.first_error
+    return row
+
+
 def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs: np.ndarray,
-               input_name: str, dtype: str, name: str) -> Level:
+               input_name: str, dtype: str, name: str, *, binary: bool = True,
+               schedule: np.ndarray | None = None) -> Level:
     """``concurrency`` threads, each sending one request at a time until the deadline or the
-    request budget; each thread has its own client (tritonclient clients are not shared)."""
+    request budget; each thread has its own client (tritonclient clients are not shared).
+
+    With ``schedule`` (open loop) request k leaves at start + schedule[k] and its latency
+    counts from then: a request that waited for a free thread waited in the server's queue
+    as far as its user is concerned."""
     level = Level(concurrency)
+    budget = req.max_requests if schedule is None else min(req.max_requests, len(schedule))
+    data_kw = {} if binary else {"binary_data": False}  # tritonclient's default is binary
     lock = threading.Lock()
     stop = threading.Event()
-    counter = iter(range(req.max_requests))
+    counter = iter(range(budget))
     n_images = len(inputs)
 
     def worker() -> None:
@@ -209,10 +358,16 @@ def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs:
                 return
             idx = [(k * req.batch + j) % n_images for j in range(req.batch)]
             x = mod.InferInput(input_name, [req.batch, *inputs.shape[1:]], dtype)
-            x.set_data_from_numpy(inputs[idx])
-            t0 = time.perf_counter_ns()
+            x.set_data_from_numpy(inputs[idx], **data_kw)
+            kwargs: dict[str, Any] = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
+            if data_kw and proto == "http":
+                kwargs["outputs"] = [mod.InferRequestedOutput("logits", **data_kw)]
+            if schedule is not None:
+                t0 = start_ns + int(schedule[k] * 1e9)
+                time.sleep(max(0.0, (t0 - time.perf_counter_ns()) / 1e9))
+            else:
+                t0 = time.perf_counter_ns()
             try:
-                kwargs = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
                 result = client.infer(name, [x], **kwargs)
                 dt = time.perf_counter_ns() - t0
                 top1 = np.asarray(result.as_numpy("logits")).argmax(axis=1)
@@ -240,7 +395,8 @@ def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs:
 
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    deadline = start + req.duration_s
+    start_ns = time.perf_counter_ns()
+    deadline = start + req.duration_s + (0.0 if schedule is None else 1e-3)
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
@@ -268,10 +424,15 @@ def line(row: dict[str, Any]) -> str:
             f"{row['answered']} answered, {row['errors']} errors, {row['rejected']} rejected, "
             f"{row['lost']} lost, "
             f"accuracy {row['accuracy_pct']:.2f}%, agreement {row['agreement_pct']:.2f}%, "
-            f"client CPU {row['client_cpu_pct']:.0f}%")
+            f"client CPU {row['client_cpu_pct']:.0f}%"
+            + (f", {row['protocol']}" if row.get("protocol") else "")
+            + (f", rate {row['rate']:.0f}/s" if row.get("rate") else "")
+            + (f", mean batch {row['mean_batch']:.1f}" if row.get("mean_batch") else ""))
 
 
-COLUMNS = (("concurrency", "Concurrency", "{}"), ("throughput_ips", "img/s", "{:.0f}"),
+COLUMNS = (("protocol", "Protocol", "{}"), ("concurrency", "Concurrency", "{}"),
+           ("rate", "Rate/s", "{:.0f}"), ("mean_batch", "Batch", "{:.1f}"),
+           ("served_ratio", "Served/in-process", "{:.2f}"), ("throughput_ips", "img/s", "{:.0f}"),
            ("p50_ms", "p50 ms", "{:.2f}"), ("p90_ms", "p90 ms", "{:.2f}"),
            ("p99_ms", "p99 ms", "{:.2f}"), ("answered", "Answered", "{}"),
            ("errors", "Errors", "{}"), ("rejected", "Rejected", "{}"), ("lost", "Lost", "{}"),
@@ -301,6 +462,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def notes(report: dict[str, Any]) -> list[str]:
+    from stn_deploy.harness import machine_text
+
     s, ref = report["settings"], report["reference"]
     return [f"{s['batch']} image(s) a request, each level up to {s['duration_s']} s and "
             f"{s['max_requests']} requests; img/s: answered images / level wall time.",
@@ -308,8 +471,7 @@ def notes(report: dict[str, Any]) -> list[str]:
             f"locally ({ref['n']} test images, accuracy {ref['accuracy_pct']:.2f}%).",
             "Client CPU %: the load generator's own CPU time over the level's wall time "
             "(100% = one core).",
-            f"Machine: {report['system'].get('cpu')} "
-            f"({report['system'].get('cpus_available')} CPUs)."]
+            f"Machine: {machine_text(report['system'])}."]
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -1,49 +1,91 @@
-"""A real Triton server here: PyTriton's tritonserver, any stn-deploy runner behind it.
+"""``stn-deploy serve``: tritonserver itself on a Python-backend repository, one hop.
 
-Triton's dynamic batcher forms the batches; the runner (onnxruntime, openvino, trt, torch)
-runs them in this process. Needs the ``[serve]`` extra (nvidia-pytriton, which pins
-numpy<2).
+The ``[serve]`` extra's nvidia-pytriton wheel ships a ``tritonserver`` binary with Triton's
+Python backend and its stubs. We write a ``python-<runtime>`` repository (see
+:mod:`stn_deploy.serving.triton_repo`) and start that binary on it: Triton's stub process
+runs our runner on each batch the dynamic batcher formed. PyTriton's own path (stub -> proxy
+-> our process) is not used: it added a second hop per batch and halved throughput; its one
+advantage, serving any runner object from Python, stn-deploy does not need (checkpoints are
+exported first; plans are served by Triton's containers with ``triton-repo --kind trt``).
+
+The server runs in its own process group (its stubs with it), which is what stop and a
+failure kill, and it dies with us (PR_SET_PDEATHSIG) if we are killed outright.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from stn_deploy.errors import StnDeployError
+from stn_deploy.serving.serve_repo import ServeOptions, prepare_repository
 
-from stn_deploy.errors import StnDeployError, error_line, require
+INSTALL = "pip install 'stn-deploy[serve]' (its nvidia-pytriton wheel ships tritonserver)"
+READY_TIMEOUT_S = 120.0  # model load in the stub: runtime import + session creation
+STOP_GRACE_S = 8.0  # SIGTERM, then SIGKILL to the group
+@dataclass(frozen=True)
+class ServerFiles:
+    """What the wheel ships that a plain tritonserver run needs."""
 
-INSTALL = "pip install 'stn-deploy[serve]' (nvidia-pytriton needs numpy<2)"
+    binary: Path
+    backend_files: tuple[Path, ...]  # libtriton_python.so, its utils, the stub for this Python
+    libs: Path  # the wheel's bundled shared libraries (libcudart and friends)
 
 
-@dataclass
-class ServeOptions:
-    model: Path
-    backend: str | None = None  # None: the model kind's first default backend
-    name: str | None = None  # None: the file's stem
-    host: str = "127.0.0.1"
-    port: int = 8000  # HTTP; gRPC on port + 1, metrics on port + 2 unless given
-    grpc_port: int | None = None
-    metrics_port: int | None = None
-    max_batch: int = 32
-    queue_delay_us: int = 500
-    max_queue: int = 0  # requests waiting before Triton rejects (0: unbounded)
-    threads: int | None = None  # per instance
-    instances: int = 1  # model instances, each with its own runner
+def server_files() -> ServerFiles:
+    """tritonserver, the Python backend and this Python's stub from the nvidia-pytriton wheel;
+    one line naming the extra if it is not installed."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise StnDeployError(f"tritonserver is not installed here: {INSTALL}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    files = ServerFiles(
+        binary=root / "bin" / "tritonserver",
+        backend_files=(root / "backends" / "python" / "libtriton_python.so",
+                       root / "backends" / "python" / "triton_python_backend_utils.py",
+                       root / "python_backend_stubs" / version / "triton_python_backend_stub"),
+        libs=root.parent.parent / "nvidia_pytriton.libs")
+    missing = [p for p in (files.binary, *files.backend_files) if not p.is_file()]
+    if missing:
+        raise StnDeployError(f"the nvidia-pytriton wheel lacks {missing[0]} (a stub for Python "
+                             f"{version}?): {INSTALL}")
+    return files
 
-    @property
-    def ports(self) -> dict[str, int]:
-        return {"HTTP": self.port, "gRPC": self.grpc_port or self.port + 1,
-                "metrics": self.metrics_port or self.port + 2}
+
+def backend_directory(files: ServerFiles, folder: Path) -> Path:
+    """``folder/python`` holding the Python backend and the stub, as --backend-directory
+    wants it (the wheel keeps the stubs elsewhere, one per Python version)."""
+    python = folder / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for f in files.backend_files:
+        (python / f.name).symlink_to(f)
+    return folder
+
+
+def server_env(files: ServerFiles, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The stub links libpython3.X: this interpreter's own first (a system Python of the same
+    minor version is another build, and the model then fails to load), then the wheel's
+    libraries."""
+    env = dict(os.environ if env is None else env)
+    libdir = str(Path(sys.base_prefix) / "lib")
+    paths = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        dict.fromkeys([libdir, str(files.libs), *paths]))
+    return env
 
 
 def check_ports(host: str, ports: dict[str, int]) -> None:
@@ -67,136 +109,138 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
                                      f"({e.strerror or e}); pass another --port") from None
 
 
-def libpython_fix(env: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
-    """Put this interpreter's own libpython first on LD_LIBRARY_PATH for the server process.
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux)."""
+    import ctypes
 
-    PyTriton's Python-backend stub links ``libpython3.X.so.1.0``; where the system has another
-    build of the same minor version (pyenv over Debian's), the stub picks up the system one and
-    the model fails to load (``'_thread.RLock' object has no attribute '_recursion_count'``).
-    Returns the folder added, or None when this interpreter has no shared libpython."""
-    libdir = Path(sys.base_prefix) / "lib"
-    lib = libdir / f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
-    if not lib.is_file():
-        return None
-    paths = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    if str(libdir) not in paths:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([str(libdir), *paths])
-    return str(libdir)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop_server and the signal handlers still stop the group
 
 
-def default_threads(instances: int) -> int:
-    """Runner threads per instance: half the CPUs over the instances, at least 1. Triton's
-    front end, the Python hop and the clients need the other half (on 2 cores one runner
-    thread served more than two in quick loadtest runs)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // 2 // instances)
+def start_server(files: ServerFiles, repo: Path, backends: Path, host: str,
+                 ports: dict[str, int], log: Path) -> subprocess.Popen[bytes]:
+    """tritonserver in its own process group (new session), its output in ``log``."""
+    command = [str(files.binary), "--model-repository", str(repo),
+               "--backend-directory", str(backends),
+               "--http-address", host, "--http-port", str(ports["HTTP"]),
+               "--grpc-address", host, "--grpc-port", str(ports["gRPC"]),
+               "--metrics-address", host, "--metrics-port", str(ports["metrics"]),
+               "--allow-metrics", "true", "--allow-gpu-metrics", "false",
+               "--exit-on-error", "true", "--exit-timeout-secs", "5",
+               "--strict-readiness", "true"]
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=server_env(files),
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
 
-def make_infer(runner: Any) -> Callable[..., dict[str, np.ndarray]]:
-    """The function Triton calls with each batch the dynamic batcher formed."""
-    from pytriton.decorators import batch
+def stop_server(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to the server's whole group (stubs included), SIGKILL what is left after
+    ``grace_s``; returns once the group is gone."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and group_alive(proc.pid):
+            proc.poll()  # reap the leader, else it lingers as a zombie in the group
+            time.sleep(0.05)
+        if not group_alive(proc.pid):
+            break
+    proc.poll()
 
-    input_name = runner.input_spec.name
 
-    @batch
-    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        out = runner.infer(np.ascontiguousarray(inputs[input_name]))
-        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
-    return infer
+
+def log_error(log: Path) -> str:
+    """The line of tritonserver's log that says why it stopped: the stub's own error for a
+    model that failed to load, else the first error line."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "no log"
+    errors = [line for line in text.splitlines() if re.match(r"E\d{4} ", line)]
+    load = [e for e in errors if "failed to load" in e]
+    line = (load or errors or [text.strip().splitlines()[-1] if text.strip() else "no output"])[0]
+    message = re.sub(r"^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ", "", line).strip().strip('"')
+    return message.replace("\\n", " ").strip()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path,
+               timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll ``/v2/health/ready`` until the server and every model are ready; one line with
+    tritonserver's own error if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StnDeployError(f"tritonserver exited: {log_error(log)} (log: {log})")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise StnDeployError(f"tritonserver was not ready after {timeout_s:.0f} s (log: {log})")
+
+
+def exit_line(code: int, log: Path) -> str:
+    """Why a running tritonserver stopped: a signal is named (its last log line is then only
+    start-up chatter), else the log's error line."""
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        return f"tritonserver was killed by {name} (log: {log})"
+    return f"tritonserver exited ({code}): {log_error(log)} (log: {log})"
 
 
 def serve(opts: ServeOptions, echo: Callable[[str], None] = print,
           stop: threading.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or ``stop`` is set), then shut tritonserver down."""
-    from stn_deploy.artifacts import model_kind
-    from stn_deploy.backends import DEFAULT_BACKENDS, create_runner
-    from stn_deploy.serving.triton_repo import default_prefix
+    """Serve until SIGINT/SIGTERM (or ``stop`` is set), then stop tritonserver's group."""
 
-    require("pytriton", INSTALL, "nvidia-pytriton")
-    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
-    from pytriton.model_config.common import TimeoutAction
-    from pytriton.triton import Triton, TritonConfig
-
+    files = server_files()
     if opts.host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"warning: --host {opts.host} exposes the server beyond this machine")
-    check_ports(opts.host, opts.ports)
-    backend = opts.backend or DEFAULT_BACKENDS[model_kind(opts.model)][0]
-    threads = opts.threads or default_threads(opts.instances)
-    name = opts.name or default_prefix(opts.model)
     stop = stop or threading.Event()
-    runners: list[Any] = []
-    previous: dict[int, Any] = {}
-    triton: Any = None
-    # From the first runner on, one finally: whatever fails, handlers go back, runners close.
-    try:
-        runners += [create_runner(backend, opts.model, threads=threads)
-                    for _ in range(opts.instances)]
-        runner = runners[0]
+    previous: dict[int, object] = {}
+    proc: subprocess.Popen[bytes] | None = None
+    with tempfile.TemporaryDirectory(prefix="stn-serve-") as tmp:
+        work = Path(tmp)
         try:
-            for r in runners:
-                r.activate()
-            spec = runner.input_spec
-            if spec.static_batch is not None:  # as triton_repo.check_options refuses it
-                raise StnDeployError(f"{opts.model.name} has a static batch ({spec.static_batch});"
-                                     " Triton's dynamic batcher needs one exported without "
-                                     "--static-batch")
-            probe = np.zeros((1, *spec.shape[1:]), dtype=spec.dtype)
-            outputs = runner.infer(probe)  # a bad model fails here, in one line, not in Triton
-        except StnDeployError:
-            raise
-        except Exception as e:  # runtimes raise their own types
-            raise StnDeployError(f"{opts.model} does not run on {backend}: {error_line(e)}") \
-                from None
-        added = libpython_fix()
-        ports = opts.ports
-        # tritonserver's log (a page at start, PyTriton's stub chatter at stop) goes to a file.
-        log = Path(tempfile.mkdtemp(prefix="stn-serve-")) / "tritonserver.log"
-        config = TritonConfig(http_address=opts.host, http_port=ports["HTTP"],
-                              grpc_address=opts.host, grpc_port=ports["gRPC"],
-                              metrics_address=opts.host, metrics_port=ports["metrics"],
-                              log_verbose=0, log_file=log, exit_on_error=True)
-        policy = (QueuePolicy(max_queue_size=opts.max_queue,
-                              timeout_action=TimeoutAction.REJECT)
-                  if opts.max_queue else None)
-        batcher = DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us,
-                                 default_queue_policy=policy)
-        if threading.current_thread() is threading.main_thread():
-            previous = {s: signal.signal(s, lambda *_: stop.set())
-                        for s in (signal.SIGINT, signal.SIGTERM)}
-        triton = Triton(config=config)
-        triton.bind(
-            model_name=name, infer_func=[make_infer(r) for r in runners],  # one per instance
-            inputs=[Tensor(name=spec.name, dtype=np.dtype(spec.dtype), shape=spec.shape[1:])],
-            outputs=[Tensor(name=k, dtype=np.float32, shape=tuple(v.shape[1:]))
-                     for k, v in outputs.items()],
-            config=ModelConfig(max_batch_size=opts.max_batch, batcher=batcher),
-            strict=True)
-        try:
-            triton.run()
-        except Exception as e:  # PyTriton raises its own types for a server that did not start
-            raise StnDeployError(f"tritonserver did not start: {error_line(e)} (log: {log})"
-                                 + ("" if added else "; if the log shows '_recursion_count', "
-                                    "put this Python's libpython folder on LD_LIBRARY_PATH"))\
-                from None
-        host = f"[{opts.host}]" if ":" in opts.host else opts.host  # an IPv6 address in a URL
-        url = f"http://{host}:{ports['HTTP']}"
-        echo(f"serving {name} ({backend} on {runner.device_name}, {spec.dtype} "
-             f"{spec.layout} input, max batch {opts.max_batch}, {opts.instances} "
-             f"instance{'s' if opts.instances > 1 else ''} of {threads} thread"
-             f"{'s' if threads > 1 else ''}) at {url}/v2/models/{name}")
-        echo(f"gRPC {host}:{ports['gRPC']}; ready {url}/v2/health/ready; live "
-             f"{url}/v2/health/live; metrics http://{host}:{ports['metrics']}/metrics; "
-             f"server log {log}; Ctrl-C or SIGTERM stops")
-        while not stop.wait(0.5):
-            if not triton.is_alive():
-                raise StnDeployError(f"tritonserver exited (log: {log})")
-        echo("stopping")
-    finally:
-        if triton is not None:
-            triton.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for r in runners:
-            if r.is_active:
-                r.deactivate()
+            repo, names = prepare_repository(opts, work / "repo", echo)
+            check_ports(opts.host, opts.ports)  # just before the start, the repository first
+            log = Path(tempfile.mkdtemp(prefix="stn-serve-log-")) / "tritonserver.log"
+            if threading.current_thread() is threading.main_thread():
+                previous = {s: signal.signal(s, lambda *_: stop.set())
+                            for s in (signal.SIGINT, signal.SIGTERM)}
+            proc = start_server(files, repo, backend_directory(files, work / "backends"),
+                                opts.host, opts.ports, log)
+            host = f"[{opts.host}]" if ":" in opts.host else opts.host
+            url = f"http://{host}:{opts.ports['HTTP']}"
+            wait_ready(proc, url, log)
+            for name in names:
+                echo(f"serving {name} at {url}/v2/models/{name}")
+            echo(f"gRPC {host}:{opts.ports['gRPC']}; ready {url}/v2/health/ready; metrics "
+                 f"http://{host}:{opts.ports['metrics']}/metrics; log {log}; tritonserver "
+                 f"pid {proc.pid}; Ctrl-C or SIGTERM stops")
+            while not stop.wait(0.25):
+                if proc.poll() is not None:
+                    raise StnDeployError(exit_line(proc.returncode, log))
+            echo("stopping")
+        finally:
+            if proc is not None:
+                stop_server(proc)
+            for s, handler in previous.items():
+                signal.signal(s, handler)  # type: ignore[arg-type]

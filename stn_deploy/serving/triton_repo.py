@@ -4,12 +4,19 @@ Per model: ``<name>/config.pbtxt``, ``<name>/1/<model file>``, ``<name>/labels.t
 names, one a line, so Triton's classification extension answers with names) and
 ``<name>/stn_deploy.json`` (model config, verification and STN health from the export, which
 Triton ignores and people and ``inspect`` read). The text of each config is written here by
-hand and parsed back with Triton's own schema by :mod:`stn_deploy.serving.validate`.
+hand and parsed back with Triton's own schema by :mod:`stn_deploy.serving.validate`; what a
+model file says about itself is read by :mod:`stn_deploy.serving.model_facts`, which both use.
 
 Kinds: ``onnxruntime`` (platform onnxruntime_onnx, CPU or GPU instances, optionally the
 TensorRT execution accelerator in FP16 on GPUs), ``openvino`` (backend openvino reading the
-ONNX file) and ``tensorrt`` (platform tensorrt_plan, with cc_model_filenames from the plan's
-sidecar, since a plan runs only on the compute capability it was built for).
+ONNX file) and ``trt`` (platform tensorrt_plan, with cc_model_filenames from the plan's
+sidecar, since a plan runs only on the compute capability it was built for): the native
+backends of Triton's containers. ``python-onnxruntime`` and ``python-openvino`` are the CPU
+flavour the ``tritonserver`` of the ``[serve]`` extra runs (it ships only the Python backend):
+Triton's Python backend runs ``1/model.py``, which runs stn-deploy's runner on ``1/model.onnx``
+inside Triton's stub process (:mod:`stn_deploy.serving.python_model`). One kind per runtime,
+rather than one ``python`` kind and a runtime option, so several can be written side by side
+and each model's name says what runs it.
 """
 
 from __future__ import annotations
@@ -21,116 +28,31 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from stn_deploy.artifacts import config_from_metadata, model_kind, read_sidecar, sidecar_path
-from stn_deploy.config import ModelConfig
+from stn_deploy.artifacts import sidecar_path
 from stn_deploy.errors import StnDeployError
+from stn_deploy.serving.model_facts import TRITON_DTYPES, ModelFacts, TensorFacts, model_facts
+from stn_deploy.serving.validate import schema_available, validate_repository
 
-KINDS = ("onnxruntime", "openvino", "tensorrt")
+PYTHON_KINDS = ("python-onnxruntime", "python-openvino")
+KINDS = ("onnxruntime", "openvino", "trt", *PYTHON_KINDS)
+KIND_ALIASES = {"tensorrt": "trt"}  # the old spelling, still read
 # What each kind serves, its config's platform/backend line, and its file in the version folder.
-KIND_FILE_KIND = {"onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "plan"}
+KIND_FILE_KIND = {"onnxruntime": "onnx", "openvino": "onnx", "trt": "plan",
+                  "python-onnxruntime": "onnx", "python-openvino": "onnx"}
 PLATFORM_LINE = {"onnxruntime": 'platform: "onnxruntime_onnx"',
                  "openvino": 'backend: "openvino"',
-                 "tensorrt": 'platform: "tensorrt_plan"'}
-MODEL_FILENAME = {"onnxruntime": "model.onnx", "openvino": "model.onnx", "tensorrt": "model.plan"}
+                 "trt": 'platform: "tensorrt_plan"',
+                 "python-onnxruntime": 'backend: "python"',
+                 "python-openvino": 'backend: "python"'}
+MODEL_FILENAME = {"onnxruntime": "model.onnx", "openvino": "model.onnx", "trt": "model.plan",
+                  "python-onnxruntime": "model.onnx", "python-openvino": "model.onnx"}
+PYTHON_MODEL_FILE = "model.py"  # what Triton's Python backend loads
 LABELS_FILE = "labels.txt"
 METADATA_FILE = "stn_deploy.json"
 VERSION = "1"
-# numpy dtype name -> Triton data_type
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8",
-                 "int8": "TYPE_INT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
-                 "bool": "TYPE_BOOL"}
-
-
-@dataclass(frozen=True)
-class TensorFacts:
-    """One model input or output as the model file declares it; dims include the batch
-    dimension, -1 where dynamic."""
-
-    name: str
-    dtype: str  # numpy dtype name
-    dims: tuple[int, ...]
-
-
-@dataclass
-class ModelFacts:
-    """What a model file says about itself: its tensors and stn-deploy's metadata."""
-
-    path: Path
-    kind: str  # "onnx" or "plan"
-    inputs: list[TensorFacts]
-    outputs: list[TensorFacts]
-    config: ModelConfig
-    meta: dict[str, Any] = field(default_factory=dict)  # travels beside the model
-    max_batch: int | None = None  # a plan's profile maximum; None: unbounded
-
-
-def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
-    """Tensors and metadata of an ONNX file (read with onnx, no runtime) or a TensorRT plan
-    (read from its sidecar: the plan itself needs a GPU to open)."""
-    path = Path(path)
-    kind = model_kind(path)
-    if not path.is_file():
-        raise StnDeployError(f"model file not found: {path}")
-    if kind == "onnx":
-        return _onnx_facts(path)
-    if kind == "plan":
-        return _plan_facts(path)
-    raise StnDeployError(f"{path} is a checkpoint; a repository serves an exported .onnx or "
-                         ".plan file")
-
-
-def _onnx_facts(path: Path) -> ModelFacts:
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    from stn_deploy.artifacts import load_onnx, metadata
-
-    proto = load_onnx(path)
-    meta = metadata(proto)
-    config = config_from_metadata(meta, path)
-    initializers = {t.name for t in proto.graph.initializer}
-
-    def facts(v: onnx.ValueInfoProto) -> TensorFacts:
-        t = v.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        return TensorFacts(v.name, str(tensor_dtype_to_np_dtype(t.elem_type)), dims)
-
-    travel = {k: _maybe_json(meta[k]) for k in ("precision", "opset", "exporter",
-                                                "source_sha256", "source_checkpoint",
-                                                "verification", "stn_health", "preprocess")
-              if k in meta}
-    return ModelFacts(path, "onnx",
-                      [facts(v) for v in proto.graph.input if v.name not in initializers],
-                      [facts(v) for v in proto.graph.output], config, travel)
-
-
-def _plan_facts(path: Path) -> ModelFacts:
-    side = read_sidecar(path)
-    config = ModelConfig.from_dict(side["config"]) if isinstance(side["config"], dict) \
-        else ModelConfig.from_json(side["config"])
-    c, h, w = config.input_shape
-    embedded = bool(side["embed_preprocess"])
-    x = TensorFacts(side["input_name"], "uint8" if embedded else "float32",
-                    (-1, h, w, c) if embedded else (-1, c, h, w))
-    out_dims = {"logits": (-1, config.num_classes), "theta": (-1, 2, 3)}
-    outputs = [TensorFacts(n, "float32", out_dims.get(n, (-1,))) for n in side["output_names"]]
-    profile = side["profile"]
-    travel = {k: side[k] for k in ("precision", "tensorrt_version", "gpu_name",
-                                   "compute_capability", "profile", "source_sha256",
-                                   "plan_verification", "onnx_path") if k in side}
-    return ModelFacts(path, "plan", [x], outputs, config, travel,
-                      max_batch=int(profile["max"]) if isinstance(profile, dict) else None)
-
-
-def _maybe_json(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except (json.JSONDecodeError, TypeError):
-        return value
 
 
 @dataclass
@@ -142,9 +64,20 @@ class RepoOptions:
     max_batch: int = 32
     preferred_batch: tuple[int, ...] = ()  # [default: powers of two from 4 to max_batch]
     queue_delay_us: int = 500
-    device: str = "cpu"  # "cpu" or "gpu" (tensorrt: always gpu)
+    device: str = "cpu"  # "cpu" or "gpu" (trt: always gpu; python kinds: always cpu)
     instances: int = 1
     trt_fp16: bool = False  # onnxruntime on GPUs: the TensorRT execution accelerator, FP16
+    threads: int | None = None  # python kinds: runner threads per instance [default: half
+    # the CPUs over the instances]
+    max_queue: int = 0  # requests queued before Triton rejects more (0: unbounded)
+    kind_suffix: bool = True  # names <prefix>-<kind>; False: <prefix> itself (one kind)
+    python_path: tuple[str, ...] | None = None  # python kinds: folders stn-deploy is
+    # imported from in the stub [default: this interpreter's]
+
+
+def kind_name(kind: str) -> str:
+    """A kind with its old spelling read (``tensorrt`` -> ``trt``)."""
+    return KIND_ALIASES.get(kind, kind)
 
 
 def preferred_sizes(opts: RepoOptions) -> tuple[int, ...]:
@@ -172,17 +105,26 @@ def check_options(facts: ModelFacts, opts: RepoOptions) -> None:
             raise StnDeployError(f"--kind {kind} serves .{KIND_FILE_KIND[kind]} files; "
                                  f"{facts.path.name} is a {facts.kind} file")
     if opts.device not in ("cpu", "gpu"):
-        raise StnDeployError(f"--device must be cpu or gpu, got {opts.device!r}")
-    if opts.max_batch < 1 or opts.instances < 1 or opts.queue_delay_us < 0:
-        raise StnDeployError("--max-batch and --instances must be positive and "
-                             "--queue-delay-us not negative")
+        raise StnDeployError(f"--instance-kind must be cpu or gpu, got {opts.device!r}")
+    python = [k for k in opts.kinds if k in PYTHON_KINDS]
+    if python and opts.device != "cpu":
+        raise StnDeployError(f"--kind {python[0]} runs on cpu instances only "
+                             "(--instance-kind cpu)")
+    if opts.threads is not None and (opts.threads < 1 or not python):
+        raise StnDeployError("--threads sets the runner threads of the python-* kinds only "
+                             "(Triton's native backends take theirs from config.pbtxt)")
+    if opts.max_batch < 1 or opts.instances < 1 or opts.queue_delay_us < 0 or \
+            opts.max_queue < 0:
+        raise StnDeployError("--max-batch-size and --instances must be positive and "
+                             "--queue-delay-us and --max-queue not negative")
     bad = [b for b in preferred_sizes(opts) if not 1 <= b <= opts.max_batch]
     if bad:
-        raise StnDeployError(f"--preferred-batch {bad[0]} is outside 1..--max-batch "
-                             f"{opts.max_batch}")
+        raise StnDeployError(f"--preferred-batch-size {bad[0]} is outside "
+                             f"1..--max-batch-size {opts.max_batch}")
     if facts.max_batch is not None and opts.max_batch > facts.max_batch:
-        raise StnDeployError(f"--max-batch {opts.max_batch} exceeds the plan's profile "
-                             f"maximum {facts.max_batch}; rebuild it with a larger --max-batch")
+        raise StnDeployError(f"--max-batch-size {opts.max_batch} exceeds the plan's profile "
+                             f"maximum {facts.max_batch}; rebuild it with a larger maximum "
+                             "(export --trt-profile MIN,OPT,MAX)")
     static = [t for t in facts.inputs if t.dims and t.dims[0] > 0]
     if static:
         raise StnDeployError(f"{facts.path.name} has a static batch ({static[0].dims[0]}); "
@@ -190,13 +132,13 @@ def check_options(facts: ModelFacts, opts: RepoOptions) -> None:
                              "--static-batch")
     if opts.trt_fp16 and (opts.device != "gpu" or "onnxruntime" not in opts.kinds):
         raise StnDeployError("--trt-fp16 is the TensorRT accelerator of onnxruntime on GPUs: "
-                             "it needs --kind onnxruntime --device gpu")
+                             "it needs --kind onnxruntime --instance-kind gpu")
 
 
 def config_text(facts: ModelFacts, kind: str, name: str, opts: RepoOptions) -> str:
     """config.pbtxt for one model: dims without the batch dimension, which max_batch_size
     stands for."""
-    gpu = kind == "tensorrt" or opts.device == "gpu"
+    gpu = kind == "trt" or (opts.device == "gpu" and kind not in PYTHON_KINDS)
 
     def tensors(items: list[TensorFacts], labels: bool) -> str:
         rows = []
@@ -209,6 +151,8 @@ def config_text(facts: ModelFacts, kind: str, name: str, opts: RepoOptions) -> s
         return ",\n".join(rows)
 
     sizes = ", ".join(str(b) for b in preferred_sizes(opts))
+    queue = (f"  default_queue_policy {{\n    max_queue_size: {opts.max_queue}\n  }}\n"
+             if opts.max_queue else "")
     lines = [
         f'name: "{name}"',
         PLATFORM_LINE[kind],
@@ -216,13 +160,15 @@ def config_text(facts: ModelFacts, kind: str, name: str, opts: RepoOptions) -> s
         f"input [\n{tensors(facts.inputs, False)}\n]",
         f"output [\n{tensors(facts.outputs, True)}\n]",
         f"dynamic_batching {{\n  preferred_batch_size: [ {sizes} ]\n"
-        f"  max_queue_delay_microseconds: {opts.queue_delay_us}\n}}",
+        f"  max_queue_delay_microseconds: {opts.queue_delay_us}\n{queue}}}",
         f"instance_group [\n  {{\n    count: {opts.instances}\n"
         f"    kind: {'KIND_GPU' if gpu else 'KIND_CPU'}\n  }}\n]",
     ]
     if kind == "openvino":
         lines.append(f'default_model_filename: "{MODEL_FILENAME[kind]}"')
-    if kind == "tensorrt":
+    if kind in PYTHON_KINDS:
+        lines.append(python_parameters(kind, opts))
+    if kind == "trt":
         cc = str(facts.meta.get("compute_capability", ""))
         lines.append(f'cc_model_filenames {{\n  key: "{cc}"\n'
                      f'  value: "{MODEL_FILENAME[kind]}"\n}}')
@@ -234,6 +180,21 @@ def config_text(facts: ModelFacts, kind: str, name: str, opts: RepoOptions) -> s
             '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n'
             "      }\n    ]\n  }\n}")
     return "\n".join(lines) + "\n"
+
+
+def python_parameters(kind: str, opts: RepoOptions) -> str:
+    """The parameters model.py reads: which runner, on which file, with how many threads, and
+    where stn-deploy is imported from."""
+    from stn_deploy.serving.python_model import (PARAM_MODEL_FILE, PARAM_PYTHON_PATH,
+                                                 PARAM_RUNNER, PARAM_THREADS, python_path)
+
+    paths = opts.python_path if opts.python_path is not None else tuple(python_path())
+    values = {PARAM_RUNNER: kind.removeprefix("python-"), PARAM_MODEL_FILE: MODEL_FILENAME[kind],
+              PARAM_PYTHON_PATH: os.pathsep.join(paths)}
+    if opts.threads is not None:
+        values[PARAM_THREADS] = str(opts.threads)
+    return "\n".join(f'parameters {{\n  key: "{k}"\n  value {{ string_value: {json.dumps(v)} }}\n}}'
+                     for k, v in values.items())
 
 
 def write_repository(model: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -248,16 +209,19 @@ def write_repository(model: str | os.PathLike[str], out: str | os.PathLike[str],
     if "verification" not in facts.meta and "plan_verification" not in facts.meta:
         raise StnDeployError(f"{facts.path} carries no verification record; write it with "
                              "stn-deploy export, which verifies before writing")
-    opts = dataclasses.replace(opts, kinds=tuple(dict.fromkeys(opts.kinds)))
+    opts = dataclasses.replace(opts, kinds=tuple(dict.fromkeys(kind_name(k)
+                                                               for k in opts.kinds)))
     check_options(facts, opts)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise StnDeployError(f"--out {out} is a file; give a folder")
+        raise StnDeployError(f"--out-dir {out} is a file; give a folder")
     prefix = opts.name or default_prefix(facts.path)
-    names = [model_name(prefix, kind) for kind in opts.kinds]
+    if not opts.kind_suffix and len(opts.kinds) != 1:
+        raise StnDeployError("a model name without its kind serves one kind only")
+    names = [model_name(prefix, kind) if opts.kind_suffix else prefix for kind in opts.kinds]
     taken = [n for n in names if (out / n).exists()]
     if taken:
-        raise StnDeployError(f"{out / taken[0]} exists; remove it or pass another --name")
+        raise StnDeployError(f"{out / taken[0]} exists; remove it or pass another --model-name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -291,9 +255,13 @@ def _write_model(facts: ModelFacts, kind: str, name: str, opts: RepoOptions,
                  folder: Path) -> None:
     (folder / VERSION).mkdir(parents=True)
     shutil.copyfile(facts.path, folder / VERSION / MODEL_FILENAME[kind])
-    if kind == "tensorrt":
+    if kind == "trt":
         shutil.copyfile(sidecar_path(facts.path),
                         sidecar_path(folder / VERSION / MODEL_FILENAME[kind]))
+    if kind in PYTHON_KINDS:
+        from stn_deploy.serving.python_model import MODEL_PY
+
+        (folder / VERSION / PYTHON_MODEL_FILE).write_text(MODEL_PY, encoding="utf-8")
     (folder / "config.pbtxt").write_text(config_text(facts, kind, name, opts),
                                          encoding="utf-8")
     (folder / LABELS_FILE).write_text("\n".join(facts.config.class_names) + "\n",
@@ -306,8 +274,6 @@ def _write_model(facts: ModelFacts, kind: str, name: str, opts: RepoOptions,
 
 def _validate_written(repo: Path) -> None:
     """Parse back what was written with Triton's schema where tritonclient is installed."""
-    from stn_deploy.serving.validate import schema_available, validate_repository
-
     if not schema_available():
         return
     problems = validate_repository(repo)
@@ -316,5 +282,4 @@ def _validate_written(repo: Path) -> None:
                              + "\n".join(problems))
 
 
-__all__ = ["KINDS", "ModelFacts", "RepoOptions", "TensorFacts", "config_text", "model_facts",
-           "write_repository"]
+__all__ = ["KINDS", "PYTHON_KINDS", "RepoOptions", "kind_name", "config_text", "write_repository"]

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from stn_deploy.artifacts import PLAN_SUFFIXES
 from stn_deploy.errors import MissingDependencyError, StnDeployError
+from stn_deploy.serving.model_facts import TRITON_DTYPES, ModelFacts, TensorFacts, model_facts
 
 INSTALL = "pip install 'stn-deploy[serve]' (or: pip install tritonclient)"
 # platform or backend -> (model kind, the file Triton loads when default_model_filename is unset)
@@ -25,12 +28,15 @@ PLATFORMS: dict[str, tuple[str, str]] = {
     "openvino": ("onnx", "model.xml"),
     "tensorrt_plan": ("plan", "model.plan"),
     "tensorrt": ("plan", "model.plan"),
+    # stn-deploy's Python-backend model: model.py runs the ONNX file its parameters name
+    "python": ("onnx", "model.py"),
 }
 # The model files each platform or backend loads (OpenVINO: ONNX or its own IR, .xml + .bin).
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "onnxruntime_onnx": (".onnx",), "onnxruntime": (".onnx",), "openvino": (".onnx", ".xml"),
-    "tensorrt_plan": PLAN_SUFFIXES, "tensorrt": PLAN_SUFFIXES}
+    "tensorrt_plan": PLAN_SUFFIXES, "tensorrt": PLAN_SUFFIXES, "python": (".onnx",)}
+# How a check reports a problem: bad(field, message), one line naming the config field.
+Report = Callable[[str, str], None]
 
 
 def schema_module() -> ModuleType:
@@ -91,8 +97,6 @@ def validate_repository(repo: str | os.PathLike[str]) -> list[str]:
 
 def validate_model(folder: Path) -> list[str]:
     """The problems of one model folder (its config.pbtxt against its files)."""
-    from stn_deploy.serving.triton_repo import TRITON_DTYPES, model_facts
-
     where = f"{folder.name}/config.pbtxt"
     cfg_path = folder / "config.pbtxt"
     if not cfg_path.is_file():
@@ -113,27 +117,55 @@ def validate_model(folder: Path) -> list[str]:
         bad("platform" if cfg.platform else "backend",
             f'"{key}" is none of {", ".join(sorted(PLATFORMS))}')
         return problems
-    kind, default_file = PLATFORMS[key]
     versions = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
         problems.append(f"{folder.name}: no version folder (1/)")
         return problems
+    found = _model_file(cfg, key, versions, bad)
+    if found is None:
+        return problems
+    filename, facts = found
+    _check_max_batch_size(cfg, facts, bad)
+    _check_tensors(cfg, "input", cfg.input, facts.inputs, filename, folder, bad,
+                   must_cover=True)
+    _check_tensors(cfg, "output", cfg.output, facts.outputs, filename, folder, bad,
+                   must_cover=False)
+    if not cfg.output:
+        bad("output", "none declared")
+    _check_batching_and_instances(cfg, facts, PLATFORMS[key][0], filename, bad)
+    return problems
+
+
+def _model_file(cfg: Any, key: str, versions: list[Path],
+                bad: Report) -> tuple[str, ModelFacts] | None:
+    """The file the config serves and what it holds, read from the first version that has it;
+    None when it cannot be read, so the tensor checks never run against a guess. Every
+    version must hold every file the config names."""
+    kind, default_file = PLATFORMS[key]
     filename = cfg.default_model_filename or default_file
     field = ("default_model_filename" if cfg.default_model_filename
              else "platform" if cfg.platform else "backend")
     files = [filename, *cfg.cc_model_filenames.values()]
+    if key == "python":  # model.py loads; the file it runs is cross-checked below
+        runs = cfg.parameters["model_file"].string_value if "model_file" in cfg.parameters \
+            else ""
+        if not runs:
+            bad("parameters", 'no "model_file" (the ONNX file model.py runs)')
+            return None
+        files, filename, field = [filename, runs], runs, 'parameters "model_file"'
     facts = None
     for version in versions:
         for name in files:
             if not (version / name).is_file():
-                bad("cc_model_filenames" if name != filename else field,
+                bad("cc_model_filenames" if name in cfg.cc_model_filenames.values()
+                    and name != filename else field,
                     f"{version.name}/{name} is missing")
         model_path = version / filename
         if model_path.is_file() and facts is None:
             suffix = Path(filename).suffix.lower()
             if suffix not in SUFFIXES[key]:
                 bad(field, f"{filename} is not a {kind} file, which {key} loads")
-                return problems
+                return None
             if suffix == ".xml":  # OpenVINO IR (its default file): nothing here reads it, so
                 # its tensors are not cross-checked; its weights must lie beside it
                 weights = model_path.with_suffix(".bin")
@@ -145,55 +177,64 @@ def validate_model(folder: Path) -> list[str]:
                 facts = model_facts(model_path)
             except StnDeployError as e:
                 bad(field, str(e))
-    if facts is None:
-        return problems
+    return None if facts is None else (filename, facts)
 
+
+def _check_max_batch_size(cfg: Any, facts: ModelFacts, bad: Report) -> None:
+    """max_batch_size > 0 makes Triton add the batch dimension, so the model's own must be
+    dynamic and (for a plan) within its profile."""
+    if cfg.max_batch_size <= 0:
+        return
+    static = [t.name for t in facts.inputs if t.dims and t.dims[0] > 0]
+    if static:
+        bad("max_batch_size", f"{cfg.max_batch_size} but input \"{static[0]}\" has a static "
+            "batch dimension; use 0 and give the batch in dims")
+    if facts.max_batch is not None and cfg.max_batch_size > facts.max_batch:
+        bad("max_batch_size", f"{cfg.max_batch_size} exceeds the plan's profile maximum "
+            f"{facts.max_batch}")
+
+
+def _check_tensors(cfg: Any, section: str, declared: Any, actual: list[TensorFacts],
+                   filename: str, folder: Path, bad: Report, *, must_cover: bool) -> None:
+    """The declared inputs or outputs against the model's: names, dtypes, dims (without the
+    batch dimension when Triton batches), label files. Every input must be declared; an
+    output may be left out."""
     batched = cfg.max_batch_size > 0
-    if batched:
-        static = [t.name for t in facts.inputs if t.dims and t.dims[0] > 0]
-        if static:
-            bad("max_batch_size", f"{cfg.max_batch_size} but input \"{static[0]}\" has a static "
-                "batch dimension; use 0 and give the batch in dims")
-        if facts.max_batch is not None and cfg.max_batch_size > facts.max_batch:
-            bad("max_batch_size", f"{cfg.max_batch_size} exceeds the plan's profile maximum "
-                f"{facts.max_batch}")
     dtype_names = {v: k for k, v in TRITON_DTYPES.items()}
     enum = type(cfg).DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name[
         "data_type"].enum_type
+    have = {t.name: t for t in actual}
+    seen = set()
+    for t in declared:
+        seen.add(t.name)
+        label = f'{section} "{t.name}"'
+        if t.name not in have:
+            bad(section, f'"{t.name}" is not {"an input" if section == "input" else "an output"}'
+                f" of {filename} (it has: {', '.join(have)})")
+            continue
+        real = have[t.name]
+        dtype = enum.values_by_number[t.data_type].name
+        if dtype_names.get(dtype) != real.dtype:
+            bad(f"{label} data_type", f"{dtype}, the model's is "
+                f"{TRITON_DTYPES.get(real.dtype, real.dtype)}")
+        want = list(real.dims[1:] if batched else real.dims)
+        got = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+        if got != want:
+            bad(f"{label} dims", f"{list(t.dims)}, the model's are {want}"
+                + (" (batch dimension excluded: max_batch_size > 0)" if batched else ""))
+        if section == "output" and t.label_filename:
+            _check_labels(folder / t.label_filename, want, f"{label} label_filename", bad)
+    missing = [n for n in have if n not in seen]
+    if must_cover and missing:
+        bad(section, f'"{missing[0]}" of {filename} is not declared')
 
-    def check(section: str, declared: Any, actual: list[Any], must_cover: bool) -> None:
-        have = {t.name: t for t in actual}
-        seen = set()
-        for t in declared:
-            seen.add(t.name)
-            label = f'{section} "{t.name}"'
-            if t.name not in have:
-                bad(section, f'"{t.name}" is not {"an input" if section == "input" else "an output"}'
-                    f" of {filename} (it has: {', '.join(have)})")
-                continue
-            real = have[t.name]
-            dtype = enum.values_by_number[t.data_type].name
-            if dtype_names.get(dtype) != real.dtype:
-                bad(f"{label} data_type", f"{dtype}, the model's is "
-                    f"{TRITON_DTYPES.get(real.dtype, real.dtype)}")
-            want = list(real.dims[1:] if batched else real.dims)
-            got = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
-            if got != want:
-                bad(f"{label} dims", f"{list(t.dims)}, the model's are {want}"
-                    + (" (batch dimension excluded: max_batch_size > 0)" if batched else ""))
-            if section == "output" and t.label_filename:
-                _check_labels(folder / t.label_filename, want, f"{label} label_filename", bad)
-        missing = [n for n in have if n not in seen]
-        if must_cover and missing:
-            bad(section, f'"{missing[0]}" of {filename} is not declared')
 
-    check("input", cfg.input, facts.inputs, must_cover=True)
-    check("output", cfg.output, facts.outputs, must_cover=False)
-    if not cfg.output:
-        bad("output", "none declared")
-
+def _check_batching_and_instances(cfg: Any, facts: ModelFacts, kind: str, filename: str,
+                                  bad: Report) -> None:
+    """Dynamic batching, instance kinds and per-GPU plans: settings Triton accepts at load
+    and only fails on (or silently ignores) when it serves."""
     if cfg.HasField("dynamic_batching"):
-        if not batched:
+        if cfg.max_batch_size <= 0:
             bad("dynamic_batching", "needs max_batch_size > 0")
         over = [b for b in cfg.dynamic_batching.preferred_batch_size
                 if b < 1 or b > cfg.max_batch_size]
@@ -215,10 +256,9 @@ def validate_model(folder: Path) -> list[str]:
             if name == filename and cc and capability != cc:
                 bad("cc_model_filenames", f'"{capability}" maps {name}, which was built for '
                     f"compute capability {cc}")
-    return problems
 
 
-def _check_labels(path: Path, dims: list[int], field: str, bad: Any) -> None:
+def _check_labels(path: Path, dims: list[int], field: str, bad: Report) -> None:
     if not path.is_file():
         bad(field, f"{path.name} is missing")
         return

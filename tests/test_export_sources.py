@@ -1,4 +1,6 @@
-"""Your own STN: the Python API, export of models we did not design, and their bad inputs."""
+"""The export pipeline's two sources on models we did not design: the Python API, user
+modules (their affine grids, thetas and grids), the command line's --factory, and bad input.
+Every option against both sources is tests/test_export_options.py."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 
 import stn_deploy
 from stn_deploy import examples
-from stn_deploy.artifacts import onnx_opset, read_metadata
+from stn_deploy.artifacts import config_from_onnx, onnx_opset, read_metadata
 from stn_deploy.cli import cli
 from stn_deploy.data import DataBundle, load_dataset, normalize
 
@@ -52,11 +54,13 @@ def tutorial(digits28: DataBundle) -> nn.Module:
     return train_briefly(examples.tutorial_mnist_stn(return_theta=True), digits28)
 
 
-def _export(model: nn.Module, out: Path, bundle: DataBundle, **kw: object):  # type: ignore[no-untyped-def]
-    return stn_deploy.export_model(model, out, input_shape=(1, 28, 28), images=bundle.test.images,
-                             labels=bundle.test.labels, calib_images=bundle.train.images[:300],
-                             mean=bundle.config.mean, std=bundle.config.std, dataset="digits",
-                             **kw)
+def _export(model: nn.Module, out: Path, bundle: DataBundle, precision: str = "fp32",
+            **kw: object):  # type: ignore[no-untyped-def]
+    calib = {"calib_images": bundle.train.images[:300]} if precision == "int8" else {}
+    return stn_deploy.export_model(model, out, input_shape=(1, 28, 28), precision=precision,
+                                   images=bundle.test.images, labels=bundle.test.labels,
+                                   mean=bundle.config.mean, std=bundle.config.std,
+                                   dataset="digits", **calib, **kw)
 
 
 # ------------------------------------------------------------------------------- the API
@@ -85,16 +89,72 @@ def test_api_docstring_examples_run() -> None:
 @pytest.mark.parametrize("size", [(2, 1, 28, 28), (3, 2, 20, 20), (1, 3, 5, 7)])
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_exact_affine_grid_is_bit_identical(size: tuple[int, ...], align_corners: bool) -> None:
-    from stn_deploy.custom import exact_affine_grid
+    from stn_deploy.export.user_module import exact_affine_grid
 
+    original = torch.nn.functional.affine_grid
     theta = torch.randn(size[0], 2, 3, generator=torch.Generator().manual_seed(1))
     want = F.affine_grid(theta, list(size), align_corners=align_corners)
-    with exact_affine_grid() as sizes:
+    with exact_affine_grid() as calls:
+        assert torch.nn.functional.affine_grid is not original  # really patched
         got = F.affine_grid(theta, list(size), align_corners=align_corners)
-    assert sizes == [(size[2], size[3])]
+    assert calls.sizes == [(size[2], size[3])] and calls.thetas[0] is theta
     assert torch.equal(got, want)
-    assert F.affine_grid is not None and F.affine_grid(theta, list(size),  # restored
-                                                       align_corners=align_corners).equal(want)
+    assert torch.nn.functional.affine_grid is original  # restored, the very function
+
+
+def test_patches_are_restored_when_the_model_raises() -> None:
+    from stn_deploy.export.user_module import exact_affine_grid, recorded_grids
+
+    affine, sample = torch.nn.functional.affine_grid, torch.nn.functional.grid_sample
+    with pytest.raises(ValueError), exact_affine_grid(), recorded_grids():
+        raise ValueError("the user's forward failed")
+    assert torch.nn.functional.affine_grid is affine
+    assert torch.nn.functional.grid_sample is sample
+
+
+# ------------------------------------------------------------------------- --with-theta
+
+def test_with_theta_exports_the_theta_of_the_affine_grid_call(digits28: DataBundle,
+                                                              tmp_path: Path) -> None:
+    """The theta output is the theta the model computed (here also its own second output),
+    not a copy of anything else."""
+    torch.manual_seed(0)
+    model = examples.tutorial_mnist_stn(return_theta=True).eval()
+    with torch.no_grad():  # a theta that varies with the image
+        model.fc_loc[2].weight.normal_(0, 0.05)
+    out = tmp_path / "t.onnx"
+    result = stn_deploy.export_model(model, out, input_shape=(1, 28, 28), opset=16,
+                                     with_theta=True, images=digits28.test.images[:64])
+    assert read_metadata(out)["outputs"] == "logits,theta"
+    checks = {name: ok for name, _, ok in result.report.checks}
+    assert checks["theta"] and checks["grid0"]
+    x = normalize(digits28.test.images[:8], config_from_onnx(out))
+    with stn_deploy.open_runner(out) as runner:
+        got = runner.infer(x.numpy())
+    with torch.no_grad():
+        own_theta = model(x)[1].numpy()
+    assert got["theta"].shape == (8, 2, 3) and own_theta.std(0).max() > 1e-3
+    np.testing.assert_allclose(got["theta"], own_theta, atol=1e-5)
+
+
+def test_with_theta_of_two_affine_grids(tmp_path: Path) -> None:
+    """Two F.affine_grid calls (28x28, then a 20x20 zoom): theta0 and theta1, each held to
+    PyTorch's in pixels of its own grid."""
+    torch.manual_seed(0)
+    model = examples.two_stn().eval()
+    with torch.no_grad():
+        for stn in (model.first, model.second):
+            stn.head[2].weight.normal_(0, 0.05)
+    out = tmp_path / "two.onnx"
+    result = stn_deploy.export_model(model, out, input_shape=(1, 28, 28), opset=17,
+                                     with_theta=True)
+    assert read_metadata(out)["outputs"] == "logits,theta0,theta1"
+    checks = {name: (text, ok) for name, text, ok in result.report.checks}
+    assert {"theta0", "theta1", "grid0", "grid1"} <= set(checks)
+    assert all(ok for _, ok in checks.values()) and "px" in checks["theta1"][0]
+    meta = read_metadata(out)
+    assert meta["affine_grid"] == ("F.affine_grid written as a constant grid and MatMul at "
+                                   "20x20, 28x28")
 
 
 # ------------------------------------------------------------- the tutorial's STN, trained
@@ -151,7 +211,7 @@ def _imagefolder(root: Path, bundle: DataBundle, per_class: int = 4) -> Path:
     return root
 
 
-def test_cli_model_with_weights_and_data_dir(tutorial: nn.Module, digits28: DataBundle,
+def test_cli_factory_with_weights_and_data_dir(tutorial: nn.Module, digits28: DataBundle,
                                              tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
     torch.save(tutorial.state_dict(), weights)
@@ -159,7 +219,7 @@ def test_cli_model_with_weights_and_data_dir(tutorial: nn.Module, digits28: Data
     out = tmp_path / "mine.onnx"
     mean, std = digits28.config.mean[0], digits28.config.std[0]
     res = CliRunner().invoke(cli, [
-        "export", "--model", "stn_deploy.examples:tutorial_mnist_stn", "--weights", str(weights),
+        "export", "--factory", "stn_deploy.examples:tutorial_mnist_stn", "--weights", str(weights),
         "--input-shape", "1x28x28", "--data-dir", str(data), "--mean", str(mean),
         "--std", str(std), "--class-names", ",".join("zero one two three four five six seven "
                                                      "eight nine".split()),
@@ -173,9 +233,9 @@ def test_cli_model_with_weights_and_data_dir(tutorial: nn.Module, digits28: Data
         assert runner.input_spec.shape[1:] == (1, 28, 28)
 
 
-def test_cli_model_without_grid_sample_and_random_inputs(tmp_path: Path) -> None:
+def test_cli_factory_without_grid_sample_and_random_inputs(tmp_path: Path) -> None:
     out = tmp_path / "plain.onnx"
-    res = CliRunner().invoke(cli, ["export", "--model", "stn_deploy.examples:plain_cnn",
+    res = CliRunner().invoke(cli, ["export", "--factory", "stn_deploy.examples:plain_cnn",
                                    "--input-shape", "1x28x28", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "STN checks (grid parity, FP32 sampling path) do not apply" in res.output
@@ -203,17 +263,17 @@ def unsupported():
 
 
 @pytest.mark.parametrize("args, cause", [
-    (["--model", "no_such_pkg.models:net"], "cannot import no_such_pkg.models"),
-    (["--model", "bad_factories:raises"], "the factory raised ValueError: no such variant"),
-    (["--model", "bad_factories:not_a_module"], "returned a int, not a torch.nn.Module"),
-    (["--model", "stn_deploy.examples:two_stn", "--weights", "{tutorial_weights}"],
+    (["--factory", "no_such_pkg.models:net"], "cannot import no_such_pkg.models"),
+    (["--factory", "bad_factories:raises"], "the factory raised ValueError: no such variant"),
+    (["--factory", "bad_factories:not_a_module"], "returned a int, not a torch.nn.Module"),
+    (["--factory", "stn_deploy.examples:two_stn", "--weights", "{tutorial_weights}"],
      "do not fit the model"),
-    (["--model", "stn_deploy.examples:tutorial_mnist_stn", "--input-shape", "1x32x32"],
+    (["--factory", "stn_deploy.examples:tutorial_mnist_stn", "--input-shape", "1x32x32"],
      "the model rejects input shape 1x32x32"),
-    (["--model", "bad_factories:unsupported"], "'aten::fft_fft2' to ONNX opset version 17 is "
+    (["--factory", "bad_factories:unsupported"], "'aten::fft_fft2' to ONNX opset version 17 is "
                                                "not supported"),
 ])
-def test_cli_bad_model_input_one_line_no_file(args: list[str], cause: str, tmp_path: Path,
+def test_cli_bad_factory_input_one_line_no_file(args: list[str], cause: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "bad_factories.py").write_text(BAD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
