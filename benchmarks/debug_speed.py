@@ -30,19 +30,21 @@ PRECISIONS = ("fp32", "fp16", "int8")
 STAGES = ("localization", "theta", "grid", "sampler", "classifier")
 
 
-def export_variants(checkpoint: Path, opset: int, folder: Path) -> dict[str, Path]:
+def export_variants(checkpoint: Path, opset: int, folder: Path,
+                    data_dir: Path | None) -> dict[str, Path]:
     out = {}
     for precision in PRECISIONS:
         req = ExportRequest(checkpoint=checkpoint, precision=precision, opset=opset,
-                            with_theta=True, out=folder / f"{precision}.onnx")
+                            with_theta=True, out=folder / f"{precision}.onnx", data_dir=data_dir)
         out[precision] = run_export(req, echo=lambda _line: None).path
         print(f"exported {precision}: {out[precision]}", flush=True)
     return out
 
 
-def time_compare(variant: Path, checkpoint: Path, samples: int) -> dict[str, Any]:
+def time_compare(variant: Path, checkpoint: Path, samples: int,
+                 data_dir: Path | None) -> dict[str, Any]:
     start = time.perf_counter()
-    report = compare(variant, checkpoint, samples=samples)
+    report = compare(variant, checkpoint, samples=samples, data_dir=data_dir)
     seconds = time.perf_counter() - start
     first = report.first
     return {"seconds": seconds, "samples": report.samples, "nodes": len(report.rows),
@@ -100,6 +102,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="the checkpoint's dataset folder (CIFAR-10 JPEG copy: imagefolder)")
     ap.add_argument("--name", default="debug_speed",
                     help="results file name (one per model, e.g. debug_speed_cifar10)")
     args = ap.parse_args()
@@ -108,11 +112,13 @@ def main() -> None:
                          "--checkpoint")
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     doc: dict[str, Any] = {"checkpoint": str(args.checkpoint), "opset": args.opset,
+                           "data_dir": None if args.data_dir is None else str(args.data_dir),
                            "samples": args.samples, "compare": {}, "profile": []}
     with tempfile.TemporaryDirectory(prefix="debug-speed-") as tmp:
-        variants = export_variants(args.checkpoint, args.opset, Path(tmp))
+        variants = export_variants(args.checkpoint, args.opset, Path(tmp), args.data_dir)
         for precision, path in variants.items():
-            doc["compare"][precision] = time_compare(path, args.checkpoint, args.samples)
+            doc["compare"][precision] = time_compare(path, args.checkpoint, args.samples,
+                                                     args.data_dir)
             print(f"compare {precision}: {doc['compare'][precision]['seconds']:.1f} s",
                   flush=True)
         for precision, path in variants.items():
