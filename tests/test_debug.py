@@ -430,3 +430,13 @@ def test_a_plan_compares_through_a_tensorrt_debug_engine(digits_export: Path,
 def test_help(args: list[str]) -> None:
     result = run(*args, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_the_package_root_offers_the_debug_api() -> None:
+    """`stn_deploy.compare` & co. are the functions the commands run, loaded on first use."""
+    import stn_deploy
+    import stn_deploy.debug as debug_api
+
+    for name in ("compare", "find_keep_float", "profile"):
+        assert getattr(stn_deploy, name) is getattr(debug_api, name)
+        assert name in stn_deploy.__all__
