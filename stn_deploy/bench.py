@@ -20,6 +20,8 @@ from typing import Any
 from stn_deploy.artifacts import model_kind, onnx_precision
 from stn_deploy.errors import StnDeployError
 from stn_deploy.harness import BenchSettings, EvalData, Reference
+from stn_deploy.report import not_accelerated
+
 
 @dataclass
 class BenchRequest:
@@ -207,6 +209,7 @@ def run_bench(req: BenchRequest) -> dict[str, Any]:
                 row.update(status="skipped", reason=str(e))
             except StnDeployError as e:
                 row.update(status="error", reason=str(e))
+            row["not_accelerated"] = not_accelerated(row, report["system"]["cpu_isa"])
             report["results"].append(row)
         bar.close()
     return report
@@ -232,7 +235,8 @@ def _reference(req: BenchRequest, inputs: _Inputs, report: dict[str, Any]
                 return False
 
         ref_model = next((m for m in models if fp32(m)), models[0])
-        ref_backend = "trt" if model_kind(ref_model) == "plan" else next(
+        kind = model_kind(ref_model)
+        ref_backend = {"plan": "trt", "openvino": "openvino"}.get(kind) or next(
             (b for b in ("onnxruntime", "openvino") if unavailable_reason(b) is None),
             "onnxruntime")
         note = ("no checkpoint given: the first FP32 model is the reference" if fp32(ref_model)

@@ -29,7 +29,7 @@ def default_checkpoint(argument: str) -> Path:
 
 
 def exports_of(checkpoint: Path, folder: Path = EXPORT_DIR) -> tuple[list[Path], list[Path]]:
-    """(ONNX files and TensorRT plans under ``folder`` exported from ``checkpoint``, the model
+    """(ONNX files, OpenVINO IRs and TensorRT plans under ``folder`` exported from ``checkpoint``, the model
     files there that come from other checkpoints or cannot tell), each sorted by path."""
     from stn_deploy.artifacts import PLAN_SUFFIXES, recorded_source
     from stn_deploy.fileio import sha256_file
@@ -40,7 +40,7 @@ def exports_of(checkpoint: Path, folder: Path = EXPORT_DIR) -> tuple[list[Path],
         return mine, others
     want = sha256_file(checkpoint)
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in (".onnx", *PLAN_SUFFIXES):
+        if not path.is_file() or path.suffix.lower() not in (".onnx", ".xml", *PLAN_SUFFIXES):
             continue
         (mine if recorded_source(path) == want else others).append(path)
     return mine, others

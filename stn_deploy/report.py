@@ -23,7 +23,10 @@ bumps the version)::
           (the checkpoint an ONNX was exported from for this row), "backend": str,
           "precision": "fp32"|"fp16"|"int8"|..., "status": "ok"|"skipped"|"error"|"failed",
           "reason": str|null, "device": str|null, "library_version": str|null,
-          "runtime": {threads, provider/hint/streams/...}, "input": {name, shape, dtype, layout},
+          "runtime": {threads, provider/hint/streams/..., "inference_precision" (openvino: what
+          it computed in)}, "input": {name, shape, dtype, layout},
+          "not_accelerated": null | the precision this row computes in that the CPU has no
+          instructions to speed up (int8 without VNNI/AMX, bf16 without AVX512_BF16/AMX),
           "size_mb": float|null (size of the model file this row ran),
           "peak_rss_mb": float|null (peak resident memory over the RSS before the runner was
           created; null = not measurable),
@@ -68,6 +71,7 @@ CSV_COLUMNS = (
     "agreement_pct", "accuracy_drop_pct", "max_abs_logit_diff", "mean_abs_theta_diff",
     "batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
     "min_ms", "max_ms", "throughput_ips", "stn_theta_spread_px", "stn_collapsed",
+    "not_accelerated",
 )
 LATENCY_KEYS = ("batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms",
                 "mean_ms", "min_ms", "max_ms", "throughput_ips")
@@ -82,6 +86,7 @@ def new_result(model: str, model_kind: str, backend: str, precision: str | None 
         "model": model, "model_kind": model_kind, "source_model": None, "backend": backend,
         "precision": precision, "status": "ok", "reason": None, "device": None,
         "library_version": None, "runtime": {}, "input": None, "size_mb": None,
+        "not_accelerated": None,
         "peak_rss_mb": None, "eval": None, "latency": [], "gate_failures": [], "notes": [],
     }
     row.update(extra)
@@ -170,9 +175,44 @@ def stn_text(health: dict[str, Any] | None) -> str:
     return f"COLLAPSED ({text})" if health.get("collapsed") else text
 
 
+# What a precision needs from the CPU to run faster than fp32 (harness.ISA_FLAGS names): on
+# an AVX2 laptop INT8 runs on 16-bit multiply-adds that saturate and are no faster.
+ACCELERATED_BY = {"int8": ("VNNI", "AMX"), "bf16": ("AVX512_BF16", "AMX")}
+_OV_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
+
+
+def computed_precision(row: dict[str, Any]) -> str | None:
+    """The precision the runtime says it computed in (OpenVINO's inference precision), when
+    it differs from the file's: an fp32 file may run in bf16 by the runtime's choice."""
+    raw = (row.get("runtime") or {}).get("inference_precision")
+    computed = _OV_TYPES.get(str(raw), raw) if raw else None
+    if computed == "fp32" and row.get("precision") == "int8":
+        return None  # INT8 graphs keep fp32 as the hint for their float parts
+    return computed if computed and computed != row.get("precision") else None
+
+
+def not_accelerated(row: dict[str, Any], isa: list[str]) -> str | None:
+    """The precision this row computes in that the CPU has no instructions to speed up."""
+    precision = computed_precision(row) or row.get("precision")
+    need = ACCELERATED_BY.get(str(precision))
+    if need is None or (row.get("device") or "cpu").startswith("cuda") or \
+            any(n in isa for n in need):
+        return None
+    return str(precision)
+
+
+def precision_text(row: dict[str, Any], isa: list[str]) -> str:
+    text = row.get("precision") or "-"
+    computed = computed_precision(row)
+    if computed:
+        text += f" (computes {computed})"
+    return text + ("*" if not_accelerated(row, isa) else "")
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     """The headline columns: p50 at the smallest batch, throughput at the largest."""
     out = []
+    isa = list((report.get("system") or {}).get("cpu_isa") or [])
     for row in report["results"]:
         ev = row.get("eval") or {}
         small = latency_at(row, first=True)
@@ -180,7 +220,7 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
         out.append({
             "backend": row["backend"],
             "model": os.path.basename(row["model"]),
-            "precision": row.get("precision") or "-",
+            "precision": precision_text(row, isa),
             "status": status_text(row),
             "size_mb": _fmt(row.get("size_mb"), ".2f"),
             "accuracy": _fmt(ev.get("accuracy_pct"), ".2f", "%"),
@@ -232,6 +272,13 @@ def footnotes(report: dict[str, Any]) -> list[str]:
     data = report.get("eval_data")
     if data:
         notes.append(f"Accuracy on {data['dataset']} {data['split']} split, {data['n']} images.")
+    isa = list((report.get("system") or {}).get("cpu_isa") or [])
+    slow = sorted({p for r in report["results"] if (p := not_accelerated(r, isa))})
+    if slow:
+        notes.append(f"* {' and '.join(slow)}: not accelerated on this CPU "
+                     f"({', '.join(isa) or 'no AVX2'}): "
+                     + "; ".join(f"{p} needs {' or '.join(ACCELERATED_BY[p])}" for p in slow)
+                     + ", so expect no speed-up over fp32 here.")
     notes.append("p50: end-to-end (host input to host output) median latency at the smallest "
                  "batch; img/s: batch / mean end-to-end latency at the largest batch.")
     if any(((r.get("eval") or {}).get("stn_health") or {}).get("theta_spread_px") is not None
@@ -282,6 +329,7 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             **{k: ev.get(k) for k in EVAL_KEYS},
             "stn_theta_spread_px": (ev.get("stn_health") or {}).get("theta_spread_px"),
             "stn_collapsed": (ev.get("stn_health") or {}).get("collapsed"),
+            "not_accelerated": row.get("not_accelerated"),
         }
         lats = row.get("latency") or [{}]
         for lat in lats:

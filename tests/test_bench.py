@@ -18,7 +18,7 @@ FAST = ["--batch-sizes", "1,4", "--iterations", "3", "--warmup", "1", "--eval-sa
         "--quiet"]
 RESULT_KEYS = {"model", "model_kind", "source_model", "backend", "precision", "status", "reason",
                "device", "library_version", "runtime", "input", "size_mb", "peak_rss_mb", "eval",
-               "latency", "gate_failures", "notes", "requested"}
+               "latency", "gate_failures", "notes", "requested", "not_accelerated"}
 LATENCY_KEYS = set(report.LATENCY_KEYS) | {"warmup"}
 
 
@@ -289,3 +289,22 @@ def test_bench_flags_a_collapsed_stn(tmp_path: Path) -> None:
     health = json.loads(js.read_text())["results"][0]["eval"]["stn_health"]
     assert health["collapsed"] is True and health["theta_spread_px"] == 0.0
     assert "COLLAPSED (0.00 px)" in md.read_text() and "COLLAPSED STN" in md.read_text()
+
+
+def test_a_precision_the_cpu_cannot_speed_up_is_labelled() -> None:
+    """INT8 without VNNI/AMX and bf16 without AVX512_BF16/AMX are marked, with the ISA named;
+    the runtime's own compute precision is shown when it differs from the file's."""
+    from stn_deploy.report import footnotes, not_accelerated, precision_text
+
+    int8 = {"backend": "openvino", "precision": "int8", "runtime": {}, "device": "cpu"}
+    fp32_in_bf16 = {"backend": "openvino", "precision": "fp32",
+                    "runtime": {"inference_precision": "bf16"}, "device": "cpu"}
+    fp32 = {"backend": "onnxruntime", "precision": "fp32", "runtime": {}, "device": "cpu"}
+    avx2, amx = ["AVX2"], ["AVX2", "AVX-512", "VNNI", "AVX512_BF16", "AMX"]
+    assert [not_accelerated(r, avx2) for r in (int8, fp32_in_bf16, fp32)] == ["int8", "bf16", None]
+    assert [not_accelerated(r, amx) for r in (int8, fp32_in_bf16, fp32)] == [None, None, None]
+    assert precision_text(int8, avx2) == "int8*" and precision_text(int8, amx) == "int8"
+    assert precision_text(fp32_in_bf16, amx) == "fp32 (computes bf16)"
+    report = {"results": [int8, fp32], "system": {"cpu_isa": avx2}}
+    note = next(n for n in footnotes(report) if n.startswith("*"))
+    assert "int8: not accelerated on this CPU (AVX2)" in note and "VNNI or AMX" in note

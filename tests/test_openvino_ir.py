@@ -83,3 +83,23 @@ def test_missing_bin_and_bad_out_are_one_line(irs: dict[str, Path], tmp_path: Pa
     code, text = _export(tiny_checkpoint, "--format", "openvino", "--out", tmp_path / "m.onnx")
     assert code == 2 and "--out" in text and "name the .xml" in text
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bench_runs_an_ir_and_finds_it_among_the_exports(irs: dict[str, Path],
+                                                         tiny_checkpoint: Path,
+                                                         tmp_path: Path) -> None:
+    """An IR is benched on openvino (its own reference when no checkpoint is given), and the
+    plain flow's `bench` picks it up as an export of its checkpoint (by the recorded hash)."""
+    import json
+
+    from stn_deploy.defaults import exports_of
+
+    js = tmp_path / "b.json"
+    r = CliRunner().invoke(cli, ["bench", str(irs["fp32"]), "--batch-sizes", "2", "--iterations",
+                                 "2", "--warmup", "0", "--eval-samples", "32", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(js.read_text())
+    assert doc["reference"]["backend"] == "openvino"
+    assert [row["backend"] for row in doc["results"]] == ["openvino"]
+    mine, _ = exports_of(tiny_checkpoint, irs["fp32"].parent)
+    assert set(irs.values()) <= set(mine)

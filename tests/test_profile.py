@@ -49,8 +49,9 @@ def test_stage_shares_add_up_and_every_stage_is_timed(model: Path, backend: str)
     for stage in ("localization", "sampler", "classifier"):
         assert run_.stage_ms[stage] > 0, (stage, run_.stage_ms)
     assert run_.kernel_ms == pytest.approx(sum(run_.stage_ms.values()), rel=1e-9)
-    # The kernels account for most of a run's wall time, never much more than all of it.
-    assert 0.2 * run_.wall_ms < run_.kernel_ms < 1.5 * run_.wall_ms
+    # Units, not speed: per-node times summed over threads and a busy machine's wall clock
+    # differ by a few times either way; a microsecond/millisecond slip would be 1000x.
+    assert 0.02 * run_.wall_ms < run_.kernel_ms < 20 * run_.wall_ms
     # Runtime-inserted kernels (layout reorders) are a small part of the time.
     unmapped = sum(k.ms for k in run_.kernels if not k.nodes)
     assert unmapped < 0.2 * run_.kernel_ms
