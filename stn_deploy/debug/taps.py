@@ -141,31 +141,17 @@ class TrtTaps:
 def _debug_engine(trt: Any, major: int, onnx_path: Path, precision: str,
                   names: set[str]) -> tuple[Any, str]:
     """Parse, mark every wanted layer output, build at the plan's precision, deserialize."""
-    from stn_deploy.export.tensorrt import build_settings
+    from stn_deploy.export.tensorrt import builder_config, parse_network
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    settings = build_settings(major, precision)
-    flags = 0
-    if settings["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        first = parser.get_error(0) if parser.num_errors else "no error message"
-        raise StnDeployError(f"TensorRT's ONNX parser rejected {onnx_path}: {first}")
+    builder, network, parser, settings = parse_network(trt, major, onnx_path=onnx_path,
+                                                       precision=precision)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         for j in range(layer.num_outputs):
             tensor = layer.get_output(j)
             if tensor.name in names and not tensor.is_network_output:
                 network.mark_output(tensor)
-    config = builder.create_builder_config()
-    for flag in settings["flags"]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    for flag in settings["clear"]:
-        if hasattr(trt.BuilderFlag, flag):
-            config.clear_flag(getattr(trt.BuilderFlag, flag))
+    config = builder_config(trt, builder, settings)
     inp = network.get_input(0)
     shape = tuple(inp.shape)
     if shape[0] == -1:
@@ -176,9 +162,10 @@ def _debug_engine(trt: Any, major: int, onnx_path: Path, precision: str,
         profile.set_shape(inp.name, (1, *rest), (BATCH, *rest), (BATCH, *rest))
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
+    del parser  # it owns the weights the network points to: alive until the build is done
     if serialized is None:
         raise StnDeployError("TensorRT failed to build the debug engine (see its log above)")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
     return engine, inp.name
 
 

@@ -82,6 +82,38 @@ def make_sidecar(*, config: Any, input_name: str, output_names: list[str], preci
     return side
 
 
+def parse_network(trt: Any, major: int, precision: str,
+                  onnx_path: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(builder, network, parser, build settings): the network TensorRT's ONNX parser made of
+    ``onnx_path``, strongly typed where the settings say so. The parser owns the weights the
+    network points to, so callers keep it until the engine is built. Its first error is one
+    line. Written against the TensorRT 10/11 Python API; not run here (no GPU)."""
+    settings = build_settings(major, precision)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if settings["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise StnDeployError(f"TensorRT's ONNX parser rejected {onnx_path}: "
+                             f"{errors[0] if errors else 'no error message'}")
+    return builder, network, parser, settings
+
+
+def builder_config(trt: Any, builder: Any, settings: dict[str, Any]) -> Any:
+    """A builder config with the precision flags the settings set and clear."""
+    config = builder.create_builder_config()
+    for flag in settings["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in settings["clear"]:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
+    return config
+
+
 def build_engine(onnx_path: Path, plan_path: Path, precision: str,
                  profile: tuple[int, int, int], workspace_mb: int,
                  timing_cache: Path | None) -> dict[str, Any]:
@@ -102,26 +134,9 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str,
     dims = inp.type.tensor_type.shape.dim
     static = dims[0].dim_value if dims[0].HasField("dim_value") else None
     shapes = profile_shapes(tuple(d.dim_value for d in dims[1:]), profile, static)
-    settings = build_settings(major, precision)
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if settings["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise StnDeployError(f"TensorRT's ONNX parser rejected {onnx_path}: "
-                             f"{errors[0] if errors else 'no error message'}")
-    bconfig = builder.create_builder_config()
+    builder, network, parser, settings = parse_network(trt, major, precision, onnx_path)
+    bconfig = builder_config(trt, builder, settings)
     bconfig.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    for flag in settings["flags"]:
-        bconfig.set_flag(getattr(trt.BuilderFlag, flag))
-    for flag in settings["clear"]:
-        if hasattr(trt.BuilderFlag, flag):
-            bconfig.clear_flag(getattr(trt.BuilderFlag, flag))
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
     bconfig.add_optimization_profile(opt_profile)
@@ -134,6 +149,7 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str,
                              "another TensorRT version or GPU; delete it or pass another path")
 
     serialized = builder.build_serialized_network(network, bconfig)
+    del parser  # it owns the weights the network points to: alive until the build is done
     if serialized is None:
         raise StnDeployError("TensorRT failed to build the engine (see its log above)")
     side = make_sidecar(
