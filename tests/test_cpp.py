@@ -239,3 +239,26 @@ def test_usage_errors_exit_2(stn_classify: Path, args: list[str]) -> None:
 def test_help(stn_classify: Path) -> None:
     r = run(stn_classify, "--help")
     assert r.returncode == 0 and "--bench N" in r.stdout and "--json" in r.stdout
+
+
+def test_an_openvino_ir_export_runs_like_its_onnx(stn_classify: Path, digits_checkpoint: Path,
+                                                  exported: dict[str, Path],
+                                                  images: tuple[list[Path], np.ndarray],
+                                                  tmp_path: Path) -> None:
+    """`export --format openvino` writes .xml + .bin carrying the model config; the C++ runtime
+    reads it from the IR's rt_info and classifies as the ONNX does."""
+    from click.testing import CliRunner
+
+    from stn_deploy.cli import cli
+
+    xml = tmp_path / "digits.xml"
+    r = CliRunner().invoke(cli, ["export", str(digits_checkpoint), "--format", "openvino",
+                                 "--opset", "17", "--out", str(xml), "--verify-samples", "64"])
+    assert r.exit_code == 0, r.output
+    paths, nchw = images
+    doc = cpp_json(stn_classify, xml, paths, "--batch", 50)
+    assert doc["backend"] == "openvino" and doc["class_names"] == [str(i) for i in range(10)]
+    cpp = np.array([row["logits"] for row in doc["results"]], dtype=np.float32)
+    ref = onnxruntime_logits(exported["float"], nchw, embedded=False)
+    np.testing.assert_allclose(cpp, ref, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(cpp.argmax(1), ref.argmax(1))
