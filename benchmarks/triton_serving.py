@@ -7,7 +7,8 @@ on loopback only:
   runs the runner inside Triton's stub (one hop); ``loadtest`` drives it closed-loop at each
   concurrency and open-loop at request rates (Poisson arrivals, latency from the scheduled
   send time), over HTTP with JSON and with Triton's binary tensor extension (and gRPC if
-  asked); Triton's metrics give the batch its dynamic batcher formed at each level;
+  asked); Triton's metrics give the batch its dynamic batcher formed at each level, and
+  each level records the load generator's own CPU per request (it shares the machine);
 - the same runner with the same threads is timed in this process, while the server idles, at
   batch 1 and at every batch size the batcher formed;
 - the server is overloaded (far more in flight than --max-queue holds) and must lose nothing
@@ -60,9 +61,11 @@ def parse_args() -> argparse.Namespace:
                     help="ONNX file to serve [default: the demo's FP32 digits export]")
     ap.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime")
     ap.add_argument("--port", type=int, default=18100, help="HTTP port (+1 gRPC, +2 metrics); "
-                    "the killed-server check uses port + 10")
+                    "the killed-server check uses port + 10, the overload check port + 20")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--max-queue", type=int, default=64,
+                    help="the overload check's queue bound (its own server: with a bound "
+                         "Triton's batcher stalls 0.5 s at times, so the levels run unbounded)")
     ap.add_argument("--threads", type=int, default=None,
                     help="runner threads, served and in process [default: serve's]")
     ap.add_argument("--instances", type=int, default=1)
@@ -101,14 +104,14 @@ def pump(stream: IO[str], lines: queue.Queue[str]) -> None:
 Server = tuple[subprocess.Popen[str], int, queue.Queue[str]]
 
 
-def start_server(args: argparse.Namespace, port: int) -> Server:
+def start_server(args: argparse.Namespace, port: int, max_queue: int = 0) -> Server:
     """``stn-deploy serve`` once it says it is serving, tritonserver's pid (its own process
     group) and serve's further output lines; the script ends with serve's last lines if it
-    does not start."""
+    does not start. ``max_queue`` 0: no queue bound (see measure)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "stn_deploy", "serve", str(args.model), "--backend", args.backend,
          "--port", str(port), "--max-batch-size", str(args.max_batch_size),
-         "--max-queue", str(args.max_queue), "--instances", str(args.instances),
+         "--max-queue", str(max_queue), "--instances", str(args.instances),
          "--threads", str(args.threads)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert server.stdout is not None
@@ -222,31 +225,25 @@ def open_rates(args: argparse.Namespace, closed: list[dict[str, Any]]) -> list[f
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Every served figure from one server, then the in-process ones while it idles, then
-    SIGTERM; the killed-server check on a second server."""
+    """Every level from one server without a queue bound, then the in-process figures while
+    it idles, then SIGTERM; the overload and killed-server checks on servers of their own.
+
+    Unbounded because a bound (max_queue_size) turns off the dynamic batcher's prefetching,
+    and its wait for a free instance then misses its wake-up now and then and sits out a
+    0.5 s timeout with a full batch queued (tritonserver 2.51): every closed-loop level from
+    concurrency 8 on had 0.5 s stalls; the overload check needs the bound to reject."""
     server, pgid, _ = start_server(args, args.port)
     try:
         closed = load(args, args.port, concurrency=args.levels, protocols=args.protocol_list)
         rates = open_rates(args, closed)
         opened = load(args, args.port, rates=tuple(rates), arrivals=args.arrivals,
                       protocols=args.protocol_list) if rates else []
-        over = load(args, args.port, concurrency=(args.overload_concurrency,),
-                    protocols=("binary",), timeout_s=30)[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/v2/health/ready",
-                                    timeout=5) as r:
-            ready = r.status == 200
-        after = load(args, args.port, concurrency=(1,), protocols=("binary",), duration_s=1.0,
-                     max_requests=20)[0]
         sizes = sorted({1, *(max(1, round(r["mean_batch"])) for r in closed + opened
                              if r.get("mean_batch"))})
         inproc = in_process(args, sizes)
         stop = sigterm(server, pgid)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        if group_alive(pgid):
-            os.killpg(pgid, signal.SIGKILL)
+        stop_group(server, pgid)
     for r in closed + opened:
         b = max(1, round(r["mean_batch"])) if r.get("mean_batch") else None
         ref = inproc[b]["throughput_ips"] if b else None
@@ -254,8 +251,34 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r["served_over_in_process"] = (r["throughput_ips"] / ref
                                        if ref and r.get("throughput_ips") else None)
     return {"closed_loop": closed, "open_loop": opened, "in_process": inproc,
-            "overload": {**over, "ready_after": ready and after["answered"] > 0},
-            "sigterm": stop, "killed_mid_run": kill_mid_run(args)}
+            "overload": overload(args), "sigterm": stop, "killed_mid_run": kill_mid_run(args)}
+
+
+def overload(args: argparse.Namespace) -> dict[str, Any]:
+    """Far more in flight than --max-queue holds, on a server with that bound: nothing lost,
+    the rest rejected, and the server ready afterwards."""
+    port = args.port + 20
+    server, pgid, _ = start_server(args, port, max_queue=args.max_queue)
+    try:
+        over = load(args, port, concurrency=(args.overload_concurrency,),
+                    protocols=("binary",), timeout_s=30)[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready",
+                                    timeout=5) as r:
+            ready = r.status == 200
+        after = load(args, port, concurrency=(1,), protocols=("binary",), duration_s=1.0,
+                     max_requests=20)[0]
+        sigterm(server, pgid)
+    finally:
+        stop_group(server, pgid)
+    return {**over, "ready_after": ready and after["answered"] > 0}
+
+
+def stop_group(server: subprocess.Popen[str], pgid: int) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def target(value: Any, goal: str, met: bool, **more: Any) -> dict[str, Any]:
@@ -335,7 +358,7 @@ def served_table(rows: list[dict[str, Any]], key: str) -> list[str]:
     head = "Rate/s" if key == "rate" else "Concurrency"
     out = [f"| Protocol | {head} | img/s | p50 ms | p99 ms | Batch formed | In process at "
            "that batch, img/s | Served / in process | Answered | Rejected | Lost | "
-           "Agreement % | Client CPU % |", "|---|" + "---:|" * 12]
+           "Agreement % | Client CPU % | Client CPU us/req |", "|---|" + "---:|" * 13]
     for r in rows:
         out.append(
             f"| {r['protocol']} | {fmt(r[key], '.0f')} | {fmt(r.get('throughput_ips'), '.0f')}"
@@ -343,7 +366,7 @@ def served_table(rows: list[dict[str, Any]], key: str) -> list[str]:
             f" {fmt(r.get('in_process_ips'), '.0f')} | "
             f"{fmt(r.get('served_over_in_process'))} | {r['answered']} | {r['rejected']} | "
             f"{r['lost']} | {fmt(r.get('agreement_pct'))} | {fmt(r.get('client_cpu_pct'), '.0f')}"
-            " |")
+            f" | {fmt(r.get('client_cpu_us'), '.0f')} |")
     return out
 
 
@@ -382,23 +405,28 @@ def markdown(args: argparse.Namespace, m: dict[str, Any], goals: dict[str, Any],
     return "\n".join([
         f"# Triton serving, one hop ({args.backend}, CPU)", "",
         f"`stn-deploy serve {args.model.name} --backend {args.backend} --max-batch-size "
-        f"{args.max_batch_size} --max-queue {args.max_queue} --instances {args.instances} "
+        f"{args.max_batch_size} --instances {args.instances} "
         f"--threads {args.threads}`: tritonserver from the nvidia-pytriton wheel, the runner "
         "inside its Python-backend stub. Server, load generator and in-process timing on the "
-        f"same machine, loopback; {args.duration:g} s per level; batch-1 requests.", "",
+        f"same machine, loopback; {args.duration:g} s per level; batch-1 requests. No queue "
+        "bound for the levels (with one, Triton's batcher stalls 0.5 s at times); the "
+        f"overload check runs on a server of its own with --max-queue {args.max_queue}.", "",
         *goal_md, "",
         "In process, the same runner with the same threads, end to end, timed while the "
         "server idled:", "", *inproc, "",
         "Closed loop (each client sends its next request when the last is answered). Batch "
         "formed: images per execution from Triton's metrics; served / in process: served img/s "
-        "over the in-process img/s at that batch (rounded):", "",
+        "over the in-process img/s at that batch (rounded); client CPU: the load generator's "
+        "own CPU time over the level (100% = one core) and per request sent: CPU the server "
+        "did not get, since both share this machine:", "",
         *served_table(m["closed_loop"], "concurrency"), "",
         *([f"Open loop ({args.arrivals} arrivals; latency from each request's scheduled send "
            "time, so time spent queueing counts; below the server's capacity, served / in "
            "process is the offered load over capacity, not the server's cost):", "",
            *served_table(m["open_loop"], "rate"), ""] if m["open_loop"] else []),
-        f"Overload: concurrency {args.overload_concurrency} against --max-queue "
-        f"{args.max_queue}, binary: {over['answered']} answered, {over['rejected']} rejected, "
+        f"Overload (its own server): concurrency {args.overload_concurrency} against "
+        f"--max-queue {args.max_queue}, binary: {over['answered']} answered, "
+        f"{over['rejected']} rejected, "
         f"{over['errors']} errors, {over['lost']} lost; ready afterwards: "
         f"{over['ready_after']}.", "",
         f"SIGTERM: exit {m['sigterm']['exit_code']} after {m['sigterm']['seconds']} s; "

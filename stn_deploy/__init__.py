@@ -2,7 +2,8 @@
 
 The Python API (``stn_deploy.api``) is imported on first use, so ``import stn_deploy`` loads
 neither torch nor onnx: ``load_checkpoint``, ``export_model``, ``verify``, ``open_runner``,
-``bench_models``, ``serve``; and from ``stn_deploy.debug``: ``compare``, ``find_keep_float``,
+``bench_models``, ``serve``, ``pretrained_model`` (the models stn-deploy ships trained); and
+from ``stn_deploy.debug``: ``compare``, ``find_keep_float``,
 ``profile`` (what ``stn-deploy debug compare``, ``debug precision`` and ``profile`` run).
 """
 
@@ -13,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from stn_deploy.version import __version__
 
-API = ("bench_models", "export_model", "load_checkpoint", "open_runner", "serve", "verify")
+API = ("bench_models", "export_model", "load_checkpoint", "open_runner", "pretrained_model",
+       "serve", "verify")
 DEBUG_API = ("compare", "find_keep_float", "profile")
 
 if TYPE_CHECKING:
     from stn_deploy.api import (bench_models, export_model, load_checkpoint, open_runner,
-                                serve, verify)
+                                pretrained_model, serve, verify)
     from stn_deploy.debug import compare, find_keep_float, profile
 
 

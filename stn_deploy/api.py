@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from stn_deploy.backends.base import Runner
     from stn_deploy.checkpoint import Checkpoint
+    from stn_deploy.pretrained import Pretrained
     from stn_deploy.export.pipeline import ExportResult
     from stn_deploy.export.verify import VerifyReport
 
@@ -56,8 +57,18 @@ def load_checkpoint(path: PathLike) -> "Checkpoint":
     return load(path)
 
 
-def export_model(model: "PathLike | nn.Module", out: PathLike | None = None, *,
-                 input_shape: Sequence[int] | None = None,
+def pretrained_model(name: str) -> "Pretrained":
+    """A model stn-deploy ships trained (``cifar10-stn``): its checkpoint and verified FP32
+    ONNX paths (checked against its record's hashes), its model card and record;
+    ``.model()`` builds the torch module. ``export_model(pretrained_model(name).checkpoint)``
+    exports it as ``stn-deploy export --pretrained NAME`` does."""
+    from stn_deploy.pretrained import pretrained
+
+    return pretrained(name)
+
+
+def export_model(model: "PathLike | nn.Module | None" = None, out: PathLike | None = None,
+                 *, pretrained: str | None = None, input_shape: Sequence[int] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  class_names: Sequence[str] | None = None, extra_outputs: Sequence[str] = (),
                  weights: PathLike | None = None, dataset: str | None = None,
@@ -78,6 +89,7 @@ def export_model(model: "PathLike | nn.Module", out: PathLike | None = None, *,
     the same options under the same names (``--calib-dir`` is ``calib_dir=``), and each
     refused by name (StnDeployError) where it cannot mean anything.
 
+    ``pretrained``: a shipped model's name (``pretrained_model``) instead of ``model``.
     ``model``: an stn-deploy checkpoint path (verified on its own dataset), or any
     ``nn.Module`` with ``input_shape`` (C, H, W): ``F.affine_grid`` becomes a constant grid,
     the sampling path stays FP32 in FP16/INT8, and outputs and every GridSample's grid are
@@ -98,6 +110,7 @@ def export_model(model: "PathLike | nn.Module", out: PathLike | None = None, *,
     path = isinstance(model, (str, os.PathLike))
     req = ExportRequest(
         checkpoint=Path(model) if path else None, module=None if path else model,
+        pretrained=pretrained,
         weights=weights, input_shape=input_shape, mean=mean, std=std,
         class_names=class_names, extra_outputs=tuple(extra_outputs), dataset=dataset,
         format=format, precision=precision, opset=opset, out=out, static_batch=static_batch,
@@ -169,17 +182,20 @@ if TYPE_CHECKING:
 
 def serve(model: PathLike, *, backend: str | None = None, model_name: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
-          queue_delay_us: int = 500, max_queue: int = 0, threads: int | None = None,
+          queue_delay_us: int | None = None, max_queue: int = 0, threads: int | None = None,
           instances: int = 1, stop: "Event | None" = None) -> None:
     """Serve ``model`` (an .onnx file, a checkpoint, or a ``python-*`` repository folder) on
     the ``[serve]`` extra's tritonserver, as ``stn-deploy serve`` does, until SIGINT/SIGTERM
     or, from another thread, until ``stop`` is set; tritonserver's whole process group is
     stopped before this returns. ``backend``: "onnxruntime" (None) or "openvino", run inside
-    Triton's Python-backend stub; gRPC listens on ``port + 1``, metrics on ``port + 2``."""
+    Triton's Python-backend stub; gRPC listens on ``port + 1``, metrics on ``port + 2``;
+    ``queue_delay_us`` None: the batcher's default (QUEUE_DELAY_US)."""
     from stn_deploy.errors import StnDeployError
     from stn_deploy.serving.serve import ServeOptions
     from stn_deploy.serving.serve import serve as run
+    from stn_deploy.serving.triton_repo import QUEUE_DELAY_US
 
+    queue_delay_us = QUEUE_DELAY_US if queue_delay_us is None else queue_delay_us
     # The CLI's option types check these; a script gets the same refusals by name.
     for name, value, low, high in (("port", port, 1, 65533), ("instances", instances, 1, 16),
                                    ("max_batch_size", max_batch_size, 1, None),
@@ -194,4 +210,5 @@ def serve(model: PathLike, *, backend: str | None = None, model_name: str | None
                      max_queue=max_queue, threads=threads, instances=instances), stop=stop)
 
 
-__all__ = ["bench_models", "export_model", "load_checkpoint", "open_runner", "serve", "verify"]
+__all__ = ["bench_models", "export_model", "load_checkpoint", "open_runner", "pretrained_model",
+           "serve", "verify"]

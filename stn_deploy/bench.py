@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stn_deploy.artifacts import model_kind, onnx_precision
+from stn_deploy.artifacts import model_kind, onnx_precision, read_ir_metadata
 from stn_deploy.errors import StnDeployError
 from stn_deploy.harness import BenchSettings, EvalData, Reference
 from stn_deploy.report import not_accelerated
@@ -33,7 +33,8 @@ class BenchRequest:
     eval_samples: int | None = None  # None: the whole test split; 0: no evaluation
     device: str | None = None  # torch device; TensorRT plans run on cuda:0
     ov_hint: str = "latency"
-    ov_precision: str = "f32"  # "bf16": OpenVINO computes FP32 files in bfloat16
+    ov_precision: str = "f32"  # "bf16": OpenVINO computes FP32 files in bfloat16 (a bf16 IR
+    # computes in bf16 by its own metadata, where the CPU has bf16)
     progress: bool = False  # a progress bar on stderr
     # The models were picked by default; this says what to run first when a named backend
     # found none of its kind among them (see plan_rows).
@@ -79,11 +80,19 @@ class _Inputs:
         from stn_deploy.backends import create_runner
 
         bf16 = (name == "openvino" and req.ov_precision == "bf16"
-                and onnx_precision(path) == "fp32")
+                and stored_precision(path) == "fp32")
         checkpoint = self.checkpoint(path) if model_kind(path) == "checkpoint" else None
         return create_runner(name, path, threads=req.settings.threads, device=req.device,
                              hint=req.ov_hint, precision="bf16" if bf16 else None,
                              checkpoint=checkpoint)
+
+
+def stored_precision(path: Path) -> str:
+    """The precision an ONNX file or OpenVINO IR records (``--ov-precision bf16`` applies to
+    FP32 files only; a bf16 IR is bf16 by its own metadata)."""
+    if model_kind(path) == "openvino":
+        return read_ir_metadata(path).get("precision") or "fp32"
+    return onnx_precision(path)
 
 
 class _Skip(Exception):

@@ -19,14 +19,16 @@ bumps the version)::
       "eval_data": {"dataset", "split", "n"} | null,
       "skipped_backends": {backend: reason},
       "results": [{
-          "model": str, "model_kind": "checkpoint"|"onnx"|"plan", "source_model": str|null
-          (the checkpoint an ONNX was exported from for this row), "backend": str,
-          "precision": "fp32"|"fp16"|"int8"|..., "status": "ok"|"skipped"|"error"|"failed",
+          "model": str, "model_kind": "checkpoint"|"onnx"|"plan"|"openvino", "source_model":
+          str|null (the checkpoint an ONNX was exported from for this row), "backend": str,
+          "precision": "fp32"|"fp16"|"bf16"|"int8" (the file's, or --ov-precision bf16's),
+          "status": "ok"|"skipped"|"error"|"failed",
           "reason": str|null, "device": str|null, "library_version": str|null,
           "runtime": {threads, provider/hint/streams/..., "inference_precision" (openvino: what
           it computed in)}, "input": {name, shape, dtype, layout},
-          "not_accelerated": null | the precision this row computes in that the CPU has no
-          instructions to speed up (int8 without VNNI/AMX, bf16 without AVX512_BF16/AMX),
+          "not_accelerated": null | the precision this row computes in, or its file asks for,
+          that the CPU has no instructions to speed up (int8 without VNNI/AMX, bf16 without
+          AVX512_BF16/AMX: a bf16 IR that OpenVINO computed in f32 there is "bf16"),
           "size_mb": float|null (size of the model file this row ran),
           "peak_rss_mb": float|null (peak resident memory over the RSS before the runner was
           created; null = not measurable),
@@ -181,24 +183,35 @@ ACCELERATED_BY = {"int8": ("VNNI", "AMX"), "bf16": ("AVX512_BF16", "AMX")}
 _OV_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
 
 
+def computes_in(runtime: dict[str, Any], precision: str | None) -> str | None:
+    """The precision a runner's ``describe()`` says the runtime computed a ``precision`` file
+    in, spelled as ours (OpenVINO's ``inference_precision`` "f32" is "fp32"); None where the
+    runtime does not say, and for an INT8 graph computing its float parts in fp32 (its
+    hint)."""
+    raw = runtime.get("inference_precision")
+    computed = str(_OV_TYPES.get(str(raw), raw)) if raw else None
+    return None if computed == "fp32" and precision == "int8" else computed
+
+
 def computed_precision(row: dict[str, Any]) -> str | None:
     """The precision the runtime says it computed in (OpenVINO's inference precision), when
-    it differs from the file's: an fp32 file may run in bf16 by the runtime's choice."""
-    raw = (row.get("runtime") or {}).get("inference_precision")
-    computed = _OV_TYPES.get(str(raw), raw) if raw else None
-    if computed == "fp32" and row.get("precision") == "int8":
-        return None  # INT8 graphs keep fp32 as the hint for their float parts
+    it differs from the file's: an fp32 file may run in bf16 by the runtime's choice, a bf16
+    IR in fp32 on a CPU without bf16."""
+    computed = computes_in(row.get("runtime") or {}, row.get("precision"))
     return computed if computed and computed != row.get("precision") else None
 
 
 def not_accelerated(row: dict[str, Any], isa: list[str]) -> str | None:
-    """The precision this row computes in that the CPU has no instructions to speed up."""
-    precision = computed_precision(row) or row.get("precision")
-    need = ACCELERATED_BY.get(str(precision))
-    if need is None or (row.get("device") or "cpu").startswith("cuda") or \
-            any(n in isa for n in need):
+    """The precision this row computes in, or its file asks for, that the CPU has no
+    instructions to speed up: a bf16 IR that OpenVINO computed in fp32 on an AVX2 CPU is
+    "bf16" here, since bf16 is what the file is for."""
+    if (row.get("device") or "cpu").startswith("cuda"):
         return None
-    return str(precision)
+    for precision in (computed_precision(row), row.get("precision")):
+        need = ACCELERATED_BY.get(str(precision))
+        if need is not None and not any(n in isa for n in need):
+            return str(precision)
+    return None
 
 
 def precision_text(row: dict[str, Any], isa: list[str]) -> str:

@@ -369,7 +369,15 @@ REFUSALS = [
             {"affine_grid_op": True, "opset": 19}, "exists from opset 20"),
     Refusal("affine_grid_op", ("--affine-grid-op", "--opset", "20", "--format", "trt"),
             {"affine_grid_op": True, "opset": 20, "format": "trt"}, "no AffineGrid op"),
-    Refusal("precision", ("--precision", "bf16"), {"precision": "bf16"}, "--ov-precision bf16"),
+    # bf16 is an OpenVINO IR's precision: an ONNX file or a TensorRT plan has no bf16 CPU path.
+    Refusal("precision", ("--precision", "bf16"), {"precision": "bf16"},
+            "bf16 is OpenVINO's CPU precision"),
+    Refusal("precision", ("--format", "trt", "--precision", "bf16"),
+            {"format": "trt", "precision": "bf16"}, "bf16 is OpenVINO's CPU precision"),
+    Refusal("keep_float", ("--format", "openvino", "--precision", "bf16", "--keep-float",
+                           "{keep}"),
+            {"format": "openvino", "precision": "bf16", "keep_float": "{keep}"},
+            "no node to keep"),
     Refusal("keep_float", ("--keep-float", "{keep}"), {"keep_float": "{keep}"},
             "FP32 graph is all float"),
     Refusal("quantizer", ("--quantizer", "onnxruntime"), {"quantizer": "onnxruntime"},
@@ -608,7 +616,7 @@ def test_the_table_covers_every_option() -> None:
     """A new ExportRequest field fails here until it is honoured or refused above, for both
     sources."""
     fields = {f.name for f in dataclasses.fields(ExportRequest)} - {
-        "checkpoint", "factory", "module", "caller"}
+        "checkpoint", "pretrained", "factory", "module", "caller"}
     for source in SOURCES:
         honoured = {o.name for b in BUNDLES.values() for o in b if source in o.sources}
         refused = {r.name for r in REFUSALS if source in r.sources}
@@ -618,6 +626,7 @@ def test_the_table_covers_every_option() -> None:
     from stn_deploy.commands.export import export
 
     api_only = {"images", "labels", "calib_images", "dataset"}
-    assert {p.name for p in export.params} == (fields - api_only) | {"checkpoint", "factory"}
+    assert {p.name for p in export.params} == (fields - api_only) | {"checkpoint", "factory",
+                                                                     "pretrained"}
     api = set(inspect.signature(stn_deploy.export_model).parameters)
-    assert api == fields | {"model", "quiet"}
+    assert api == fields | {"model", "quiet", "pretrained"}

@@ -1,10 +1,11 @@
-"""``export --format openvino``: OpenVINO IR (.xml + .bin) in FP32, FP16-compressed and INT8,
-carrying the model config in its rt_info, verified through the openvino runner; a missing
-.bin is one line."""
+"""``export --format openvino``: OpenVINO IR (.xml + .bin) in FP32, FP16-compressed, bf16
+and INT8, carrying the model config and its own verification in its rt_info, verified
+through the openvino runner; a missing .bin is one line. (bf16 on its own: test_bf16.py.)"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def _export(*args: object) -> tuple[int, str]:
 def irs(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("ir")
     written = {}
-    precisions = ["fp32", "fp16"] + (["int8"] if importlib.util.find_spec("nncf") else [])
+    precisions = ["fp32", "fp16", "bf16"] + (["int8"] if importlib.util.find_spec("nncf")
+                                             else [])
     for precision in precisions:
         path = out / f"m-{precision}.xml"
         calib = ["--calib-samples", 64] if precision == "int8" else []
@@ -52,12 +54,19 @@ def test_ir_carries_the_config_and_runs_on_the_openvino_runner(irs: dict[str, Pa
         meta = read_ir_metadata(path)
         assert meta["precision"] == precision and meta["target"] == "openvino"
         assert config_from_metadata(meta, path) == config
+        verification = json.loads(meta["verification"])  # the IR's own, not its ONNX graph's
+        assert verification["backend"] == "openvino" and verification["passed"]
+        # What OpenVINO computed in (an INT8 graph's float parts' f32 is not the file's).
+        assert verification["computed"] in ((None,) if precision == "int8" else ("fp32", "bf16"))
         with runner_class("openvino")(path) as runner:
             assert runner.precision == precision
             got = runner.infer(normalize(images, runner.config).numpy())
         assert got["logits"].shape == (16, config.num_classes) and got["theta"].shape == (16, 2, 3)
     fp32, fp16 = (irs[p].with_suffix(".bin").stat().st_size for p in ("fp32", "fp16"))
     assert fp16 < 0.6 * fp32  # compress_to_fp16 halves the weights
+    # bf16 keeps FP32's weights: OpenVINO converts them when it compiles on a bf16 CPU.
+    weights = {p: irs[p].with_suffix(".bin").read_bytes() for p in ("fp32", "bf16")}
+    assert weights["bf16"] == weights["fp32"]
 
 
 def test_int8_ir_is_nncf_quantized(irs: dict[str, Path]) -> None:

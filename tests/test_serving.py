@@ -4,6 +4,7 @@ the [serve] extra)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -24,11 +25,14 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.serving import loadtest
 from stn_deploy.serving.loadtest import LoadRequest, classify
 from stn_deploy.serving.serve import check_ports
+from stn_deploy.serving.wire import (BinaryWire, GrpcWire, HttpConnection, JsonWire, Served,
+                                     ServerError)
 
 HAS_PYTRITON = importlib.util.find_spec("pytriton") is not None
 HAS_HTTP_CLIENT = importlib.util.find_spec("geventhttpclient") is not None
+HAS_GRPC = importlib.util.find_spec("grpc") is not None
 # gRPC where tritonclient's gRPC client (grpcio) is installed
-PROTOCOLS = ("json", "binary", *(("grpc",) if importlib.util.find_spec("grpc") else ()))
+PROTOCOLS = ("json", "binary", *(("grpc",) if HAS_GRPC else ()))
 
 
 def _free_port() -> int:
@@ -161,19 +165,22 @@ def test_failed_requests_are_classified(error: BaseException, expected: str) -> 
     assert classify(error) == expected
 
 
-@pytest.mark.skipif(not HAS_HTTP_CLIENT, reason="tritonclient's HTTP client is not installed")
+def _served(url: str, inputs: np.ndarray, batch: int = 1, timeout_s: float = 10.0) -> Served:
+    return Served(url=url, model_name="m", input_name="input", input_datatype="UINT8",
+                  logits_datatype="FP32", inputs=inputs, batch=batch, timeout_s=timeout_s)
+
+
 def test_a_timed_out_http_request_is_lost_not_a_dead_server() -> None:
     """A server that accepts connections but answers slower than --timeout: each request
     counts as lost, and the run goes on (it used to end as "stopped answering")."""
-    import tritonclient.http as http
-
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # the kernel completes the connections; nothing ever answers
-        req = LoadRequest(url=f"http://127.0.0.1:{silent.getsockname()[1]}",
-                          model=Path("m.onnx"), duration_s=0.2, timeout_s=0.5, max_requests=2)
-        level = loadtest._run_level(http, "http", req, 2, np.zeros((4, 2), np.uint8),
-                                    "input", "UINT8", "m")
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        req = LoadRequest(url=url, model=Path("m.onnx"), duration_s=0.2, timeout_s=0.5,
+                          max_requests=2)
+        wire = BinaryWire(_served(url, np.zeros((4, 2), np.uint8), timeout_s=0.5))
+        level = loadtest._run_level(wire, req, 2)
     assert not level.down and level.sent == 2 and level.first_error == "timed out"
     assert level.errors == level.rejected == len(level.latencies_ns) == 0  # all 2 lost
 
@@ -183,33 +190,154 @@ def test_hung_requests_end_a_level_at_one_deadline(monkeypatch: pytest.MonkeyPat
     release = threading.Event()
 
     class Hung:
-        def infer(self, *args: Any, **kwargs: Any) -> None:
+        def infer(self, request: bytes) -> tuple[dict[str, str], bytes]:
             release.wait()
             raise TimeoutError("timed out")
 
         def close(self) -> None:
             pass
 
-    class Input:
-        def __init__(self, *args: Any) -> None:
-            pass
-
-        def set_data_from_numpy(self, x: np.ndarray) -> None:
-            pass
-
-    mod = SimpleNamespace(InferInput=Input)
-    monkeypatch.setattr(loadtest, "_client", lambda *args: (mod, Hung(), "http"))
+    wire = JsonWire(_served("http://127.0.0.1:1", np.zeros((4, 2), np.uint8)))
+    monkeypatch.setattr(wire, "connect", Hung)
     monkeypatch.setattr(loadtest, "JOIN_GRACE_S", 0.3)
     req = LoadRequest(url="http://127.0.0.1:1", model=Path("m.onnx"), duration_s=0.1,
                       timeout_s=0.1)
     t0 = time.perf_counter()
     try:
-        level = loadtest._run_level(mod, "http", req, 8, np.zeros((4, 2), np.uint8), "input",
-                                    "UINT8", "m")
+        level = loadtest._run_level(wire, req, 8)
     finally:
         release.set()
     assert time.perf_counter() - t0 < 2.0  # one deadline: 0.5 s; one each: 8 x 0.5 s
     assert level.down and level.first_error == "requests hung past their timeout"
+
+
+@pytest.mark.skipif(not HAS_HTTP_CLIENT, reason="tritonclient's HTTP client is not installed")
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_requests_are_what_tritonclient_sends(dtype: str) -> None:
+    """Each image is encoded once, yet every request (two images, wrapping round the end of
+    the set) carries the body tritonclient would build for those images."""
+    import tritonclient.http as http
+
+    rng = np.random.default_rng(0)
+    images = (rng.integers(0, 256, (3, 2, 4)) if dtype == "uint8"
+              else rng.normal(size=(3, 2, 4))).astype(dtype)
+    datatype = {"uint8": "UINT8", "float32": "FP32"}[dtype]
+    served = Served(url="http://h:8000", model_name="m", input_name="input",
+                    input_datatype=datatype, logits_datatype="FP32", inputs=images, batch=2,
+                    timeout_s=1.0)
+    pair = images[[2, 0]]
+    for wire, binary in ((JsonWire(served), False), (BinaryWire(served), True)):
+        x = http.InferInput("input", [2, 2, 4], datatype)
+        x.set_data_from_numpy(pair, binary_data=binary)
+        body, json_size = http.InferenceServerClient.generate_request_body(
+            [x], outputs=[http.InferRequestedOutput("logits", binary_data=binary)])
+        head, _, ours = wire.request(2).partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: h:8000\r\n")
+        assert f"Content-Length: {len(ours)}".encode() in head
+        if binary:
+            assert ours[json_size:] == body[json_size:] == pair.tobytes()
+            assert json.loads(ours[:json_size]) == json.loads(body[:json_size])
+            assert f"Inference-Header-Content-Length: {json_size}".encode() in head
+        else:
+            assert json.loads(ours) == json.loads(body)  # the same numbers, read back exactly
+
+
+def test_answers_are_read_to_their_top1() -> None:
+    logits = np.array([[0.1, 0.9, 0.0], [2.0, -1.0, 1.0]], np.float32)
+    served = _served("http://h:1", np.zeros((4, 2), np.uint8), batch=2)
+    header = json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 3],
+                                      "parameters": {"binary_data_size": 24}}]}).encode()
+    binary = BinaryWire(served).top1({"inference-header-content-length": str(len(header))},
+                                     header + logits.tobytes())
+    text = json.dumps({"outputs": [{"name": "theta", "data": [0] * 12},
+                                   {"name": "logits", "data": logits.ravel().tolist()}]})
+    assert binary.tolist() == JsonWire(served).top1({}, text.encode()).tolist() == [1, 0]
+    with pytest.raises(ServerError, match="carries no logits"):
+        JsonWire(served).top1({}, b'{"outputs": [{"name": "theta", "data": [0]}]}')
+
+
+@pytest.mark.skipif(not HAS_GRPC, reason="tritonclient's gRPC client (grpcio) is not installed")
+def test_grpc_requests_and_answers_are_tritonclients_messages() -> None:
+    from tritonclient.grpc import service_pb2 as pb
+
+    images = np.arange(24, dtype=np.uint8).reshape(3, 2, 4)
+    wire = GrpcWire(Served(url="grpc://h:8001", model_name="m", input_name="input",
+                           input_datatype="UINT8", logits_datatype="FP32", inputs=images,
+                           batch=2, timeout_s=1.0))
+    sent = pb.ModelInferRequest.FromString(wire.request(2))
+    assert sent.model_name == "m" and [o.name for o in sent.outputs] == ["logits"]
+    assert sent.inputs[0].name == "input" and list(sent.inputs[0].shape) == [2, 2, 4]
+    assert list(sent.raw_input_contents) == [images[[2, 0]].tobytes()]
+    logits = np.array([[0.0, 1.0], [3.0, 2.0]], np.float32)
+    answer = pb.ModelInferResponse(outputs=[pb.ModelInferResponse.InferOutputTensor(
+        name="logits", datatype="FP32", shape=[2, 2])], raw_output_contents=[logits.tobytes()])
+    assert wire.top1({}, answer.SerializeToString()).tolist() == [1, 0]
+
+
+class _OneShotServer:
+    """A loopback HTTP server that answers each connection's first request with ``answer``
+    and then closes it, as a server closing an idle keep-alive connection does."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(self.answer)
+
+    def stop(self) -> None:
+        """No more connections (shutdown wakes the thread blocked in accept)."""
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def test_a_keep_alive_connection_closed_while_idle_is_opened_again() -> None:
+    body = b'{"outputs":[{"name":"logits","data":[0.0,1.0]}]}'
+    server = _OneShotServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    conn = HttpConnection(server.url, 2.0)
+    try:
+        for _ in range(3):  # each on a new connection: the server closed the last one
+            headers, answer = conn.infer(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            assert answer == body and headers["content-type"] == "application/json"
+    finally:
+        conn.close()
+        server.stop()
+    assert server.connections == 3
+
+
+def test_an_error_answer_reads_as_tritonclients() -> None:
+    body = b'{"error":"Exceeds maximum queue size"}'
+    server = _OneShotServer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n"
+                            % len(body) + body)
+    conn = HttpConnection(server.url, 2.0)
+    try:
+        with pytest.raises(ServerError) as e:
+            conn.infer(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    finally:
+        conn.close()
+        server.stop()
+    assert str(e.value) == "[503] Exceeds maximum queue size" and classify(e.value) == "rejected"
+    with pytest.raises(ConnectionRefusedError):
+        HttpConnection(server.url, 2.0).infer(b"x")  # nobody listens now: the server is down
 
 
 def _probe(outputs: list[str], seen: dict[str, Any]) -> Any:
@@ -224,7 +352,7 @@ def _probe(outputs: list[str], seen: dict[str, Any]) -> Any:
             seen["metadata"] = kwargs
             return SimpleNamespace(
                 inputs=[SimpleNamespace(name="input", datatype="FP32", shape=[-1, 1, 32, 32])],
-                outputs=[SimpleNamespace(name=n) for n in outputs])
+                outputs=[SimpleNamespace(name=n, datatype="FP32") for n in outputs])
 
     return Probe()
 
@@ -297,8 +425,9 @@ def _ports_free_from(port: int) -> bool:
                    for p in (port, port + 1, port + 2))
 
 
-def _serving(model: Path, *options: str) -> tuple[int, int, subprocess.Popen[str]]:
-    """(HTTP port, tritonserver's pid = its process group, ``stn-deploy serve`` once ready)."""
+def _serving(model: Path, *options: str) -> tuple[int, int, subprocess.Popen[str], list[str]]:
+    """(HTTP port, tritonserver's pid = its process group, ``stn-deploy serve`` once ready,
+    the lines it printed until then)."""
     port = _free_ports()
     server = subprocess.Popen([sys.executable, "-m", "stn_deploy", "serve", str(model),
                                "--port", str(port), *options], stdout=subprocess.PIPE,
@@ -309,9 +438,9 @@ def _serving(model: Path, *options: str) -> tuple[int, int, subprocess.Popen[str
         lines.append(server.stdout.readline())
         if not lines[-1] and server.poll() is not None:
             pytest.fail("serve exited before it was ready: " + "".join(lines))
-    assert f"at http://127.0.0.1:{port}/v2/models/digits" in lines[0], lines
+    assert any(f"at http://127.0.0.1:{port}/v2/models/digits" in line for line in lines), lines
     pid = int(re.search(r"tritonserver pid (\d+)", lines[-1]).group(1))  # type: ignore[union-attr]
-    return port, pid, server
+    return port, pid, server, lines
 
 
 def _kill(server: subprocess.Popen[str]) -> None:
@@ -350,7 +479,8 @@ def test_served_top1_equals_the_local_runner_and_sigterm_stops_the_group(
     from stn_deploy.harness import to_runner_input
     from stn_deploy.serving.loadtest import LoadRequest, run_loadtest
 
-    port, pgid, server = _serving(served_onnx, "--max-queue", "8", "--threads", "1")
+    port, pgid, server, said = _serving(served_onnx, "--max-queue", "8", "--threads", "1")
+    assert "warning: with --max-queue" in said[0]  # the batcher's stall with a queue bound
     try:
         with create_runner("onnxruntime", served_onnx) as runner:
             data, _ = load_eval_data(runner.config, None, None, 96)
@@ -377,6 +507,7 @@ def test_served_top1_equals_the_local_runner_and_sigterm_stops_the_group(
         for row in report["results"]:
             assert row["answered"] == row["requests"] > 50 and row["agreement_pct"] == 100.0
             assert row["mean_batch"] >= 1.0 and row["served_ratio"] > 0
+            assert row["client_cpu_us"] > 0 and row["client_cpu_pct"] > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready") as r:
             assert r.status == 200
         t0 = time.monotonic()
@@ -385,6 +516,41 @@ def test_served_top1_equals_the_local_runner_and_sigterm_stops_the_group(
         assert time.monotonic() - t0 < 10
         assert server.stdout is not None and "stopping" in server.stdout.read()
         assert _group_gone(pgid)
+        # the stub's outputs leave by DLPack without numpy's capsule destructor writing
+        # an error per output to the log
+        log = Path(re.search(r"log (\S+);", said[-1]).group(1))  # type: ignore[union-attr]
+        assert "PyCapsule" not in log.read_text()
+    finally:
+        _kill(server)
+
+
+@NEEDS_SERVER
+def test_a_repository_copied_elsewhere_serves(served_onnx: Path, tmp_path: Path) -> None:
+    """A python-* repository names no folder of the installation that wrote it (serve tells
+    the stub where stn-deploy is), so a copy in another folder, the original gone, serves
+    the local runner's answers."""
+    import shutil
+
+    from stn_deploy.backends import create_runner
+    from stn_deploy.bench import load_eval_data
+    from stn_deploy.harness import to_runner_input
+    from stn_deploy.serving.triton_repo import RepoOptions, write_repository
+
+    write_repository(served_onnx, tmp_path / "written", RepoOptions(
+        kinds=("python-onnxruntime",), name="digits", kind_suffix=False))
+    copy = shutil.copytree(tmp_path / "written", tmp_path / "elsewhere" / "repo")
+    shutil.rmtree(tmp_path / "written")
+    with create_runner("onnxruntime", served_onnx) as runner:
+        data, _ = load_eval_data(runner.config, None, None, 32)
+        assert data is not None
+        images = to_runner_input(runner, data.images)
+        local = runner.infer(images)["logits"].argmax(axis=1)
+    port, pgid, server, said = _serving(copy)
+    assert not any("warning" in line for line in said)
+    try:
+        assert (_infer(port, images).argmax(axis=1) == local).all()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0 and _group_gone(pgid)
     finally:
         _kill(server)
 
@@ -441,7 +607,7 @@ def test_a_repository_without_its_model_and_a_port_in_use_are_one_line(
 
 @NEEDS_SERVER
 def test_loadtest_names_a_server_killed_mid_run(served_onnx: Path) -> None:
-    port, pgid, server = _serving(served_onnx)
+    port, pgid, server, _ = _serving(served_onnx)
     try:
         client = subprocess.Popen([sys.executable, "-m", "stn_deploy", "loadtest",
                                    f"http://127.0.0.1:{port}", "--model", str(served_onnx),

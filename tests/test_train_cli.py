@@ -98,7 +98,8 @@ def test_help_shows_the_first_options_and_help_all_the_advanced_ones() -> None:
                      " ".join(short.output.split()))
     # Every default a recipe sets is shown with its values, never as "by recipe".
     assert "by recipe" not in full.output
-    assert "[default: seed, improved: 0.05; rts: 0.001]" in " ".join(full.output.split())
+    assert "[default: seed, improved, cifar10-stn: 0.05; rts: 0.001]" in " ".join(
+        full.output.split())
     # An option left unset is resolved elsewhere (a recipe, auto): its help says to what.
     ctx = train_command.make_context("train", [])
     unsaid = [p.name for p in train_command.params

@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,10 @@ def test_python_flavour_runs_our_runner_in_the_stub(served_onnx: Path, tmp_path:
         assert (folder / "labels.txt").read_text() == (repo / "d-onnxruntime" /
                                                        "labels.txt").read_text()
         assert json.loads((folder / "stn_deploy.json").read_text())["kind"] == f"python-{kind}"
+    # nothing of this machine or environment in it: serve tells the stub where stn-deploy is
+    written = [f.read_bytes() for f in repo.rglob("*") if f.is_file()]
+    for path in _install_paths():
+        assert not any(path.encode() in data for data in written), path
     if schema_available():
         assert validate_repository(repo) == []
         (repo / "d-python-openvino" / "1" / "model.onnx").unlink()
@@ -136,6 +142,51 @@ def test_python_flavour_runs_our_runner_in_the_stub(served_onnx: Path, tmp_path:
                                              "python-\\* kinds"):
         write_repository(served_onnx, tmp_path / "r2", RepoOptions(threads=2))
     assert not (tmp_path / "r2").exists()
+
+
+def _install_paths() -> list[str]:
+    """The folders a repository written here must not name: the folder holding stn_deploy,
+    the environment's prefix and the interpreter's, and every folder serve hands the stub."""
+    from stn_deploy.serving import python_model
+
+    return sorted({str(Path(python_model.__file__).resolve().parents[2]), sys.prefix,
+                   sys.base_prefix, *python_model.python_path()})
+
+
+@needs_schema
+def test_the_stub_finds_stn_deploy_through_serves_environment(served_onnx: Path,
+                                                              tmp_path: Path) -> None:
+    """model.py as Triton's stub runs it, in the base interpreter with no site-packages at
+    all: with the folders serve names in PATH_ENV it loads the runner; without them it fails
+    naming the variable."""
+    from google.protobuf import json_format
+
+    from stn_deploy.serving.python_model import PATH_ENV, python_path
+    from stn_deploy.serving.validate import parse_config
+
+    repo = tmp_path / "repo"
+    write_repository(served_onnx, repo, RepoOptions(kinds=("python-onnxruntime",), name="d",
+                                                    threads=1))
+    folder = repo / "d-python-onnxruntime"
+    args = {"model_repository": str(folder), "model_version": "1",
+            "model_config": json_format.MessageToJson(parse_config(folder / "config.pbtxt"),
+                                                      preserving_proto_field_name=True)}
+    script = ("import json, runpy, sys\n"
+              f"model = runpy.run_path({str(folder / '1' / 'model.py')!r})['TritonPythonModel']()\n"
+              "model.initialize(json.loads(sys.stdin.read()))\n"
+              "print(type(model.model.runner).__name__, model.model.runner.is_active)\n"
+              "model.finalize()\n")
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", PATH_ENV)}
+    run = [str(base), "-I", "-S", "-c", script]  # -S: not even the base's own site-packages
+    served = subprocess.run(run, input=json.dumps(args), capture_output=True, text=True,
+                            timeout=120, env={**env, PATH_ENV: os.pathsep.join(python_path())})
+    assert served.returncode == 0, served.stderr
+    assert served.stdout.split() == ["OnnxRuntimeRunner", "True"]
+    alone = subprocess.run(run, input=json.dumps(args), capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert alone.returncode != 0
+    assert f"the stub imports stn-deploy from the folders in {PATH_ENV}" in alone.stderr
 
 
 def test_unverified_and_static_batch_exports_are_refused(digits_onnx: Path,

@@ -1,9 +1,14 @@
-"""OpenVINO on the CPU, reading the same ONNX files (FP32, FP16 and the INT8 QDQ graph).
+"""OpenVINO on the CPU, reading the same ONNX files (FP32, FP16 and the INT8 QDQ graph) and
+the IR ``export --format openvino`` writes (those and bf16).
 
 Two settings are made explicit because the defaults are not what a results table implies:
-- ``INFERENCE_PRECISION_HINT``: f32 unless precision "bf16" is asked for. On CPUs with
-  AVX512_BF16 or AMX OpenVINO's own default computes an "FP32" model in bfloat16; here that
-  is a row of its own, labelled bf16, with its accuracy and agreement measured like any other.
+- ``INFERENCE_PRECISION_HINT``: f32 unless the precision is bf16. On CPUs with AVX512_BF16 or
+  AMX OpenVINO's own default computes an "FP32" model in bfloat16; here that is a row of its
+  own, labelled bf16, with its accuracy and agreement measured like any other. bf16 comes
+  from the caller (``precision="bf16"`` on an FP32 file: refused on a CPU without bf16, since
+  the caller asked for a compute precision this CPU cannot give) or from the file (a bf16 IR,
+  whose metadata says bf16: it runs on any CPU, OpenVINO computing it in f32 where there is
+  no bf16, and ``describe()["inference_precision"]`` says which).
 - ``PERFORMANCE_HINT``: LATENCY (one stream using every thread) or THROUGHPUT (several
   streams). Streams only pay off with requests in flight at once, so under THROUGHPUT a batch
   is cut into slices of at most ``SLICE`` images that run on two requests per stream, and the
@@ -124,7 +129,8 @@ class OpenVinoRunner(OnnxFileRunner):
         self.output_names = tuple(next((n for n in sorted(o.get_names()) if n in declared),
                                        o.get_any_name()) for o in compiled.outputs)
         computed = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        if COMPUTE[self.precision] == "bf16" and computed != "bf16":
+        asked = self.precision != self.stored_precision  # bf16 over an FP32 file
+        if asked and COMPUTE[self.precision] == "bf16" and computed != "bf16":
             raise StnDeployError(f"openvino bf16: this CPU has no bf16 support (OpenVINO computes"
                                  f" in {computed}); run the file as fp32")
         # A static-batch graph cannot be sliced, so it keeps one request, as LATENCY does.

@@ -15,7 +15,7 @@ import click
 
 from stn_deploy.commands.options import (DATASET_CHOICES, OV_PRECISION_CHOICES, SampleCount,
                                          backend_option, batch_sizes, device_option, is_stdout,
-                                         json_option, write_json_text)
+                                         json_option, pretrained_option, write_json_text)
 
 
 @click.command()
@@ -25,6 +25,7 @@ from stn_deploy.commands.options import (DATASET_CHOICES, OV_PRECISION_CHOICES, 
                 note=" (all: every available one; the rest are listed with the reason)",
                 default_help="torch for a checkpoint, onnxruntime and openvino for .onnx, trt "
                              "for a plan")
+@pretrained_option("bench its checkpoint and its shipped FP32 ONNX (instead of MODEL...)")
 @click.option("--batch-sizes", callback=batch_sizes, default="1,8,64,256", show_default=True)
 @click.option("--iterations", type=click.IntRange(1), default=None,
               help="Timed iterations per batch size and mode [default: 100 unless --duration].")
@@ -66,7 +67,8 @@ from stn_deploy.commands.options import (DATASET_CHOICES, OV_PRECISION_CHOICES, 
               default=None, help="Write latency and throughput against batch size as PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bars and no table (files and the "
               "gate still work).")
-def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
+def bench(models: tuple[Path, ...], pretrained: str | None, backends: Any,
+          batch_sizes: tuple[int, ...],
           iterations: int | None, duration: float | None, warmup: int, compute_only: bool,
           threads: int | None, ov_hint: str, ov_precision: str, device: str,
           dataset: str | None, data_dir: str | None, eval_samples: int | None,
@@ -96,6 +98,13 @@ def bench(models: tuple[Path, ...], backends: Any, batch_sizes: tuple[int, ...],
         raise click.UsageError("--min-agreement/--max-accuracy-drop need evaluation "
                                "(--eval-samples is 0)")
     missing = None
+    if pretrained is not None:
+        from stn_deploy.pretrained import pretrained as shipped
+
+        if models:
+            raise click.UsageError("give MODEL... or --pretrained, not both")
+        model = shipped(pretrained)
+        models = (model.checkpoint, model.onnx)
     if not models:
         from stn_deploy.defaults import EXPORT_DIR, bench_models
 

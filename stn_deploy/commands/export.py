@@ -14,27 +14,14 @@ from typing import Any
 import click
 
 from stn_deploy.commands.options import (PRECISION_CHOICES, TARGET_CHOICES, TRT, AliasChoice,
-                                         SampleCount)
-from stn_deploy.export.request import (BF16_REFUSAL, CALIB_SAMPLES, EXPORT_PRECISIONS,
-                                       QUANTIZERS, TRT_PROFILE, WORKSPACE_MB)
+                                         SampleCount, pretrained_option)
+from stn_deploy.export.request import (CALIB_SAMPLES, EXPORT_PRECISIONS, QUANTIZERS,
+                                       TRT_PROFILE, WORKSPACE_MB)
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 PROFILE_TEXT = ",".join(str(v) for v in TRT_PROFILE)
-
-
-class ExportPrecision(click.Choice):
-    """The precisions export writes; bf16 gets its own line saying where bf16 comes from."""
-
-    def __init__(self) -> None:
-        super().__init__([p for p in PRECISION_CHOICES if p in EXPORT_PRECISIONS])
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Any:
-        if str(value).lower() == "bf16":
-            self.fail(f"bf16: {BF16_REFUSAL}", param, ctx)
-        return super().convert(value, param, ctx)
 
 
 def _parsed(parse: Any) -> Any:
@@ -84,11 +71,16 @@ def _profile(text: str) -> tuple[int, int, int]:
 
 @click.command("export")
 @click.argument("checkpoint", required=False, default=None, type=EXISTING_FILE)
+@pretrained_option("export its checkpoint (instead of CHECKPOINT)")
 @click.option("--format", "format", type=AliasChoice(("onnx", TRT, "openvino")), default="onnx",
               show_default=True, help="trt: a TensorRT plan (needs tensorrt and a GPU); "
               "openvino: OpenVINO IR, .xml + .bin (needs openvino).")
-@click.option("--precision", type=ExportPrecision(), default="fp32", show_default=True,
-              help="fp16/int8 keep the STN path (theta, grid, sampler) in FP32.")
+@click.option("--precision", type=click.Choice([p for p in PRECISION_CHOICES
+                                               if p in EXPORT_PRECISIONS]),
+              default="fp32", show_default=True,
+              help="fp16/int8 keep the STN path (theta, grid, sampler) in FP32. bf16: "
+                   "--format openvino only, an IR that OpenVINO computes in bf16 on CPUs "
+                   "with AVX512_BF16 or AMX (in f32 elsewhere).")
 @click.option("--keep-float", type=EXISTING_FILE, default=None, metavar="FILE",
               help="fp16/int8: also keep these nodes in float: the JSON 'debug precision "
                    "--json' writes, or a JSON list of node names.")
@@ -167,7 +159,7 @@ def export(**options: Any) -> None:
     from stn_deploy.export.request import ExportRequest, OptionError
 
     req = ExportRequest(**options)
-    if req.checkpoint is None and req.factory is None:
+    if req.checkpoint is None and req.factory is None and req.pretrained is None:
         from stn_deploy.defaults import default_checkpoint
 
         req.checkpoint = default_checkpoint("CHECKPOINT")

@@ -58,9 +58,10 @@ def loadtest(url: str, model: Path, model_name: str | None, backend: str | None,
 
     Per concurrency (closed loop) or --rate (open loop) and per --protocol: throughput,
     p50/p90/p99 latency, errors and rejections, accuracy and top-1 agreement with MODEL run
-    locally, the mean batch Triton formed (from its metrics, HTTP port + 2) and the served
-    throughput over the same runner's in this process at that batch. A server that stops
-    answering ends the run with one line and exit 1."""
+    locally, the mean batch Triton formed (from its metrics, HTTP port + 2), the served
+    throughput over the same runner's in this process at that batch, and this client's own
+    CPU (% of a core, and microseconds per request: CPU a server on this machine did not
+    get). A server that stops answering ends the run with one line and exit 1."""
     from stn_deploy.errors import StnDeployError
     from stn_deploy.fileio import write_text_atomic
     from stn_deploy.report import to_json

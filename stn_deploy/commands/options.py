@@ -194,3 +194,24 @@ def batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple
     if not sizes or any(s < 1 for s in sizes):
         raise click.BadParameter("batch sizes must be positive integers")
     return tuple(sorted(set(sizes)))
+
+
+def pretrained_option(what: str) -> Callable[[F], F]:
+    """``--pretrained NAME``: a model stn-deploy ships trained (stn_deploy.pretrained). An
+    unknown name is a usage error naming the shipped ones; the files are checked against
+    their record where the command loads them."""
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        from stn_deploy.pretrained import names
+
+        if value is not None and value not in names():
+            shipped = ", ".join(names()) or "none in this install"
+            raise click.BadParameter(f"no pretrained model {value!r}; shipped: {shipped}",
+                                     ctx, param)
+        return value
+
+    from stn_deploy.pretrained import names
+
+    shipped = ", ".join(names()) or "none in this install"
+    return click.option("--pretrained", metavar="NAME", default=None, callback=callback,
+                        help=f"A model stn-deploy ships trained, by name (shipped: {shipped}; "
+                             f"each one's card is stn_deploy/pretrained/NAME.md): {what}.")

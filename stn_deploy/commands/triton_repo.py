@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from stn_deploy.commands.options import TRT, AliasChoice, canonical_backend, library_name
-from stn_deploy.serving.triton_repo import KINDS
+from stn_deploy.serving.triton_repo import KINDS, QUEUE_DELAY_US
 
 # The kinds as a user types them (TensorRT is ``trt``, whatever the library calls it).
 KIND_CHOICES = tuple(dict.fromkeys(canonical_backend(k) for k in KINDS))
@@ -29,7 +29,8 @@ INSTANCE_KINDS = ("cpu", "gpu")
 @click.option("--preferred-batch-size", type=click.IntRange(1, None), multiple=True,
               help="dynamic_batching preferred_batch_size (repeat) [default: 4, 8, 16 ... "
                    "up to --max-batch-size].")
-@click.option("--queue-delay-us", type=click.IntRange(0, None), default=500, show_default=True,
+@click.option("--queue-delay-us", type=click.IntRange(0, None), default=QUEUE_DELAY_US,
+              show_default=True,
               help="dynamic_batching max_queue_delay_microseconds.")
 @click.option("--instance-kind", type=click.Choice(INSTANCE_KINDS), default=None,
               help=f"instance_group kind [default: cpu; a plan ({TRT}) runs on gpu only].")

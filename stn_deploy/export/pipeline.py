@@ -3,7 +3,8 @@
     request -> plan and source (a checkpoint or a user's module) -> FP32 graph -> verify
             -> precision variant (FP16; INT8 by ONNX Runtime's quantizer or NNCF)
             -> verify -> target checks -> metadata -> file
-            [-> TensorRT plan | -> OpenVINO IR (.xml + .bin), verified on openvino]
+            [-> TensorRT plan | -> OpenVINO IR (.xml + .bin; FP32, FP16, bf16, INT8),
+             verified on openvino]
 
 The command and the API fill the same ``request.ExportRequest``; options are resolved and
 refused by name there, before any work, and each stage below is one short function, the same
@@ -66,7 +67,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         lines += health.lines
         meta.update(health.metadata)
         final = precision_variant(req, plan, source, fp32, data, lines, meta)
-        if plan.precision != "fp32":
+        if final != fp32:  # bf16 is the FP32 graph: OpenVINO computes it in bf16
             report = verified(f"{plan.precision.upper()} ONNX ({float_part(plan)} in FP32)", final,
                               reference, data, source.config, plan.precision, lines)
         check_for_target(final, plan.target, lines)
@@ -297,9 +298,13 @@ def write_ir(onnx_path: Path, plan: Plan, reference: "Reference", data: "Images"
              config: "ModelConfig", lines: list[str],
              echo: Callable[[str], None]) -> ExportResult:
     """OpenVINO IR (.xml + .bin) converted from the verified ONNX graph, its metadata in the
-    IR's rt_info under ``stn_deploy``, verified through the openvino runner; FP16 is the FP32
+    IR's rt_info under ``stn_deploy``, verified through the openvino runner, and that
+    verification (what OpenVINO computed in, on this CPU) recorded in it. FP16 is the FP32
     graph with weights compressed to FP16 (OpenVINO's own FP16 IR: the CPU plugin computes
-    in f32 or bf16 from it, so no FP16 island in the STN path to protect)."""
+    in f32 or bf16 from it, so no FP16 island in the STN path to protect); bf16 is the FP32
+    graph whose metadata says bf16, so the runner compiles it with bf16 as the inference
+    precision, which OpenVINO computes on CPUs with AVX512_BF16 or AMX and in f32 elsewhere
+    (the file is the same: it is decided at compile time)."""
     from stn_deploy.artifacts import IR_SECTION, ir_bin_path, read_metadata
     from stn_deploy.backends.ov import import_openvino
 
@@ -309,9 +314,12 @@ def write_ir(onnx_path: Path, plan: Plan, reference: "Reference", data: "Images"
         model.set_rt_info(value, [IR_SECTION, key])
     model.set_rt_info("openvino", [IR_SECTION, "format"])
     xml = onnx_path.with_name("model.xml")
-    ov.save_model(model, str(xml), compress_to_fp16=plan.precision == "fp16")
+    compress = plan.precision == "fp16"
+    ov.save_model(model, str(xml), compress_to_fp16=compress)
     report = verified(f"OpenVINO IR ({plan.precision.upper()})", xml, reference, data, config,
                       plan.precision, lines, backend="openvino", grids=False)
+    model.set_rt_info(report.to_json(), [IR_SECTION, "verification"])  # the IR's own
+    ov.save_model(model, str(xml), compress_to_fp16=compress)
     move_into_place(ir_bin_path(xml), ir_bin_path(plan.path))
     move_into_place(xml, plan.path)
     lines.append(f"wrote {plan.path} and {ir_bin_path(plan.path).name}")

@@ -32,9 +32,11 @@ QUANTIZERS = ("onnxruntime", "nncf")
 DEFAULT_QUANTIZER = {"openvino": "nncf", "onnxruntime": "onnxruntime", "trt": "onnxruntime"}
 NNCF_INSTALL = "pip install 'stn-deploy[int8]'"
 ALIASES = {"engine": "trt", "tensorrt": "trt"}  # old spellings of trt, still read
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
-BF16_REFUSAL = ("export writes fp32, fp16 or int8; for bf16, export fp32 and let OpenVINO run "
-                "it in bf16 (bench --ov-precision bf16)")
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# bf16 is OpenVINO's: its IR keeps FP32 weights and says bf16 in its metadata, and the CPU
+# plugin computes in bf16 when it compiles the IR on a CPU with AVX512_BF16 or AMX. An ONNX
+# file or TensorRT plan has no such CPU path here.
+BF16_FORMAT = "openvino"
 CALIB_SAMPLES = 500
 TRT_PROFILE = (1, 32, 256)
 WORKSPACE_MB = 1024
@@ -60,8 +62,10 @@ class ExportRequest:
     strings, sequences as lists, sample counts as ``"all"``: ``__post_init__`` gives each its
     one form."""
 
-    # The model: a checkpoint, or a user's module (CLI: --factory; API: the module itself).
+    # The model: a checkpoint, a shipped one by name, or a user's module (CLI: --factory;
+    # API: the module itself).
     checkpoint: Path | None = None
+    pretrained: str | None = None  # a name in stn_deploy.pretrained: its shipped checkpoint
     factory: str | None = None  # PACKAGE.MODULE:FACTORY
     module: Any = None  # an nn.Module (API)
     weights: Path | None = None
@@ -173,8 +177,6 @@ def resolve(req: ExportRequest) -> Plan:
         raise OptionError(f"{req.spell('format')} {req.format!r}: choose from "
                           f"{', '.join(FORMATS)}")
     precision = req.precision
-    if precision == "bf16":
-        raise OptionError(f"{req.spell_as('precision', 'bf16')}: {BF16_REFUSAL}")
     if precision not in EXPORT_PRECISIONS:
         raise OptionError(f"{req.spell('precision')} {req.precision!r}: choose from "
                           f"{', '.join(EXPORT_PRECISIONS)}")
@@ -232,7 +234,7 @@ def _conflicts(req: ExportRequest, fmt: str, precision: str,
     problem = check_trt_profile(req.trt_profile, req.static_batch)
     if problem:
         yield "trt_profile", problem
-    yield from _precision_conflicts(req, precision, target)
+    yield from _precision_conflicts(req, fmt, precision, target)
     if fmt == "openvino" and target != "openvino":
         yield "target", (f"{req.spell_as('format', 'openvino')} writes OpenVINO IR, which only "
                          f"openvino runs, not {target}")
@@ -262,9 +264,19 @@ def _conflicts(req: ExportRequest, fmt: str, precision: str,
                             "other")
 
 
-def _precision_conflicts(req: ExportRequest, precision: str,
+def _precision_conflicts(req: ExportRequest, fmt: str, precision: str,
                          target: str) -> Iterator[tuple[str, str]]:
-    """--keep-float, --quantizer and --max-accuracy-drop against the precision and target."""
+    """bf16 against the format; --keep-float, --quantizer and --max-accuracy-drop against the
+    precision and target."""
+    bf16_ir = req.spell_as("format", BF16_FORMAT)
+    if precision == "bf16" and fmt != BF16_FORMAT:
+        yield "precision", (f"bf16 is OpenVINO's CPU precision (an IR that it computes in "
+                            f"bf16 on CPUs with AVX512_BF16 or AMX), which "
+                            f"{req.spell_as('format', fmt)} does not write: use {bf16_ir}")
+    if precision == "bf16" and req.keep_float is not None:
+        yield "keep_float", ("OpenVINO chooses bf16 for the whole graph when it compiles the IR: "
+                             f"no node to keep; nodes are kept float with "
+                             f"{req.spell_as('precision', 'fp16')} or int8")
     if req.keep_float is not None and precision == "fp32":
         yield "keep_float", (f"an FP32 graph is all float; nodes are kept float with "
                              f"{req.spell_as('precision', 'fp16')} or int8")
@@ -342,18 +354,25 @@ def open_source(req: ExportRequest) -> "Source":
     itself refused by name."""
     from stn_deploy.export.sources import CheckpointSource
 
-    named = [n for n in ("checkpoint", "factory", "module") if getattr(req, n) is not None]
+    named = [n for n in ("checkpoint", "pretrained", "factory", "module")
+             if getattr(req, n) is not None]
     if len(named) != 1:
-        which = f"{req.spell('checkpoint')} or {req.spell('factory')}"
+        which = (f"{req.spell('checkpoint')}, {req.spell('pretrained')} or "
+                 f"{req.spell('factory')}")
+        given = " and ".join(map(req.spell, named))
         raise OptionError(f"give one model to export ({which}), "
-                          f"{'not both' if named else 'none was given'}")
-    if req.checkpoint is not None:
-        for name, what in MODULE_ONLY.items():
-            if getattr(req, name) not in (None, ()):
-                raise OptionError(f"{req.spell(name)}: a checkpoint carries {what}; "
-                                  f"{req.spell(name)} is for a user's module")
-        return CheckpointSource.load(req.checkpoint)
-    return _module_source(req, named[0])
+                          f"{'not ' + given if named else 'none was given'}")
+    if req.checkpoint is None and req.pretrained is None:
+        return _module_source(req, named[0])
+    for name, what in MODULE_ONLY.items():
+        if getattr(req, name) not in (None, ()):
+            raise OptionError(f"{req.spell(name)}: a checkpoint carries {what}; "
+                              f"{req.spell(name)} is for a user's module")
+    if req.pretrained is not None:
+        from stn_deploy.pretrained import pretrained
+
+        return CheckpointSource.load(pretrained(req.pretrained).checkpoint)
+    return CheckpointSource.load(req.checkpoint)
 
 
 def _module_source(req: ExportRequest, named: str) -> "Source":

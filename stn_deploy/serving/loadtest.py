@@ -9,13 +9,17 @@ or Triton's binary tensor extension, or over gRPC. With the server's metrics end
 level also reports the mean batch Triton's dynamic batcher formed and the served/in-process
 ratio against the same runner at that batch, measured in the same run.
 Per level: throughput, p50/p90/p99 latency (harness.summarize, as bench), errors and
-rejections, and accuracy and top-1 agreement of the served answers with the same model run
-locally. A server that stops answering ends the run with one line, never a hang: every
-request has a timeout and every level a deadline.
+rejections, accuracy and top-1 agreement of the served answers with the same model run
+locally, and the load generator's own CPU time (per request and as a share of the level's
+wall time): on a shared machine that CPU is taken from the server. tritonclient only finds
+the server and its model; the requests themselves are encoded once and sent by
+:mod:`stn_deploy.serving.wire`. A server that stops answering ends the run with one line,
+never a hang: every request has a timeout and every level a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import threading
 import time
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from stn_deploy.errors import StnDeployError, error_line, require
+from stn_deploy.serving.wire import WIRES, Served, Wire
 
 INSTALL = "pip install 'stn-deploy[serve]' (or: pip install 'tritonclient[http,grpc]')"
 # Words Triton uses when its queue policy turns a request away (HTTP 503 / gRPC UNAVAILABLE).
@@ -81,11 +86,12 @@ class Level:
     first_error: str | None = None
     down: bool = False  # the server stopped answering
     seconds: float = 0.0
-    cpu_pct: float | None = None  # the load generator's CPU time over wall time
+    cpu_s: float = 0.0  # the load generator's CPU time (all its threads) during the level
 
 
-def _client(url: str, concurrency: int, timeout_s: float) -> tuple[Any, Any, str]:
-    """(client module, client, protocol) for an http:// or grpc:// URL."""
+def _client(url: str, timeout_s: float) -> tuple[Any, Any, str]:
+    """(client module, tritonclient client, protocol) for an http:// or grpc:// URL: the
+    probe that finds the server and reads the model's metadata."""
     proto, _, address = url.partition("://")
     if not address:
         proto, address = "http", url
@@ -96,8 +102,7 @@ def _client(url: str, concurrency: int, timeout_s: float) -> tuple[Any, Any, str
     mod = require(f"tritonclient.{proto}", INSTALL, "tritonclient")
     address = address.rstrip("/")
     if proto == "http":
-        client = mod.InferenceServerClient(address, concurrency=max(1, concurrency),
-                                           connection_timeout=timeout_s,
+        client = mod.InferenceServerClient(address, connection_timeout=timeout_s,
                                            network_timeout=timeout_s)
     else:
         client = mod.InferenceServerClient(address)
@@ -139,6 +144,8 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
         inputs = to_runner_input(runner, data.images)
         spec = runner.input_spec
     local_top1 = np.asarray(local["logits"]).argmax(axis=1)
+    # the images a level can reach (it starts again at the first): no more are encoded
+    inputs = inputs[:req.max_requests * req.batch]
 
     protocols = req.protocols or (("grpc",) if req.url.startswith("grpc://") else ("binary",))
     metrics = req.metrics_url if req.metrics_url is not None else metrics_url(req.url)
@@ -147,17 +154,15 @@ def run_loadtest(req: LoadRequest, echo: Callable[[str], None] = print) -> dict[
     cpu0 = time.process_time()
     for protocol in protocols:
         url = protocol_url(req.url, protocol)
-        mod, proto, input_name, want_dtype = _connect(url, req, name, spec)
+        wire = WIRES[protocol](_connect(url, req, name, spec, inputs))
         for what, value in levels:
             before = batcher_counts(metrics, name)
             if what == "rate":
                 n = max(1, int(value * req.duration_s))
-                level = _run_level(mod, proto, req, req.open_loop_threads, inputs, input_name,
-                                   want_dtype, name, binary=protocol != "json",
+                level = _run_level(wire, req, req.open_loop_threads,
                                    schedule=arrival_times(value, n, req.arrivals))
             else:
-                level = _run_level(mod, proto, req, int(value), inputs, input_name, want_dtype,
-                                   name, binary=protocol != "json")
+                level = _run_level(wire, req, int(value))
             row = _row(level, req, data.labels, local_top1, url)
             row.update(protocol=protocol, rate=value if what == "rate" else None,
                        mean_batch=mean_batch(before, batcher_counts(metrics, name)))
@@ -268,10 +273,10 @@ def _add_inprocess(rows: list[dict[str, Any]], req: LoadRequest, backend: str,
                      served_ratio=r["throughput_ips"] / speed[b])
 
 
-def _connect(url: str, req: LoadRequest, name: str, spec: Any) -> tuple[Any, str, str, str]:
-    """(client module, protocol, input name, Triton dtype) once the server is ready and
-    serves a model taking what ``req.model`` takes."""
-    mod, probe, proto = _client(url, 1, req.timeout_s)
+def _connect(url: str, req: LoadRequest, name: str, spec: Any, inputs: np.ndarray) -> Served:
+    """What a wire needs to send ``inputs`` to ``url``, once the server is ready and serves a
+    model taking what ``req.model`` takes and answering logits."""
+    _, probe, proto = _client(url, req.timeout_s)
     # HTTP clients carry their timeouts; gRPC calls take one each, else they wait forever.
     timeout = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
     try:
@@ -286,8 +291,8 @@ def _connect(url: str, req: LoadRequest, name: str, spec: Any) -> tuple[Any, str
     served = meta["inputs"][0] if isinstance(meta, dict) else {
         "name": meta.inputs[0].name, "datatype": meta.inputs[0].datatype,
         "shape": list(meta.inputs[0].shape)}
-    outputs = [o["name"] for o in meta["outputs"]] if isinstance(meta, dict) else [
-        o.name for o in meta.outputs]
+    outputs = {o["name"]: o["datatype"] for o in meta["outputs"]} if isinstance(meta, dict) \
+        else {o.name: o.datatype for o in meta.outputs}
     if "logits" not in outputs:
         raise StnDeployError(f"{name} at {url} has no logits output (it has: "
                              f"{', '.join(outputs) or 'none'}); loadtest compares served "
@@ -298,7 +303,9 @@ def _connect(url: str, req: LoadRequest, name: str, spec: Any) -> tuple[Any, str
         raise StnDeployError(f"{name} at {url} takes {served['datatype']} "
                              f"{served['shape']}, {req.model.name} takes {want_dtype} "
                              f"{list(spec.shape)}: not the same model")
-    return mod, proto, served["name"], want_dtype
+    return Served(url=url, model_name=name, input_name=served["name"], input_datatype=want_dtype,
+                  logits_datatype=outputs["logits"], inputs=inputs, batch=req.batch,
+                  timeout_s=req.timeout_s)
 
 
 def _row(level: Level, req: LoadRequest, labels: np.ndarray, local_top1: np.ndarray,
@@ -326,93 +333,106 @@ def _row(level: Level, req: LoadRequest, labels: np.ndarray, local_top1: np.ndar
             accuracy_pct=float((top1 == labels[idx]).mean() * 100),
             agreement_pct=float((top1 == local_top1[idx]).mean() * 100),
             images_checked=int(len(idx)))
-    row["client_cpu_pct"] = level.cpu_pct
+    row["client_cpu_pct"] = 100.0 * level.cpu_s / level.seconds if level.seconds > 0 else None
+    row["client_cpu_us"] = 1e6 * level.cpu_s / level.sent if level.sent else None
     row["first_error"] = level.first_error
     return row
 
 
-def _run_level(mod: Any, proto: str, req: LoadRequest, concurrency: int, inputs: np.ndarray,
-               input_name: str, dtype: str, name: str, *, binary: bool = True,
+def _run_level(wire: Wire, req: LoadRequest, concurrency: int, *,
                schedule: np.ndarray | None = None) -> Level:
-    """``concurrency`` threads, each sending one request at a time until the deadline or the
-    request budget; each thread has its own client (tritonclient clients are not shared).
+    """``concurrency`` threads, each with its own connection, each sending one request at a
+    time until the deadline or the request budget.
 
     With ``schedule`` (open loop) request k leaves at start + schedule[k] and its latency
     counts from then: a request that waited for a free thread waited in the server's queue
-    as far as its user is concerned."""
+    as far as its user is concerned. The level's CPU time is the whole process's (the
+    client's threads, and gRPC's own)."""
     level = Level(concurrency)
     budget = req.max_requests if schedule is None else min(req.max_requests, len(schedule))
-    data_kw = {} if binary else {"binary_data": False}  # tritonclient's default is binary
     lock = threading.Lock()
     stop = threading.Event()
     counter = iter(range(budget))
-    n_images = len(inputs)
+    n_images = len(wire.served.inputs)
 
     def worker() -> None:
-        _, client, _ = _client(req.url, 1, req.timeout_s)
-        while not stop.is_set() and time.perf_counter() < deadline:
-            with lock:
-                k = next(counter, None)
-                level.sent += k is not None
-            if k is None:
-                return
-            idx = [(k * req.batch + j) % n_images for j in range(req.batch)]
-            x = mod.InferInput(input_name, [req.batch, *inputs.shape[1:]], dtype)
-            x.set_data_from_numpy(inputs[idx], **data_kw)
-            kwargs: dict[str, Any] = {"client_timeout": req.timeout_s} if proto == "grpc" else {}
-            if data_kw and proto == "http":
-                kwargs["outputs"] = [mod.InferRequestedOutput("logits", **data_kw)]
-            if schedule is not None:
-                t0 = start_ns + int(schedule[k] * 1e9)
-                time.sleep(max(0.0, (t0 - time.perf_counter_ns()) / 1e9))
-            else:
-                t0 = time.perf_counter_ns()
-            try:
-                result = client.infer(name, [x], **kwargs)
-                dt = time.perf_counter_ns() - t0
-                top1 = np.asarray(result.as_numpy("logits")).argmax(axis=1)
-            except Exception as e:  # tritonclient raises InferenceServerException and socket errors
-                what = classify(e)
-                with lock:
-                    level.first_error = level.first_error or error_line(e)
-                    if what == "down":
-                        level.down = True
-                        stop.set()
-                    elif what == "rejected":
-                        level.rejected += 1
-                    elif what == "error":
-                        level.errors += 1
-                    # "lost": counted as sent and not answered, nothing more
-                continue
-            with lock:
-                level.latencies_ns.append(dt)
-                for i, p in zip(idx, top1):
-                    level.answers[int(i)] = int(p)
+        conn = wire.connect()
         try:
-            client.close()
-        except Exception:  # closing a client of a dead server
-            pass
+            while not stop.is_set() and time.perf_counter() < deadline:
+                with lock:
+                    k = next(counter, None)
+                    level.sent += k is not None
+                if k is None:
+                    return
+                first = k * req.batch % n_images
+                request = wire.request(first)
+                if schedule is not None:
+                    t0 = start_ns + int(schedule[k] * 1e9)
+                    time.sleep(max(0.0, (t0 - time.perf_counter_ns()) / 1e9))
+                else:
+                    t0 = time.perf_counter_ns()
+                try:
+                    headers, body = conn.infer(request)
+                    dt = time.perf_counter_ns() - t0
+                    top1 = wire.top1(headers, body).tolist()
+                except Exception as e:  # socket, gRPC and server errors, answers not read
+                    _count_failure(level, lock, stop, e)
+                    continue
+                with lock:
+                    level.latencies_ns.append(dt)
+                    for j, p in enumerate(top1):
+                        level.answers[(first + j) % n_images] = p
+        finally:
+            with contextlib.suppress(Exception):  # closing a connection to a dead server
+                conn.close()
 
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = _cpu_s()
     start = time.perf_counter()
     start_ns = time.perf_counter_ns()
     deadline = start + req.duration_s + (0.0 if schedule is None else 1e-3)
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
     # One deadline for all: a request outlives the level by at most its timeout.
-    join_by = deadline + req.timeout_s + JOIN_GRACE_S
-    for t in threads:
-        t.join(max(0.0, join_by - time.perf_counter()))
+    hung = _run_threads(worker, concurrency, join_by=deadline + req.timeout_s + JOIN_GRACE_S)
     stop.set()
     level.seconds = time.perf_counter() - start
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    level.cpu_pct = 100.0 * cpu / level.seconds if level.seconds > 0 else None
-    if any(t.is_alive() for t in threads):
+    level.cpu_s = _cpu_s() - cpu0
+    if hung:
         level.down = True
         level.first_error = level.first_error or "requests hung past their timeout"
     return level
+
+
+def _run_threads(target: Callable[[], None], n: int, join_by: float) -> bool:
+    """``n`` daemon threads running ``target``, waited for until ``join_by`` (perf_counter
+    time); whether any is still running then."""
+    threads = [threading.Thread(target=target, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, join_by - time.perf_counter()))
+    return any(t.is_alive() for t in threads)
+
+
+def _count_failure(level: Level, lock: threading.Lock, stop: threading.Event,
+                   e: BaseException) -> None:
+    """A failed request, counted by what it means (:func:`classify`); a server gone stops
+    the level."""
+    what = classify(e)
+    with lock:
+        level.first_error = level.first_error or error_line(e)
+        if what == "down":
+            level.down = True
+            stop.set()
+        elif what == "rejected":
+            level.rejected += 1
+        elif what == "error":
+            level.errors += 1
+        # "lost": counted as sent and not answered, nothing more
+
+
+def _cpu_s() -> float:
+    """This process's user + system CPU seconds, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def line(row: dict[str, Any]) -> str:
@@ -424,7 +444,7 @@ def line(row: dict[str, Any]) -> str:
             f"{row['answered']} answered, {row['errors']} errors, {row['rejected']} rejected, "
             f"{row['lost']} lost, "
             f"accuracy {row['accuracy_pct']:.2f}%, agreement {row['agreement_pct']:.2f}%, "
-            f"client CPU {row['client_cpu_pct']:.0f}%"
+            f"client CPU {row['client_cpu_pct']:.0f}% ({row['client_cpu_us']:.0f} us/request)"
             + (f", {row['protocol']}" if row.get("protocol") else "")
             + (f", rate {row['rate']:.0f}/s" if row.get("rate") else "")
             + (f", mean batch {row['mean_batch']:.1f}" if row.get("mean_batch") else ""))
@@ -437,7 +457,8 @@ COLUMNS = (("protocol", "Protocol", "{}"), ("concurrency", "Concurrency", "{}"),
            ("p99_ms", "p99 ms", "{:.2f}"), ("answered", "Answered", "{}"),
            ("errors", "Errors", "{}"), ("rejected", "Rejected", "{}"), ("lost", "Lost", "{}"),
            ("accuracy_pct", "Accuracy %", "{:.2f}"), ("agreement_pct", "Agreement %", "{:.2f}"),
-           ("client_cpu_pct", "Client CPU %", "{:.0f}"))
+           ("client_cpu_pct", "Client CPU %", "{:.0f}"),
+           ("client_cpu_us", "Client CPU us/req", "{:.0f}"))
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -456,7 +477,7 @@ def print_table(report: dict[str, Any]) -> None:
         table.add_column(head, justify="right")
     for r in table_rows(report):
         table.add_row(*r)
-    Console(width=140).print(table)
+    Console(width=160).print(table)
     for note in notes(report):
         print(note)
 
@@ -469,8 +490,9 @@ def notes(report: dict[str, Any]) -> list[str]:
             f"{s['max_requests']} requests; img/s: answered images / level wall time.",
             f"Agreement: served top-1 vs {ref['backend']} on {Path(ref['model']).name} run "
             f"locally ({ref['n']} test images, accuracy {ref['accuracy_pct']:.2f}%).",
-            "Client CPU %: the load generator's own CPU time over the level's wall time "
-            "(100% = one core).",
+            "Client CPU: the load generator's own CPU time (all its threads) over the level's "
+            "wall time (100% = one core), and per request sent; on a machine it shares with "
+            "the server, that CPU is taken from the server.",
             f"Machine: {machine_text(report['system'])}."]
 
 

@@ -6,14 +6,20 @@ hop: PyTriton's proxy added a second (stub -> proxy -> our process and back), wh
 a batch's compute time again on a CPU.
 
 The ``model.py`` a repository carries (:data:`MODEL_PY`) stays tiny and fixed: it puts the
-folders stn-deploy runs from on ``sys.path`` (the stub's Python is the interpreter's base
-installation, not its virtualenv, and does not read PYTHONPATH) and hands everything to
-:class:`StubModel`, which is ordinary, tested package code. This module imports nothing of
-Triton at the top, so it can be imported (and its pure parts tested) without a server.
+folders stn-deploy runs from on ``sys.path`` and hands everything to :class:`StubModel`, which
+is ordinary, tested package code. The stub's Python is the interpreter's base installation,
+not the virtualenv stn-deploy lives in, so something must say where stn-deploy is: ``serve``
+names this installation's folders (:func:`python_path`) in the environment variable
+:data:`PATH_ENV` when it starts tritonserver, and the stub inherits it. A repository thus
+holds no path of the machine or environment that wrote it and serves wherever it is copied;
+a variable of its own rather than PYTHONPATH, because model.py reads each folder with
+``site.addsitedir`` (the ``.pth`` files of editable installs). This module imports nothing
+of Triton at the top, so it can be imported (and its pure parts tested) without a server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Any
@@ -24,13 +30,17 @@ import numpy as np
 PARAM_RUNNER = "runner"  # stn-deploy backend name: onnxruntime or openvino
 PARAM_MODEL_FILE = "model_file"  # in the version folder, beside model.py
 PARAM_THREADS = "threads"  # runner threads per instance; absent: default_threads()
-PARAM_PYTHON_PATH = "python_path"  # os.pathsep-separated folders put first on sys.path
+
+# The environment variable naming the folders the stub imports stn-deploy from (set by serve).
+PATH_ENV = "STN_DEPLOY_STUB_PATH"
 
 MODEL_PY = '''\
 """Triton's Python backend loads this file: stn-deploy's runner, run in Triton's stub process.
 
-Written by `stn-deploy triton-repo`; the runner, the model file and the folders stn-deploy
-is imported from are parameters in ../config.pbtxt.
+Written by `stn-deploy triton-repo`; the runner and the model file are parameters in
+../config.pbtxt. The stub's Python is the base interpreter, not the environment stn-deploy is
+installed in: `stn-deploy serve` names that environment's folders in @PATH_ENV@
+when it starts tritonserver, so this repository holds no path of the machine that wrote it.
 """
 
 import json
@@ -38,31 +48,34 @@ import os
 import site
 import sys
 
+PATH_ENV = "@PATH_ENV@"
+
 
 def _put_first(paths):
-    """The stub's Python is the base interpreter, not the virtualenv stn-deploy lives in."""
+    """The folders in PATH_ENV first on sys.path, their .pth files read (editable installs)."""
     for path in reversed([p for p in paths.split(os.pathsep) if os.path.isdir(p)]):
         before = list(sys.path)
-        site.addsitedir(path)  # reads the .pth files (editable installs) too
+        site.addsitedir(path)
         added = [p for p in sys.path if p not in before]
         sys.path[:] = added + before
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        _put_first(config.get("parameters", {}).get("python_path", {})
-                   .get("string_value", ""))
-        from stn_deploy.serving.python_model import StubModel
-
-        self.model = StubModel(args, config)
+        _put_first(os.environ.get(PATH_ENV, ""))
+        try:
+            from stn_deploy.serving.python_model import StubModel
+        except ImportError as e:
+            raise ImportError(f"{e} (the stub imports stn-deploy from the folders in {PATH_ENV}, "
+                              "which stn-deploy serve sets: serve this repository with it)") from e
+        self.model = StubModel(args, json.loads(args["model_config"]))
 
     def execute(self, requests):
         return self.model.execute(requests)
 
     def finalize(self):
         self.model.finalize()
-'''
+'''.replace("@PATH_ENV@", PATH_ENV)
 
 
 def default_threads(instances: int) -> int:
@@ -130,7 +143,7 @@ class StubModel:
             return [pb_utils.InferenceResponse(output_tensors=[], error=error)
                     for _ in requests]
         return [pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor.from_dlpack(k, v) for k, v in part.items()])
+            output_tensors=[output_tensor(pb_utils, k, v) for k, v in part.items()])
             for part in parts]
 
     def finalize(self) -> None:
@@ -138,10 +151,32 @@ class StubModel:
             self.runner.deactivate()
 
 
+# The name DLPack gives a consumed capsule. Kept alive here: a capsule keeps only a pointer
+# to its name.
+USED_CAPSULE = b"used_dltensor"
+
+
+def output_tensor(pb_utils: Any, name: str, array: np.ndarray) -> Any:
+    """A Triton tensor over ``array`` by DLPack, its capsule marked consumed as DLPack says.
+
+    The Python backend marks a capsule it took ``used_dlpack`` rather than DLPack's
+    ``used_dltensor``, so numpy's capsule destructor does not see it consumed and writes
+    "PyCapsule_GetPointer called with incorrect name" with a traceback to the server log for
+    every output of every request (it frees nothing: the backend's tensor frees the array).
+    Renaming the capsule after the backend took it ends that."""
+    capsule = array.__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    set_name = ctypes.pythonapi.PyCapsule_SetName
+    set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    set_name(capsule, USED_CAPSULE)
+    return tensor
+
+
 def python_path() -> list[str]:
-    """The folders the stub must import stn-deploy and its runtimes from: this interpreter's
-    site-packages (where onnxruntime, openvino and numpy are) and the folder holding the
-    stn_deploy package (an editable install or a checkout)."""
+    """The folders the stub must import stn-deploy and its runtimes from, as serve finds
+    them when it starts: this interpreter's site-packages (where onnxruntime, openvino and
+    numpy are) and the folder holding the stn_deploy package (an editable install or a
+    checkout)."""
     import site
     import sysconfig
 
@@ -151,4 +186,4 @@ def python_path() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-__all__ = ["MODEL_PY", "StubModel", "default_threads", "python_path", "split_batch"]
+__all__ = ["MODEL_PY", "PATH_ENV", "StubModel", "default_threads", "python_path", "split_batch"]

@@ -34,8 +34,22 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.serving.serve_repo import ServeOptions, prepare_repository
 
 INSTALL = "pip install 'stn-deploy[serve]' (its nvidia-pytriton wheel ships tritonserver)"
+
+# Triton's dynamic batcher with a queue policy (max_queue_size) does not prefetch batches: it
+# waits for a free instance on a condition variable whose wake-up, sent when an execution
+# ends, comes before the instance waits for work again, and it then sleeps out its 0.5 s
+# timeout with the next batch queued. Requests that all arrive while the instance is busy (a
+# closed-loop client answered at once) meet it; without a bound the batcher hands batches
+# over while the instance is still busy and never waits for it.
+MAX_QUEUE_STALL = ("with --max-queue, Triton's dynamic batcher can leave queued requests "
+                   "waiting 0.5 s when they all arrived while the model instance was busy "
+                   "(closed-loop clients at concurrency 8 or more meet it every second or so); "
+                   "leave --max-queue at 0 where latency matters")
+
 READY_TIMEOUT_S = 120.0  # model load in the stub: runtime import + session creation
 STOP_GRACE_S = 8.0  # SIGTERM, then SIGKILL to the group
+
+
 @dataclass(frozen=True)
 class ServerFiles:
     """What the wheel ships that a plain tritonserver run needs."""
@@ -79,12 +93,16 @@ def backend_directory(files: ServerFiles, folder: Path) -> Path:
 def server_env(files: ServerFiles, env: dict[str, str] | None = None) -> dict[str, str]:
     """The stub links libpython3.X: this interpreter's own first (a system Python of the same
     minor version is another build, and the model then fails to load), then the wheel's
-    libraries."""
+    libraries. The stub's Python, the base interpreter, imports stn-deploy and its runtimes
+    from this installation's folders, named in PATH_ENV (the repository names none)."""
+    from stn_deploy.serving.python_model import PATH_ENV, python_path
+
     env = dict(os.environ if env is None else env)
     libdir = str(Path(sys.base_prefix) / "lib")
     paths = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         dict.fromkeys([libdir, str(files.libs), *paths]))
+    env[PATH_ENV] = os.pathsep.join(python_path())
     return env
 
 
@@ -213,6 +231,8 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print,
     files = server_files()
     if opts.host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"warning: --host {opts.host} exposes the server beyond this machine")
+    if opts.max_queue:
+        echo(f"warning: {MAX_QUEUE_STALL}")
     stop = stop or threading.Event()
     previous: dict[int, object] = {}
     proc: subprocess.Popen[bytes] | None = None

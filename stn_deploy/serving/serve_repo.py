@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stn_deploy.errors import StnDeployError
+from stn_deploy.serving.triton_repo import QUEUE_DELAY_US
 
 
 SERVE_BACKENDS = ("onnxruntime", "openvino")  # the runners a Python-backend model runs
@@ -26,7 +27,7 @@ class ServeOptions:
     grpc_port: int | None = None
     metrics_port: int | None = None
     max_batch: int = 32
-    queue_delay_us: int = 500
+    queue_delay_us: int = QUEUE_DELAY_US
     max_queue: int = 0  # requests waiting before Triton rejects (0: unbounded)
     threads: int | None = None  # per instance
     instances: int = 1

@@ -36,6 +36,12 @@ from stn_deploy.errors import StnDeployError
 from stn_deploy.serving.model_facts import TRITON_DTYPES, ModelFacts, TensorFacts, model_facts
 from stn_deploy.serving.validate import schema_available, validate_repository
 
+# How long the dynamic batcher waits for a batch to fill. A lone request waits it out in
+# full: at concurrency 1 on a 2-core Zen 3 (benchmarks/results/triton_serving.md) 500 us
+# gave p50 1.92 / p99 2.65 ms, 100 us 1.33 / 2.08 ms, while at concurrency 32 both formed
+# batches of 17 (1,229 and 1,221 img/s) and 0 us only 8.7 (1,168 img/s).
+QUEUE_DELAY_US = 100
+
 PYTHON_KINDS = ("python-onnxruntime", "python-openvino")
 KINDS = ("onnxruntime", "openvino", "trt", *PYTHON_KINDS)
 KIND_ALIASES = {"tensorrt": "trt"}  # the old spelling, still read
@@ -63,7 +69,7 @@ class RepoOptions:
     name: str | None = None  # model name prefix [default: the file's stem]
     max_batch: int = 32
     preferred_batch: tuple[int, ...] = ()  # [default: powers of two from 4 to max_batch]
-    queue_delay_us: int = 500
+    queue_delay_us: int = QUEUE_DELAY_US
     device: str = "cpu"  # "cpu" or "gpu" (trt: always gpu; python kinds: always cpu)
     instances: int = 1
     trt_fp16: bool = False  # onnxruntime on GPUs: the TensorRT execution accelerator, FP16
@@ -71,8 +77,6 @@ class RepoOptions:
     # the CPUs over the instances]
     max_queue: int = 0  # requests queued before Triton rejects more (0: unbounded)
     kind_suffix: bool = True  # names <prefix>-<kind>; False: <prefix> itself (one kind)
-    python_path: tuple[str, ...] | None = None  # python kinds: folders stn-deploy is
-    # imported from in the stub [default: this interpreter's]
 
 
 def kind_name(kind: str) -> str:
@@ -183,14 +187,14 @@ def config_text(facts: ModelFacts, kind: str, name: str, opts: RepoOptions) -> s
 
 
 def python_parameters(kind: str, opts: RepoOptions) -> str:
-    """The parameters model.py reads: which runner, on which file, with how many threads, and
-    where stn-deploy is imported from."""
-    from stn_deploy.serving.python_model import (PARAM_MODEL_FILE, PARAM_PYTHON_PATH,
-                                                 PARAM_RUNNER, PARAM_THREADS, python_path)
+    """The parameters model.py reads: which runner, on which file, with how many threads.
+    Where stn-deploy is imported from is not among them: serve says so when it starts the
+    server (:data:`stn_deploy.serving.python_model.PATH_ENV`), so the repository holds no
+    path of this machine."""
+    from stn_deploy.serving.python_model import PARAM_MODEL_FILE, PARAM_RUNNER, PARAM_THREADS
 
-    paths = opts.python_path if opts.python_path is not None else tuple(python_path())
-    values = {PARAM_RUNNER: kind.removeprefix("python-"), PARAM_MODEL_FILE: MODEL_FILENAME[kind],
-              PARAM_PYTHON_PATH: os.pathsep.join(paths)}
+    values = {PARAM_RUNNER: kind.removeprefix("python-"),
+              PARAM_MODEL_FILE: MODEL_FILENAME[kind]}
     if opts.threads is not None:
         values[PARAM_THREADS] = str(opts.threads)
     return "\n".join(f'parameters {{\n  key: "{k}"\n  value {{ string_value: {json.dumps(v)} }}\n}}'

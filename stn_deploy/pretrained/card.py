@@ -1,0 +1,62 @@
+"""A shipped model's card, written from its record alone, so that the card, the record the
+commands read and the recipe cannot disagree (``benchmarks/cifar10_recipe.py --ship`` writes
+both; ``tests/test_pretrained.py`` holds a shipped card equal to what its record writes)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """The markdown card of a record as ``benchmarks/cifar10_recipe.py`` writes it."""
+    name, data = record["name"], record["data"]
+    health = record.get("stn_health") or {}
+    undone = (record.get("stn_health_rts") or {}).get("undone") or {}
+    lines = [
+        f"# {name}", "",
+        f"A Spatial Transformer Network classifier trained on {data}: a localization net "
+        "regresses a 2x3 affine theta, `affine_grid` and `grid_sample` warp the image, and a "
+        f"CNN classifies the warped image. {record['parameters']:,} parameters.", "",
+        "## Use it", "",
+        "```bash",
+        f"stn-deploy export --pretrained {name} --opset 16      # your own ONNX of it",
+        f"stn-deploy bench --pretrained {name} --data-dir DIR   # DIR: the CIFAR-10 JPEG folder",
+        "```", "",
+        "```python",
+        "import stn_deploy",
+        f'shipped = stn_deploy.pretrained_model("{name}")  # .checkpoint .onnx .card .record',
+        "net = shipped.model()  # the torch module, eval mode",
+        "```", "",
+        "Input: float NCHW 3x32x32, RGB scaled to [0, 1] then normalised by the mean and std "
+        "in the ONNX metadata; outputs `logits` (10 classes, CIFAR-10's order) and `theta`.", "",
+        f"## Measured ({data} test split, 10,000 images)", "",
+        f"- Top-1 of the checkpoint: {_pct(record['test_accuracy'])}; of the ONNX file run by "
+        f"ONNX Runtime alone: {_pct(record['onnx_accuracy'])}.",
+        f"- The STN transforms: theta spread {record['onnx_theta_spread_px']:.3f} px on the "
+        f"test images (ONNX Runtime; collapsed: {health.get('collapsed')}).",
+    ]
+    if undone:
+        lines.append(f"- On the RTS-distorted copy of the test split it undoes "
+                     f"{_pct(undone.get('rotation'), 0)} of the rotation, "
+                     f"{_pct(undone.get('scale'), 0)} of the scale and "
+                     f"{_pct(undone.get('translation'), 0)} of the translation.")
+    lines += [
+        "", "## Recipe", "",
+        f"`{record['command']}` ({record['epochs']} epochs; resumable with `--resume`; "
+        "`benchmarks/cifar10_recipe.py` runs it and writes the curve). Values:", "",
+        "```json", json.dumps(record["recipe_values"], indent=1, sort_keys=True), "```", "",
+        "## Limits", "",
+        f"Trained on {data}, 32x32 images: other image domains and sizes need training "
+        "(`stn-deploy train --dataset imagefolder`). The STN was taught to undo the rotation, "
+        "scale and translation of `--distort rts`; on upright CIFAR-10 images it moves little.",
+        "", "## Files", "",
+        f"- `{name}.pt` (weights, no optimizer state) sha256 `{record['checkpoint_sha256']}`",
+        f"- `{name}.onnx` (FP32, opset 17, verified against the checkpoint) sha256 "
+        f"`{record['onnx_sha256']}`",
+        f"- Trained {record['trained']}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""bf16 as an export precision: ``export --format openvino --precision bf16`` writes an
+OpenVINO IR with FP32 weights whose metadata says bf16, so the openvino runner compiles it
+with bf16 as the inference precision without being told. OpenVINO computes it in bf16 on CPUs
+with AVX512_BF16 or AMX and in f32 elsewhere (the file is the same); export's verification,
+bench's Precision column and the JSON say which it was on this CPU.
+
+The tests that judge bf16 itself need a CPU on which OpenVINO computes bf16 and are skipped,
+naming the CPU's ISA, where it has none; the ones about a CPU without bf16 are skipped on one
+that has it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from stn_deploy.cli import cli
+
+ov = pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+
+def _openvino_has_bf16() -> bool:
+    """OpenVINO's own answer (its CPU plugin lists BF16 among its capabilities where it can
+    compute in bf16), rather than a guess from the CPU flags."""
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _isa() -> str:
+    from stn_deploy.harness import cpu_isa
+
+    return ", ".join(cpu_isa()) or "no AVX2"
+
+
+HAS_BF16 = _openvino_has_bf16()
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason=f"OpenVINO computes bf16 only on CPUs "
+                                f"with AVX512_BF16 or AMX; this one has {_isa()}")
+needs_no_bf16 = pytest.mark.skipif(HAS_BF16, reason="this CPU computes bf16: the f32 "
+                                   "fallback cannot be seen here")
+
+
+def _export(*args: object) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, ["export", *map(str, args)])
+    assert "Traceback" not in r.output, r.output
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module")
+def irs(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+        ) -> dict[str, tuple[Path, str]]:
+    """The untrained digits model as a bf16 IR and an FP32 IR: (path, what export printed)."""
+    out = tmp_path_factory.mktemp("bf16")
+    written = {}
+    for precision in ("bf16", "fp32"):
+        path = out / f"m-{precision}.xml"
+        code, text = _export(tiny_checkpoint, "--format", "openvino", "--precision", precision,
+                             "--with-theta", "--out", path, "--verify-samples", 64)
+        assert code == 0, text
+        written[precision] = (path, text)
+    return written
+
+
+def _verification(path: Path) -> dict[str, Any]:
+    from stn_deploy.artifacts import read_ir_metadata
+
+    return json.loads(read_ir_metadata(path)["verification"])
+
+
+def test_the_ir_keeps_fp32_weights_and_says_bf16(irs: dict[str, tuple[Path, str]]) -> None:
+    from stn_deploy.artifacts import read_ir_metadata
+
+    bf16, fp32 = irs["bf16"][0], irs["fp32"][0]
+    meta = read_ir_metadata(bf16)
+    assert meta["precision"] == "bf16" and meta["target"] == "openvino"
+    assert bf16.with_suffix(".bin").read_bytes() == fp32.with_suffix(".bin").read_bytes()
+    graph = bf16.read_text()
+    assert 'element_type="f32"' in graph
+    assert 'element_type="bf16"' not in graph and 'element_type="f16"' not in graph
+
+
+def test_the_runner_takes_bf16_from_the_file(irs: dict[str, tuple[Path, str]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """No option: the file's metadata makes the runner compile with bf16, and it reports what
+    OpenVINO computed in (bf16 where the CPU has it, f32 elsewhere)."""
+    import numpy as np
+
+    import stn_deploy.backends.ov as ov_runner
+    from stn_deploy.backends import runner_class
+
+    configs: list[dict[str, Any]] = []
+    real = ov_runner.compile_config
+
+    def spy(hint: str, threads: int, precision: str) -> dict[str, Any]:
+        configs.append(real(hint, threads, precision))
+        return configs[-1]
+
+    monkeypatch.setattr(ov_runner, "compile_config", spy)
+    computed = {}
+    for precision in ("bf16", "fp32"):
+        with runner_class("openvino")(irs[precision][0]) as runner:
+            assert runner.precision == precision
+            computed[precision] = runner.describe()["inference_precision"]
+            out = runner.infer(np.zeros((2, *runner.input_spec.shape[1:]), np.float32))
+        assert out["logits"].shape[0] == 2
+    assert [c["INFERENCE_PRECISION_HINT"] for c in configs] == ["bf16", "f32"]
+    assert computed == {"bf16": "bf16" if HAS_BF16 else "f32", "fp32": "f32"}
+
+
+@needs_no_bf16
+def test_without_bf16_export_verifies_what_the_cpu_computes(
+        irs: dict[str, tuple[Path, str]]) -> None:
+    """The IR is written (it is the same on any CPU); its verification is of the f32 that
+    OpenVINO computed, held to FP32's bounds, and says bf16 was not judged on this CPU."""
+    from stn_deploy.export.verify import FP32
+
+    path, text = irs["bf16"]
+    assert "OpenVINO IR (BF16)" in text and "(computed in fp32)" in text
+    note = (f"bf16 not judged on this CPU ({_isa()}; bf16 needs AVX512_BF16 or AMX): "
+            "openvino computed in fp32, held to FP32's bounds")
+    assert note in text
+    verification = _verification(path)
+    assert verification["computed"] == "fp32" and verification["notes"] == [note]
+    assert verification["tolerances"] == dataclasses.asdict(FP32) and verification["passed"]
+
+
+@needs_bf16
+def test_on_a_bf16_cpu_export_judges_bf16(digits_checkpoint: Path, tmp_path: Path) -> None:
+    """On a trained model and every test image: computed in bf16, held to bf16's bounds,
+    and not FP32's result (bf16 rounds)."""
+    from stn_deploy.export.verify import BF16
+
+    path = tmp_path / "m.xml"
+    code, text = _export(digits_checkpoint, "--format", "openvino", "--precision", "bf16",
+                         "--with-theta", "--out", path)
+    assert code == 0, text
+    assert "(computed in bf16)" in text and "not judged" not in text
+    verification = _verification(path)
+    assert verification["computed"] == "bf16" and verification["notes"] == []
+    assert verification["tolerances"] == dataclasses.asdict(BF16) and verification["passed"]
+    assert verification["max_abs"] > 1e-4  # bf16 really ran: FP32 matches to 1e-6
+
+
+def test_bench_says_what_the_runtime_computed(irs: dict[str, tuple[Path, str]],
+                                              tmp_path: Path) -> None:
+    """A bf16 IR runs on any CPU, its Precision saying what OpenVINO computed in (and `*`
+    where the CPU cannot speed bf16 up); --ov-precision bf16 over an FP32 file asks for a
+    compute precision, so on a CPU without bf16 its row is one error line."""
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    r = CliRunner().invoke(cli, ["bench", str(irs["bf16"][0]), str(irs["fp32"][0]),
+                                 "--backend", "openvino", "--ov-precision", "bf16",
+                                 "--batch-sizes", "2", "--iterations", "2", "--warmup", "0",
+                                 "--eval-samples", "32", "--json", str(js), "--markdown",
+                                 str(md)])
+    assert "Traceback" not in r.output, r.output
+    ir_row, flag_row = json.loads(js.read_text())["results"]
+    assert ir_row["status"] == "ok" and ir_row["precision"] == "bf16"
+    if HAS_BF16:
+        assert r.exit_code == 0, r.output
+        assert ir_row["runtime"]["inference_precision"] == "bf16"
+        assert ir_row["not_accelerated"] is None and "| bf16 |" in md.read_text()
+        assert flag_row["status"] == "ok" and flag_row["precision"] == "bf16"
+    else:
+        assert r.exit_code == 1
+        assert ir_row["runtime"]["inference_precision"] == "f32"
+        assert ir_row["not_accelerated"] == "bf16"
+        assert "| bf16 (computes fp32)* |" in md.read_text()
+        assert flag_row["status"] == "error" and "no bf16 support" in flag_row["reason"]
+
+
+def test_the_precision_column_and_the_bounds_for_bf16() -> None:
+    """The label and the bounds from what the runtime computed in, on a CPU with and
+    without bf16."""
+    from stn_deploy.export.verify import BF16, FP16, FP32, held_to
+    from stn_deploy.report import not_accelerated, precision_text
+
+    avx2, amx = ["AVX2"], ["AVX2", "AVX-512", "VNNI", "AVX512_BF16", "AMX"]
+    in_f32 = {"precision": "bf16", "runtime": {"inference_precision": "f32"}, "device": "cpu"}
+    in_bf16 = {"precision": "bf16", "runtime": {"inference_precision": "bf16"}, "device": "cpu"}
+    assert precision_text(in_f32, avx2) == "bf16 (computes fp32)*"
+    assert not_accelerated(in_f32, avx2) == "bf16"
+    assert precision_text(in_bf16, amx) == "bf16" and not_accelerated(in_bf16, amx) is None
+    assert held_to(BF16, "bf16", "bf16", "openvino") == (BF16, [])
+    tol, notes = held_to(BF16, "bf16", "fp32", "openvino")
+    assert tol == FP32 and len(notes) == 1 and "bf16 not judged on this CPU" in notes[0]
+    assert held_to(FP16, "fp16", "fp32", "openvino") == (FP16, [])  # FP16 IRs compute f32
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "trt"])
+def test_bf16_elsewhere_is_refused_saying_what_to_use(fmt: str, tiny_checkpoint: Path,
+                                                      tmp_path: Path) -> None:
+    import stn_deploy
+    from stn_deploy.export.request import OptionError
+
+    out = tmp_path / "m.onnx"
+    code, text = _export(tiny_checkpoint, "--format", fmt, "--precision", "bf16", "--out", out)
+    errors = [line for line in text.splitlines() if line.startswith("Error: ")]
+    assert code == 2 and len(errors) == 1, text
+    assert errors[0].startswith("Error: --precision: bf16 is OpenVINO's CPU precision")
+    assert f"--format {fmt} does not write: use --format openvino" in errors[0]
+    with pytest.raises(OptionError, match=r"^precision=: .*use format='openvino'$"):
+        stn_deploy.export_model(tiny_checkpoint, format=fmt, precision="bf16", out=out)
+    assert not out.exists()
