@@ -13,7 +13,8 @@ progress gets a partial curve, marked so). Never time anything beside it: it tak
     ... --report-only        no training: the results of what the run folder holds
     ... --ablation NAME,...  the short-schedule ablations (ABLATIONS below) at --epochs
     ... --ship               also copy the checkpoint (weights only) and the ONNX into
-                             stn_deploy/pretrained/ with their record and model card
+                             stn_deploy/pretrained/ with their record and model card; a run
+                             in progress ships as it stands, its card saying so
 A run in progress leaves its resumable checkpoint in benchmarks/results/ (IN_PROGRESS) so that
 another machine can continue it.
 
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 from typing import Any
 
 from _provenance import CHECKOUT, RESULTS, provenance, write_results
+from stn_deploy.health import pct
 
 RECIPE = "cifar10-stn"
 IN_PROGRESS = "cifar10_recipe_in_progress.pt"  # a run's resumable state, between machines
@@ -63,7 +65,7 @@ def train(run_dir: Path, data_dir: Path, epochs: int | None, stop_after: int | N
     for flag, value in (extra or {}).items():
         cmd += [f"--{flag}"] + ([] if value is None else [str(value)])
     if (run_dir / "last.pt").is_file():
-        cmd += ["--resume", str(run_dir / "last.pt")]
+        cmd += ["--resume"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -154,8 +156,10 @@ def long_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def summary(run_dir: Path, data_dir: Path, ablations: Path) -> dict[str, Any]:
-    """Everything the results file says, from the run folder as it stands."""
+def summary(run_dir: Path, data_dir: Path, ablations: Path, evaluate: bool) -> dict[str, Any]:
+    """Everything the results file says, from the run folder as it stands. The ONNX is
+    exported and evaluated once the run is complete, or before then when ``evaluate`` (a
+    run in progress shipped as it stands)."""
     from stn_deploy.checkpoint import load_checkpoint
     from stn_deploy.training.options import RECIPES
 
@@ -171,7 +175,7 @@ def summary(run_dir: Path, data_dir: Path, ablations: Path) -> dict[str, Any]:
         "ablations": ablation_rows(ablations),
         "stn_health": metrics.get("stn_health"), "stn_health_rts": metrics.get("stn_health_rts"),
     }
-    if done:
+    if done or evaluate:
         onnx_path = export_onnx(run_dir, data_dir)
         out["onnx"] = {"file": onnx_path.name, **onnx_accuracy(onnx_path, data_dir)}
     return out
@@ -199,43 +203,41 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"STN on the RTS-distorted test copy: {100 * rts['rotation']:.0f}% of the "
                   f"rotation, {100 * rts['scale']:.0f}% of the scale undone.", ""]
     lines += ["| run | test accuracy |", "|---|---:|"]
-    lines += [f"| {r['run']} | {_pct(r['test_acc'])} |" for r in res["long_schedule"]]
+    lines += [f"| {r['run']} | {pct(r['test_acc'], 2)} |" for r in res["long_schedule"]]
     if res["ablations"]:
         lines += ["", "Short-schedule ablations (each without one component, seed 0):", "",
                   "| run | epochs | test acc | rotation undone | theta spread px |",
                   "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['run']} | {r['epochs']} | {_pct(r['test_acc'])} | "
-                  f"{_pct(r['rotation_undone'], 0)} | {r['theta_spread_px']:.3f}"
+        lines += [f"| {r['run']} | {r['epochs']} | {pct(r['test_acc'], 2)} | "
+                  f"{pct(r['rotation_undone'])} | {r['theta_spread_px']:.3f}"
                   f"{' (COLLAPSED)' if r['collapsed'] else ''} |" for r in res["ablations"]]
     lines += ["", "## Curve", "", "| epoch | test acc | raw weights | RTS copy | rotation undone |"
               " lr | s |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['epoch']} | {_pct(r['test_acc'])} | {_pct(r['raw_test_acc'])} | "
-              f"{_pct(r['rts_test_acc'])} | {_pct(r['rotation_undone'], 0)} | {r['lr']} | "
+    lines += [f"| {r['epoch']} | {pct(r['test_acc'], 2)} | {pct(r['raw_test_acc'], 2)} | "
+              f"{pct(r['rts_test_acc'], 2)} | {pct(r['rotation_undone'])} | {r['lr']} | "
               f"{r['seconds']} |" for r in res["curve"]]
-    lines += ["", f"Last epoch {last['epoch']}: {_pct(last['test_acc'])}. The plot: "
+    lines += ["", f"Last epoch {last['epoch']}: {pct(last['test_acc'], 2)}. The plot: "
               "cifar10_recipe_curves.png."]
     return "\n".join(lines) + "\n"
 
 
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
-
-def ship(run_dir: Path, res: dict[str, Any], prov: dict[str, Any]) -> None:
+def ship(run_dir: Path, res: dict[str, Any], prov: dict[str, Any], folder: Path | None) -> None:
     """The checkpoint and the ONNX into the package (stn_deploy.pretrained.ship), with the
     record of what they measured here; the model card is written from that record."""
     from stn_deploy.pretrained import ship as ship_files
 
-    if "onnx" not in res:
-        sys.exit("--ship needs a complete run: the ONNX is evaluated once all epochs are done")
     last = res["curve"][-1]
     facts = {"data": DATA_NOTE, "recipe": RECIPE, "command": res["command"],
              "parameters": res["parameters"], "epochs": res["epochs_done"],
+             "epochs_planned": res["epochs"], "complete": res["complete"],
              "test_accuracy": last["test_acc"], "onnx_accuracy": res["onnx"]["accuracy"],
+             "onnx_images": res["onnx"]["images"],
              "onnx_theta_spread_px": res["onnx"]["theta_spread_px"],
              "stn_health": res["stn_health"], "stn_health_rts": res["stn_health_rts"],
              "recipe_values": res["recipe_values"], "trained": prov["time"][:10]}
-    shipped = ship_files(RECIPE, run_dir / "last.pt", run_dir / res["onnx"]["file"], facts)
+    shipped = ship_files(RECIPE, run_dir / "last.pt", run_dir / res["onnx"]["file"], facts,
+                         folder)
     print(f"shipped {RECIPE}: {shipped.checkpoint}, {shipped.onnx}, {shipped.card}", flush=True)
 
 
@@ -263,22 +265,26 @@ def main() -> None:
     ap.add_argument("--ablation", default=None, help="comma-separated: " + ", ".join(ABLATIONS))
     ap.add_argument("--epochs", type=int, default=30, help="the ablations' schedule")
     ap.add_argument("--ship", action="store_true")
+    ap.add_argument("--ship-dir", type=Path, default=None,
+                    help="where --ship writes (default: the package's stn_deploy/pretrained/)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     ablations = args.run_dir.parent / f"{RECIPE}-ablations-{args.epochs}ep"
-    for name in (args.ablation.split(",") if args.ablation else []):
-        if name not in ABLATIONS:
-            sys.exit(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+    names = args.ablation.split(",") if args.ablation else []
+    unknown = [name for name in names if name not in ABLATIONS]
+    if unknown:  # before any training: a typo found after an hour's run is an hour lost
+        sys.exit(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
+    for name in names:
         train(ablations / name, args.data_dir, args.epochs, args.stop_after, ABLATIONS[name])
     if not args.report_only and not args.ablation:
         train(args.run_dir, args.data_dir, None, args.stop_after)
-    res = summary(args.run_dir, args.data_dir, ablations)
+    res = summary(args.run_dir, args.data_dir, ablations, evaluate=args.ship)
     write_results("cifar10_recipe", res, markdown(res), args.results_dir)
     save_curves(load_checkpoint(args.run_dir / "last.pt").history,
                 args.results_dir / "cifar10_recipe_curves.png")
     keep_state(args.run_dir, args.results_dir, res["complete"])
     if args.ship:
-        ship(args.run_dir, res, provenance())
+        ship(args.run_dir, res, provenance(), args.ship_dir)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError, error_line
+from stn_deploy.names import PRECISIONS as _PRECISIONS  # a plan's are PLAN_PRECISIONS
 
 if TYPE_CHECKING:
     import onnx
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# What a TensorRT plan is built in: every precision but bf16, which is OpenVINO's CPU
+# precision (see stn_deploy.export.request.BF16_FORMAT).
+PLAN_PRECISIONS = tuple(p for p in _PRECISIONS if p != "bf16")
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 IR_SUFFIX = ".xml"  # OpenVINO IR: the graph; its weights are the .bin beside it
 IR_SECTION = "stn_deploy"  # rt_info section holding the same keys as the ONNX metadata

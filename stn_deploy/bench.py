@@ -20,6 +20,7 @@ from typing import Any
 from stn_deploy.artifacts import model_kind, onnx_precision, read_ir_metadata
 from stn_deploy.errors import StnDeployError
 from stn_deploy.harness import BenchSettings, EvalData, Reference
+from stn_deploy.names import DEFAULT_PRECISION
 from stn_deploy.report import not_accelerated
 
 
@@ -91,7 +92,7 @@ def stored_precision(path: Path) -> str:
     """The precision an ONNX file or OpenVINO IR records (``--ov-precision bf16`` applies to
     FP32 files only; a bf16 IR is bf16 by its own metadata)."""
     if model_kind(path) == "openvino":
-        return read_ir_metadata(path).get("precision") or "fp32"
+        return read_ir_metadata(path).get("precision") or DEFAULT_PRECISION
     return onnx_precision(path)
 
 

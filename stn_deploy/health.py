@@ -47,9 +47,10 @@ RTS_COPY_SEED = 20_151
 COMPONENTS = ("rotation_deg", "log_scale", "log_aniso", "shear", "tx", "ty")
 
 
-def pct(fraction: float | None) -> str:
-    """A fraction as whole percent, '-' where it was not measured: how every report shows them."""
-    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+def pct(fraction: float | None, digits: int = 0) -> str:
+    """A fraction as percent (whole by default), '-' where it was not measured: how every
+    report shows them."""
+    return "-" if fraction is None else f"{100 * fraction:.{digits}f}%"
 
 
 def decompose(theta: np.ndarray) -> dict[str, np.ndarray]:

@@ -154,6 +154,8 @@ def test_no_import_cycles() -> None:
 
 # (importer package, forbidden packages, why)
 LAYERS = [
+    ("stn_deploy.names", (PACKAGE,),
+     "the vocabulary sits below every layer, so that every layer may import it"),
     ("stn_deploy.backends", ("stn_deploy.export", "stn_deploy.commands", "stn_deploy.serving"),
      "runners sit below exporters, serving and commands"),
     ("stn_deploy.export", ("stn_deploy.commands",), "exporters sit below commands"),
@@ -165,6 +167,17 @@ def test_layers(importer: str, forbidden: tuple[str, ...], why: str) -> None:
     bad = [where(e) for e in EDGES if within(e.source, importer)
            and any(within(e.target, f) for f in forbidden)]
     assert bad == [], f"{why}:\n" + "\n".join(bad)
+
+
+def test_the_vocabulary_needs_only_the_standard_library() -> None:
+    """Commands, exporters and runners all import stn_deploy.names, so it may load nothing
+    they would not: no third-party package, not even click."""
+    tree = ast.parse(MODULES["stn_deploy.names"].read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node, _ in _walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node, _ in _walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported and imported <= sys.stdlib_module_names | {"__future__"}, imported
 
 
 def test_library_never_imports_commands_or_cli() -> None:

@@ -134,9 +134,24 @@ def test_export_refuses_pretrained_beside_a_checkpoint(as_installed: Path) -> No
 @pytest.mark.skipif(not names(), reason="no pretrained model shipped in this checkout")
 def test_every_shipped_model_matches_its_record_and_card() -> None:
     """What the package ships: hashes as recorded, the card as the record writes it, the
-    accuracy measured by ONNX Runtime alone at least the target's, theta not constant."""
+    ONNX the checkpoint's own export (same logits and theta; the accuracy ONNX Runtime measured
+    the checkpoint's), theta not constant."""
+    import numpy as np
+    import onnxruntime as ort
+
     for name in names():
         model = pretrained(name)
-        assert model.card.read_text() == model_card(model.record)
-        assert model.record["onnx_theta_spread_px"] > 0.05
-        assert not model.record["stn_health"]["collapsed"]
+        record = model.record
+        assert model.card.read_text() == model_card(record)
+        assert record["onnx_theta_spread_px"] > 0.05
+        assert not record["stn_health"]["collapsed"]
+        assert abs(record["onnx_accuracy"] - record["test_accuracy"]) <= 0.002
+        net = model.model()
+        x = torch.randn(8, *net.config.input_shape)
+        with torch.no_grad():
+            logits, theta = net(x, with_theta=True)
+        session = ort.InferenceSession(str(model.onnx), providers=["CPUExecutionProvider"])
+        out = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+        np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(out["theta"], theta.numpy(), atol=1e-4, rtol=1e-4)

@@ -7,6 +7,7 @@ parametrized by command, so a failure names the rule and the command.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -18,10 +19,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import stn_deploy.names as names
 from stn_deploy.cli import cli
-from stn_deploy.commands.options import (PRECISION_CHOICES, TRT, AliasChoice, SampleCount,
-                                         backend_names, json_option, library_name,
-                                         parse_backends, write_json_text)
+from stn_deploy.commands.options import (PRECISION_CHOICES, TARGET_CHOICES, TRT, AliasChoice,
+                                         SampleCount, backend_names, json_option,
+                                         library_name, parse_backends, write_json_text)
 
 FORBIDDEN = ("--name", "--max-batch", "--min-batch", "--opt-batch", "--calib-data",
              "--preferred-batch")
@@ -243,6 +245,120 @@ def test_trt_aliases_are_quiet() -> None:
     assert library_name(TRT, ("onnxruntime", "tensorrt")) == "tensorrt"
     assert library_name(TRT, ("onnxruntime", TRT)) == TRT
     assert library_name("openvino", ("openvino",)) == "openvino"
+
+
+# ------------------------------------------- one vocabulary for the CLI and the library
+
+def test_the_cli_takes_its_vocabulary_from_the_library() -> None:
+    """The commands may import the library, not the other way round, so both take TensorRT's
+    name, its aliases and the precisions from stn_deploy.names: the very same objects, never
+    a copy that could drift."""
+    from stn_deploy.commands import options
+    from stn_deploy.export import request, targets
+
+    assert options.PRECISION_CHOICES is names.PRECISIONS
+    assert request.PRECISIONS is names.PRECISIONS
+    assert options.TRT_ALIASES is names.TRT_ALIASES and options.TRT == names.TRT
+    assert AliasChoice((names.TRT,)).aliases is names.TRT_ALIASES
+    assert options.TARGET_CHOICES == targets.TARGETS
+    assert names.PRECISIONS == ("fp32", "fp16", "bf16", "int8")  # docs/vocabulary.md
+    assert dict(names.TRT_ALIASES) == {"tensorrt": "trt", "engine": "trt"}
+    with pytest.raises(TypeError):  # read-only: no caller grows an alias of its own
+        names.TRT_ALIASES["nvtrt"] = "trt"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("typed", [*names.TRT_ALIASES, *(a.upper() for a in names.TRT_ALIASES),
+                                   "TensorRT", names.TRT])
+def test_every_layer_reads_every_trt_alias(typed: str) -> None:
+    """Every spelling in the one table is TensorRT wherever a user or a caller may type it:
+    a private table that missed one (the target checker once knew no ``engine``) fails."""
+    from stn_deploy.export.request import ExportRequest
+    from stn_deploy.export.targets import canonical_target
+
+    assert names.canonical(typed) == names.TRT
+    assert AliasChoice(TARGET_CHOICES).convert(typed, None, None) == names.TRT
+    assert parse_backends(typed, allow_all=False, multiple=False) == names.TRT
+    req = ExportRequest(format=typed, target=typed)
+    assert (req.format, req.target) == (names.TRT, names.TRT)
+    assert canonical_target(typed) == names.TRT
+
+
+def test_canonical_lower_cases_and_checks_nothing() -> None:
+    """The library's callers refuse unknown names in their own words; canonical only spells.
+    The CLI's backend names keep the user's case (runner names are case-sensitive)."""
+    assert names.canonical("OpenVINO") == "openvino" and names.canonical("FP16") == "fp16"
+    assert names.canonical("nonsense") == "nonsense"
+    with pytest.raises(click.BadParameter, match="unknown backend OpenVINO;"):
+        parse_backends("OpenVINO", allow_all=False, multiple=False)
+
+
+def test_export_precisions_are_the_vocabulary() -> None:
+    """export's --precision lists and defaults to what the library resolves and refuses by."""
+    from stn_deploy.export.request import ExportRequest, OptionError, resolve
+
+    (export,) = [c for p, c in COMMANDS if p == ("export",)]
+    (option,) = _named(export, "--precision")
+    assert isinstance(option.type, click.Choice)
+    assert tuple(option.type.choices) == names.PRECISIONS
+    assert option.default == names.DEFAULT_PRECISION == ExportRequest().precision
+    assert ExportRequest(precision="FP16").precision == "fp16"
+    with pytest.raises(OptionError) as refused:
+        resolve(ExportRequest(precision="fp64"))
+    assert str(refused.value).endswith("choose from " + ", ".join(names.PRECISIONS))
+
+
+def test_a_plan_is_built_in_every_precision_but_bf16() -> None:
+    from stn_deploy.artifacts import PLAN_PRECISIONS
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.export.tensorrt import build_settings
+
+    assert PLAN_PRECISIONS == tuple(p for p in names.PRECISIONS if p != "bf16")
+    for precision in PLAN_PRECISIONS:
+        assert build_settings(10, precision)["clear"] == ["TF32"]
+    with pytest.raises(StnDeployError, match="unknown precision 'bf16'"):
+        build_settings(10, "bf16")
+
+
+def _copies_of_the_vocabulary(path: Path) -> list[str]:
+    """Literals in ``path`` that restate the alias table (a "tensorrt"/"engine" key mapped to
+    trt) or the precision list (three or more precision names together)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if (isinstance(key, ast.Constant) and key.value in OLD_TRT
+                        and ((isinstance(value, ast.Constant) and value.value == names.TRT)
+                             or (isinstance(value, ast.Name) and value.id == "TRT"))):
+                    found.append(f"{path.name}:{node.lineno} maps {key.value!r} to trt")
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            spelled = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if len([v for v in spelled if v in names.PRECISIONS]) >= 3:
+                found.append(f"{path.name}:{node.lineno} lists precisions {spelled}")
+    return found
+
+
+# Copies still to move to stn_deploy.names, by file: each names what is left.
+NOT_YET_MOVED: dict[str, str] = {}
+
+
+def test_no_module_restates_the_vocabulary() -> None:
+    root = Path(names.__file__).parent
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "names.py" or rel in NOT_YET_MOVED:
+            continue
+        problems += _copies_of_the_vocabulary(path)
+    assert not problems, "take these from stn_deploy.names: " + "; ".join(problems)
+
+
+def test_the_copy_finder_finds_copies(tmp_path: Path) -> None:
+    """Guards the scan above against passing because it cannot see anything."""
+    bad = tmp_path / "bad.py"
+    bad.write_text('A = {"engine": "trt"}\nB = {"tensorrt": TRT}\n'
+                   'C = ("fp32", "fp16", "int8")\nD = ("fp16", "int8")\n')
+    assert len(_copies_of_the_vocabulary(bad)) == 3
+    assert _copies_of_the_vocabulary(Path(names.__file__)) != []
 
 
 def test_json_option_writes_a_file_or_standard_output(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
+from stn_deploy.names import DEFAULT_PRECISION
 
 # ``device="auto"``: each runner says what it means (Runner.auto_device); the CLI's default.
 AUTO_DEVICE = "auto"
@@ -91,7 +92,7 @@ class Runner(abc.ABC):
         self.threads = threads if threads is not None else available_cpus()
         if self.threads < 1:
             raise StnDeployError(f"threads must be positive, got {self.threads}")
-        self.precision = precision or "fp32"
+        self.precision = precision or DEFAULT_PRECISION
         unknown = sorted(set(options) - set(self.OPTIONS)) + (
             ["device"] if device is not None and "device" not in self.OPTIONS else [])
         if unknown:

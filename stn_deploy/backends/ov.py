@@ -35,6 +35,7 @@ from stn_deploy.backends.base import cpu_name
 from stn_deploy.backends.onnx_file import OnnxFileRunner
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import MissingDependencyError, StnDeployError, error_line, require
+from stn_deploy.names import DEFAULT_PRECISION
 
 HINTS = ("latency", "throughput")
 # The runner's precision label -> OpenVINO's inference precision for the file's float parts.
@@ -90,7 +91,7 @@ class OpenVinoRunner(OnnxFileRunner):
         if model_kind(self.model_path) != "openvino":
             return super().load_config()
         self.meta = read_ir_metadata(self.model_path)
-        self._precision = self.meta.get("precision") or "fp32"
+        self._precision = self.meta.get("precision") or DEFAULT_PRECISION
         return config_from_metadata(self.meta, self.model_path)
 
     @property

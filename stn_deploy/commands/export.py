@@ -15,8 +15,8 @@ import click
 
 from stn_deploy.commands.options import (PRECISION_CHOICES, TARGET_CHOICES, TRT, AliasChoice,
                                          SampleCount, pretrained_option)
-from stn_deploy.export.request import (CALIB_SAMPLES, EXPORT_PRECISIONS, QUANTIZERS,
-                                       TRT_PROFILE, WORKSPACE_MB)
+from stn_deploy.export.request import CALIB_SAMPLES, QUANTIZERS, TRT_PROFILE, WORKSPACE_MB
+from stn_deploy.names import DEFAULT_PRECISION
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -75,9 +75,8 @@ def _profile(text: str) -> tuple[int, int, int]:
 @click.option("--format", "format", type=AliasChoice(("onnx", TRT, "openvino")), default="onnx",
               show_default=True, help="trt: a TensorRT plan (needs tensorrt and a GPU); "
               "openvino: OpenVINO IR, .xml + .bin (needs openvino).")
-@click.option("--precision", type=click.Choice([p for p in PRECISION_CHOICES
-                                               if p in EXPORT_PRECISIONS]),
-              default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              default=DEFAULT_PRECISION, show_default=True,
               help="fp16/int8 keep the STN path (theta, grid, sampler) in FP32. bf16: "
                    "--format openvino only, an IR that OpenVINO computes in bf16 on CPUs "
                    "with AVX512_BF16 or AMX (in f32 elsewhere).")

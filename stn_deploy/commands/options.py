@@ -1,27 +1,28 @@
 """Options and parameter types shared by several commands, defined once.
 
 docs/vocabulary.md is the table of names these implement; tests/test_vocabulary.py walks every
-command's parameters and holds them to it. At import only click and the standard library
-load (the backend registry and file writing load inside functions, and import no runtime), so
-every command's ``--help`` stays instant.
+command's parameters and holds them to it. At import only click, the standard library and
+stn_deploy.names load (the backend registry and file writing load inside functions, and
+import no runtime), so every command's ``--help`` stays instant.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+# TensorRT's name, its quiet aliases and the precisions are the library's too: they live in
+# stn_deploy.names, below every layer, and are re-exported here for the commands.
+from stn_deploy.names import PRECISIONS, TRT, TRT_ALIASES
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 DATASET_CHOICES = ("digits", "cifar10", "imagefolder", "fashion-mnist")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")
-# TensorRT's one name in every value a user types; the old spellings stay as quiet aliases.
-TRT = "trt"
-TRT_ALIASES = {"tensorrt": TRT, "engine": TRT}
+PRECISION_CHOICES = PRECISIONS  # the same tuple: a command lists those it honours
 TARGET_CHOICES = ("onnxruntime", "openvino", TRT)  # export/inspect --target
 # OpenVINO's compute precision for FP32 files (its own names are f32/bf16; ours are these).
 OV_PRECISION_CHOICES = ("fp32", "bf16")
@@ -65,7 +66,8 @@ class AliasChoice(click.Choice):
     """A choice that also takes old spellings quietly (not listed in --help): ``tensorrt`` and
     ``engine`` mean ``trt``."""
 
-    def __init__(self, choices: tuple[str, ...], aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, choices: tuple[str, ...],
+                 aliases: Mapping[str, str] | None = None) -> None:
         super().__init__(choices)
         self.aliases = TRT_ALIASES if aliases is None else aliases
 
@@ -77,7 +79,9 @@ class AliasChoice(click.Choice):
 
 
 def canonical_backend(name: str) -> str:
-    """A backend name with the quiet aliases resolved (``tensorrt`` -> ``trt``)."""
+    """A backend name with the quiet aliases resolved (``tensorrt`` -> ``trt``). Unlike
+    ``stn_deploy.names.canonical`` any other name keeps the user's case: runner names are
+    case-sensitive like every other choice, and a wrong one is quoted back as typed."""
     return TRT_ALIASES.get(name.lower(), name)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from stn_deploy.defaults import EXPORT_DIR
 from stn_deploy.errors import StnDeployError
+from stn_deploy.names import DEFAULT_PRECISION, PRECISIONS, canonical
 
 if TYPE_CHECKING:
     from stn_deploy.export.onnx_export import OnnxOptions
@@ -31,8 +32,6 @@ QUANTIZERS = ("onnxruntime", "nncf")
 # for ONNX Runtime, and TensorRT needs its symmetric, float-bias QDQ.
 DEFAULT_QUANTIZER = {"openvino": "nncf", "onnxruntime": "onnxruntime", "trt": "onnxruntime"}
 NNCF_INSTALL = "pip install 'stn-deploy[int8]'"
-ALIASES = {"engine": "trt", "tensorrt": "trt"}  # old spellings of trt, still read
-EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # bf16 is OpenVINO's: its IR keeps FP32 weights and says bf16 in its metadata, and the CPU
 # plugin computes in bf16 when it compiles the IR on a CPU with AVX512_BF16 or AMX. An ONNX
 # file or TensorRT plan has no such CPU path here.
@@ -77,7 +76,7 @@ class ExportRequest:
     dataset: str | None = None
     # What to write.
     format: str = "onnx"  # onnx | trt
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     opset: int = 17
     out: Path | None = None
     static_batch: int | None = None
@@ -110,7 +109,7 @@ class ExportRequest:
         for name in ("format", "target", "precision", "quantizer"):
             value = getattr(self, name)
             if isinstance(value, str):
-                setattr(self, name, ALIASES.get(value.lower(), value.lower()))
+                setattr(self, name, canonical(value))
         for name in ("checkpoint", "weights", "out", "data_dir", "calib_dir", "timing_cache"):
             value = getattr(self, name)
             if value is not None:
@@ -177,9 +176,9 @@ def resolve(req: ExportRequest) -> Plan:
         raise OptionError(f"{req.spell('format')} {req.format!r}: choose from "
                           f"{', '.join(FORMATS)}")
     precision = req.precision
-    if precision not in EXPORT_PRECISIONS:
+    if precision not in PRECISIONS:  # every one (bf16: BF16_FORMAT only)
         raise OptionError(f"{req.spell('precision')} {req.precision!r}: choose from "
-                          f"{', '.join(EXPORT_PRECISIONS)}")
+                          f"{', '.join(PRECISIONS)}")
     target = _target(req, fmt)
     for name, why in _conflicts(req, fmt, precision, target):
         raise OptionError(f"{req.spell(name)}: {why}")

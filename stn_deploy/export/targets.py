@@ -16,9 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 from stn_deploy.errors import StnDeployError
+from stn_deploy.names import TRT, canonical
 
-TARGETS = ("onnxruntime", "openvino", "trt")
-TARGET_ALIASES = {"tensorrt": "trt"}  # the old spelling, still read
+TARGETS = ("onnxruntime", "openvino", TRT)  # TensorRT's old spellings: stn_deploy.names
 TENSORRT_MAX_OPSET = 20  # onnx-tensorrt operators.md: TensorRT 10.0 parses opsets 9..20
 # Ops onnx-tensorrt's operators.md (TensorRT 10.x) marks "N".
 TENSORRT_UNSUPPORTED = frozenset({
@@ -153,7 +153,7 @@ def check_generic(model: onnx.ModelProto, target: str) -> list[Finding]:
 
 def canonical_target(target: str) -> str:
     """``target`` as TARGETS spells it (``tensorrt`` -> ``trt``), or one line naming them."""
-    name = TARGET_ALIASES.get(target.lower(), target.lower())
+    name = canonical(target)
     if name not in TARGETS:
         raise StnDeployError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     return name

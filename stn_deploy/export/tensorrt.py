@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stn_deploy.artifacts import PRECISIONS, sidecar_path
+from stn_deploy.artifacts import PLAN_PRECISIONS, sidecar_path
 from stn_deploy.errors import StnDeployError
 from stn_deploy.fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
 from stn_deploy.tensorrt_env import cuda_device, import_tensorrt, trt_major
@@ -44,7 +44,7 @@ def profile_shapes(input_shape: tuple[int, ...], profile: tuple[int, int, int],
 def build_settings(major: int, precision: str) -> dict[str, Any]:
     """Network typing, builder flags to set and flags to clear, per TensorRT major/precision
     (see the module docstring for why)."""
-    if precision not in PRECISIONS:
+    if precision not in PLAN_PRECISIONS:
         raise StnDeployError(f"unknown precision {precision!r}")
     if major >= 11 or precision == "fp16":
         return {"strongly_typed": True, "flags": [], "clear": ["TF32"]}

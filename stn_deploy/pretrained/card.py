@@ -7,9 +7,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from stn_deploy.health import pct
 
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _epochs(record: dict[str, Any]) -> str:
+    planned = record.get("epochs_planned", record["epochs"])
+    done = record["epochs"]
+    return f"{done} epochs" if done >= planned else f"{done} of its {planned} epochs so far"
+
+
+def _in_progress(record: dict[str, Any]) -> list[str]:
+    """The card's first words for weights shipped before their run ended: a user comparing
+    this card's accuracy with the recipe's must know these are not its final weights."""
+    if record.get("complete", True):
+        return []
+    return [f"**Training in progress**: these are the weights after epoch {record['epochs']} "
+            f"of the recipe's {record['epochs_planned']}, shipped so that the model can be "
+            "tried now; the files and this card are replaced when the run ends. Every figure "
+            f"below is epoch {record['epochs']}'s.", ""]
 
 
 def model_card(record: dict[str, Any]) -> str:
@@ -18,7 +34,7 @@ def model_card(record: dict[str, Any]) -> str:
     health = record.get("stn_health") or {}
     undone = (record.get("stn_health_rts") or {}).get("undone") or {}
     lines = [
-        f"# {name}", "",
+        f"# {name}", "", *_in_progress(record),
         f"A Spatial Transformer Network classifier trained on {data}: a localization net "
         "regresses a 2x3 affine theta, `affine_grid` and `grid_sample` warp the image, and a "
         f"CNN classifies the warped image. {record['parameters']:,} parameters.", "",
@@ -34,20 +50,20 @@ def model_card(record: dict[str, Any]) -> str:
         "```", "",
         "Input: float NCHW 3x32x32, RGB scaled to [0, 1] then normalised by the mean and std "
         "in the ONNX metadata; outputs `logits` (10 classes, CIFAR-10's order) and `theta`.", "",
-        f"## Measured ({data} test split, 10,000 images)", "",
-        f"- Top-1 of the checkpoint: {_pct(record['test_accuracy'])}; of the ONNX file run by "
-        f"ONNX Runtime alone: {_pct(record['onnx_accuracy'])}.",
+        f"## Measured ({data} test split, {record.get('onnx_images', 10000):,} images)", "",
+        f"- Top-1 of the checkpoint: {pct(record['test_accuracy'], 2)}; of the ONNX file run by "
+        f"ONNX Runtime alone: {pct(record['onnx_accuracy'], 2)}.",
         f"- The STN transforms: theta spread {record['onnx_theta_spread_px']:.3f} px on the "
         f"test images (ONNX Runtime; collapsed: {health.get('collapsed')}).",
     ]
     if undone:
         lines.append(f"- On the RTS-distorted copy of the test split it undoes "
-                     f"{_pct(undone.get('rotation'), 0)} of the rotation, "
-                     f"{_pct(undone.get('scale'), 0)} of the scale and "
-                     f"{_pct(undone.get('translation'), 0)} of the translation.")
+                     f"{pct(undone.get('rotation'))} of the rotation, "
+                     f"{pct(undone.get('scale'))} of the scale and "
+                     f"{pct(undone.get('translation'))} of the translation.")
     lines += [
         "", "## Recipe", "",
-        f"`{record['command']}` ({record['epochs']} epochs; resumable with `--resume`; "
+        f"`{record['command']}` ({_epochs(record)}; resumable with `--resume`; "
         "`benchmarks/cifar10_recipe.py` runs it and writes the curve). Values:", "",
         "```json", json.dumps(record["recipe_values"], indent=1, sort_keys=True), "```", "",
         "## Limits", "",

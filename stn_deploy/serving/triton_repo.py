@@ -33,6 +33,7 @@ from pathlib import Path
 
 from stn_deploy.artifacts import sidecar_path
 from stn_deploy.errors import StnDeployError
+from stn_deploy.names import canonical
 from stn_deploy.serving.model_facts import TRITON_DTYPES, ModelFacts, TensorFacts, model_facts
 from stn_deploy.serving.validate import schema_available, validate_repository
 
@@ -44,7 +45,6 @@ QUEUE_DELAY_US = 100
 
 PYTHON_KINDS = ("python-onnxruntime", "python-openvino")
 KINDS = ("onnxruntime", "openvino", "trt", *PYTHON_KINDS)
-KIND_ALIASES = {"tensorrt": "trt"}  # the old spelling, still read
 # What each kind serves, its config's platform/backend line, and its file in the version folder.
 KIND_FILE_KIND = {"onnxruntime": "onnx", "openvino": "onnx", "trt": "plan",
                   "python-onnxruntime": "onnx", "python-openvino": "onnx"}
@@ -80,8 +80,8 @@ class RepoOptions:
 
 
 def kind_name(kind: str) -> str:
-    """A kind with its old spelling read (``tensorrt`` -> ``trt``)."""
-    return KIND_ALIASES.get(kind, kind)
+    """A kind with TensorRT's old spellings read (``tensorrt``, ``engine`` -> ``trt``)."""
+    return canonical(kind)
 
 
 def preferred_sizes(opts: RepoOptions) -> tuple[int, ...]:

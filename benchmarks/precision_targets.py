@@ -1,0 +1,591 @@
+"""Does lower precision pay? INT8 and bf16 against FP32, judged on the precision targets, in one
+run: every artifact from the product's one export pipeline, every speed row from the one
+harness, every target judged for the ISA of the CPU it ran on.
+
+    python benchmarks/precision_targets.py --checkpoint runs/cifar10-stn/last.pt \\
+        --data-dir ~/.cache/stn-deploy/cifar10-jpeg       # the real figures (quiet machine)
+    python benchmarks/precision_targets.py --checkpoint digits/last.pt --quick
+                                                         # proves the script works
+
+Variants (each ``stn_deploy.export.pipeline.run_export`` with the theta output, verified on the
+evaluation images, so each report gives accuracy, top-1 agreement and theta's shift in pixels
+against its bound): FP32 ONNX; INT8 ONNX by ONNX Runtime's quantizer; INT8 ONNX by NNCF with
+the STN-aware scope (the default quantizer for --target openvino); OpenVINO IR FP32, bf16 and
+INT8. The export verifies a checkpoint's theta but not its sampling grid (it compares grids
+only for a user's module), so the grid shift is measured here: the exported file with its
+grid as an extra output, on the runtime that verified it, against PyTorch's grid.
+
+Speed rows (``harness.measure_latency`` on ``backends.create_runner``, end-to-end: host numpy
+in, host numpy out): ONNX Runtime FP32 and INT8; OpenVINO f32 (INFERENCE_PRECISION_HINT forced
+to f32, so a bf16-capable CPU does not report bf16 as FP32), bf16 and INT8 (NNCF). OpenVINO
+runs batch 1 under its LATENCY hint and larger batches under THROUGHPUT. Speed on shared VMs
+drifts 20-30% in phases, so every row is measured in --rounds rounds that visit every row in
+turn, and each figure is the median over the rounds.
+
+Writes benchmarks/results/precision_targets.{json,md} (or --results-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAME = "precision_targets"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+CIFAR_NOTE = "CIFAR-10 (JPEG copy)"
+GRID_PREFIX = "stn_deploy.grid."  # the grid outputs of a verification copy (export.verify)
+
+
+# ------------------------------------------------------------------------------ the plan
+
+@dataclass(frozen=True)
+class Variant:
+    """One artifact, as ``stn-deploy export`` would be asked for it."""
+
+    key: str
+    label: str
+    request: dict[str, Any]  # ExportRequest fields beyond the shared ones
+    needs: tuple[str, ...] = ()  # optional packages: missing -> the variant is skipped
+
+    @property
+    def suffix(self) -> str:
+        return ".xml" if self.request.get("format") == "openvino" else ".onnx"
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("fp32-onnx", "FP32 ONNX", {"format": "onnx", "precision": "fp32"}),
+    Variant("int8-ort", "INT8 ONNX (onnxruntime quantizer)",
+            {"format": "onnx", "precision": "int8", "quantizer": "onnxruntime"}),
+    Variant("int8-nncf", "INT8 ONNX (NNCF, STN-aware scope)",
+            {"format": "onnx", "precision": "int8", "target": "openvino"}, ("nncf",)),
+    Variant("ir-fp32", "OpenVINO IR FP32", {"format": "openvino", "precision": "fp32"},
+            ("openvino",)),
+    Variant("ir-bf16", "OpenVINO IR bf16", {"format": "openvino", "precision": "bf16"},
+            ("openvino",)),
+    Variant("ir-int8", "OpenVINO IR INT8 (NNCF)", {"format": "openvino", "precision": "int8"},
+            ("openvino", "nncf")),
+)
+INT8_VARIANTS = ("int8-ort", "int8-nncf", "ir-int8")
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    """One timed row: a runtime on the first of ``variants`` that was exported."""
+
+    key: str
+    label: str
+    backend: str
+    variants: tuple[str, ...]
+    f32: str  # the same runtime's f32 row
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+SPEED_ROWS: tuple[SpeedRow, ...] = (
+    SpeedRow("ort-fp32", "ONNX Runtime FP32", "onnxruntime", ("fp32-onnx",), "ort-fp32"),
+    SpeedRow("ort-int8", "ONNX Runtime INT8", "onnxruntime", ("int8-ort",), "ort-fp32"),
+    # precision="fp32" on an FP32 file: the runner sets INFERENCE_PRECISION_HINT=f32.
+    SpeedRow("ov-f32", "OpenVINO f32", "openvino", ("ir-fp32",), "ov-f32",
+             {"precision": "fp32"}),
+    SpeedRow("ov-bf16", "OpenVINO bf16", "openvino", ("ir-bf16",), "ov-f32"),
+    SpeedRow("ov-int8", "OpenVINO INT8 (NNCF)", "openvino", ("ir-int8", "int8-nncf"), "ov-f32"),
+)
+
+
+# ------------------------------------------------------------------------------- targets
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    """``num``'s figure over ``den``'s at ``metric``, held to ``op goal`` on CPUs with any of
+    ``needs`` (and none of ``not_with``, where another target applies instead)."""
+
+    key: str
+    what: str
+    num: str
+    den: str
+    metric: str  # "b1_p50_ms" or "b256_ips"
+    op: str  # ">=" or "<="
+    goal: float
+    needs: tuple[str, ...]
+    not_with: tuple[str, ...] = ()
+
+
+INT8_ISA = ("VNNI", "AMX")  # what makes INT8 arithmetic fast on x86
+SPEED_TARGETS: tuple[SpeedTarget, ...] = (
+    SpeedTarget("ov_int8_vs_f32_amx", "OpenVINO INT8 / OpenVINO f32, batch 256 img/s",
+                "ov-int8", "ov-f32", "b256_ips", ">=", 3.5, ("AMX",)),
+    SpeedTarget("ov_int8_vs_bf16_amx", "OpenVINO INT8 / OpenVINO bf16, batch 256 img/s "
+                "(never slower)", "ov-int8", "ov-bf16", "b256_ips", ">=", 1.0, ("AMX",)),
+    SpeedTarget("ov_int8_vs_bf16_amx_goal", "OpenVINO INT8 / OpenVINO bf16, batch 256 img/s "
+                "(goal)", "ov-int8", "ov-bf16", "b256_ips", ">=", 1.25, ("AMX",)),
+    SpeedTarget("ov_int8_vs_f32_vnni", "OpenVINO INT8 / OpenVINO f32, batch 256 img/s "
+                "(VNNI without AMX)", "ov-int8", "ov-f32", "b256_ips", ">=", 3.0, ("VNNI",),
+                ("AMX",)),
+    SpeedTarget("ort_int8_b1", "ONNX Runtime INT8 / FP32, batch-1 p50", "ort-int8", "ort-fp32",
+                "b1_p50_ms", "<=", 0.75, INT8_ISA),
+    SpeedTarget("ov_int8_b1", "OpenVINO INT8 / f32, batch-1 p50", "ov-int8", "ov-f32",
+                "b1_p50_ms", "<=", 0.75, INT8_ISA),
+    SpeedTarget("ort_int8_vs_fp32", "ONNX Runtime INT8 / FP32, batch 256 img/s", "ort-int8",
+                "ort-fp32", "b256_ips", ">=", 1.0, ("VNNI",)),
+)
+MAX_DROP_POINTS = 0.3
+MIN_AGREEMENT_PCT = 98.5
+
+
+@dataclass
+class Figures:
+    """What ``judge`` reads. ``speed``: row key -> {"b1_p50_ms", "b256_ips", "reason"} (None
+    where not measured); ``variants``: variant key -> {"accuracy_drop" (points),
+    "agreement_pct", "theta_px", "grid_px", "bound_px", "reason"}."""
+
+    speed: dict[str, dict[str, Any]]
+    variants: dict[str, dict[str, Any]]
+    data_note: str = ""
+
+
+def _holds(value: float, op: str, goal: float) -> bool:
+    return value >= goal if op == ">=" else value <= goal
+
+
+def _isa_status(needs: tuple[str, ...], not_with: tuple[str, ...], isa: list[str]) -> str | None:
+    """Why a target is not judged on this ISA (None: it is)."""
+    if needs and not any(n in isa for n in needs):
+        return f"not judged here: needs {'/'.join(needs)}"
+    present = [n for n in not_with if n in isa]
+    if present:
+        return (f"not judged here: this CPU has {'/'.join(present)}, where the "
+                f"{'/'.join(present)} target applies")
+    return None
+
+
+def _speed_row(t: SpeedTarget, fig: Figures, isa: list[str]) -> dict[str, Any]:
+    num, den = fig.speed.get(t.num, {}), fig.speed.get(t.den, {})
+    a, b = num.get(t.metric), den.get(t.metric)
+    value = a / b if a is not None and b else None
+    status = _isa_status(t.needs, t.not_with, isa)
+    if status is None:
+        why = num.get("reason") or den.get("reason") or f"{t.metric} not measured"
+        status = "not measured: " + why if value is None else (
+            "met" if _holds(value, t.op, t.goal) else "missed")
+    return {"target": t.key, "what": t.what, "value": value, "goal": f"{t.op} {t.goal:g}",
+            "status": status, "kind": "speed"}
+
+
+def _accuracy_rows(key: str, v: dict[str, Any], note: str) -> list[dict[str, Any]]:
+    """The four accuracy targets of one INT8 variant (no ISA needed: judged everywhere)."""
+    bound = v.get("bound_px")
+    checks = [("accuracy_drop", "accuracy drop (points)", "<=", MAX_DROP_POINTS),
+              ("agreement_pct", "top-1 agreement with FP32 PyTorch (%)", ">=",
+               MIN_AGREEMENT_PCT),
+              ("theta_px", "theta shift (px)", "<=", bound),
+              ("grid_px", "grid shift (px)", "<=", bound)]
+    rows = []
+    for field_name, what, op, goal in checks:
+        value = v.get(field_name)
+        if value is None or goal is None:
+            why = v.get(f"{field_name}_reason") or v.get("reason") or f"no {field_name}"
+            status = "not measured: " + why
+        else:
+            status = "met" if _holds(value, op, goal) else "missed"
+        rows.append({"target": f"{key}_{field_name}", "what": f"{key}: {what}"
+                     + (f" on {note}" if note else ""), "value": value,
+                     "goal": f"{op} {goal:g}" if goal is not None else "-", "status": status,
+                     "kind": "accuracy"})
+    return rows
+
+
+def judge(fig: Figures, isa: list[str]) -> list[dict[str, Any]]:
+    """Every target's row: its value, goal and "met", "missed", "not judged here: needs ..."
+    (the CPU lacks the ISA the target is for; the value is still shown) or "not measured:
+    why". Pure: no clock, no files, so it is tested on figures alone."""
+    rows = [_speed_row(t, fig, isa) for t in SPEED_TARGETS]
+    for key in INT8_VARIANTS:
+        rows += _accuracy_rows(key, fig.variants.get(key, {"reason": "not exported"}),
+                               fig.data_note)
+    return rows
+
+
+# ------------------------------------------------------------------------------ options
+
+def sample_count(text: str) -> int | None:
+    """N or all (None)."""
+    if text.lower() == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number or all")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="ImageFolder with train/ and test/ (default: the checkpoint's dataset)")
+    p.add_argument("--data-note", default=None, help="what the data is, beside every figure "
+                   f"[default: {CIFAR_NOTE!r} for CIFAR-10's classes, else the split's name]")
+    p.add_argument("--calib-samples", type=sample_count, default=300, help="N or all [300]")
+    p.add_argument("--eval-samples", type=sample_count, default=None, help="N or all [all]")
+    p.add_argument("--batch-sizes", default="1,256", help="[1,256]")
+    p.add_argument("--iterations", type=int, default=200, help="timed runs a round [200]")
+    p.add_argument("--warmup", type=int, default=20, help="untimed runs a round [20]")
+    p.add_argument("--threads", type=int, default=None, help="[all available CPUs]")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds visiting every speed row in turn; the median is reported [5]")
+    p.add_argument("--quick", action="store_true", help="10 iterations, 1 round, 256 eval and "
+                   "64 calibration images: proves the script, measures nothing")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    a = p.parse_args(argv)
+    a.batch_sizes = tuple(sorted({int(b) for b in a.batch_sizes.split(",")}))
+    if a.quick:
+        a.iterations, a.warmup, a.rounds = 10, 2, 1
+        a.eval_samples = min(a.eval_samples or 256, 256)
+        a.calib_samples = min(a.calib_samples or 64, 64)
+    if min(a.iterations, a.rounds, *a.batch_sizes) < 1 or a.warmup < 0:
+        p.error("--iterations, --rounds and --batch-sizes must be positive, --warmup >= 0")
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- exports
+
+def missing_package(names: tuple[str, ...]) -> str | None:
+    import importlib.util
+
+    gone = [n for n in names if importlib.util.find_spec(n) is None]
+    return f"{', '.join(gone)} not installed (pip install 'stn-deploy[int8]')" if gone else None
+
+
+def export_variant(v: Variant, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One variant through ``run_export``: its file and verification report, or the reason
+    it was skipped (a package missing) or failed (the export refused or failed to verify)."""
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.export.pipeline import ExportRequest, run_export
+
+    row: dict[str, Any] = {"key": v.key, "label": v.label, "request": v.request}
+    why = missing_package(v.needs)
+    if why:
+        return {**row, "status": "skipped", "reason": why}
+    calib = {"calib_samples": args.calib_samples} if v.request["precision"] == "int8" else {}
+    req = ExportRequest(checkpoint=args.checkpoint, with_theta=True, data_dir=args.data_dir,
+                        verify_samples=args.eval_samples, out=work / f"{v.key}{v.suffix}",
+                        caller="api", **calib, **v.request)
+    try:
+        result = run_export(req, echo=lambda _line: None)
+    except StnDeployError as e:
+        text = str(e).splitlines()
+        failed = [t.strip() for t in text if "FAILED" in t]
+        return {**row, "status": "failed", "reason": "; ".join([text[0], *failed])}
+    rep = result.report
+    assert rep is not None  # run_export always verifies
+    return {**row, "status": "ok", "path": str(result.path), "report": rep.to_dict(),
+            "backend": rep.backend, "computed": rep.computed, "samples": rep.samples,
+            "accuracy_ref": rep.accuracy_ref, "accuracy": rep.accuracy_onnx,
+            "accuracy_drop": rep.accuracy_drop, "agreement_pct": 100 * rep.agreement,
+            "theta_px": rep.theta_max_px, "theta_spread_px": rep.theta_spread_px,
+            "bound_px": rep.tolerances.theta_px, "passed": rep.passed,
+            "notes": [*rep.notes, *(line for line in result.lines if line.startswith("INT8 by"))],
+            "lines": result.lines}
+
+
+# ---------------------------------------------------------------------------------- grids
+
+def eval_images(args: argparse.Namespace) -> Any:
+    """The images every export verifies on (the same seeded draw), and their note."""
+    from stn_deploy.export.sources import CheckpointSource
+
+    return CheckpointSource.load(args.checkpoint).test_images(args.data_dir, args.eval_samples)
+
+
+def pytorch_grid(checkpoint: Path, images: np.ndarray) -> np.ndarray | None:
+    """The grid PyTorch samples each image with (N, H, W, 2), from its own theta; None for a
+    model without an STN."""
+    import torch
+
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.verify import torch_reference
+
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.model()
+    if model.stn is None:
+        return None
+    theta = torch.from_numpy(torch_reference(checkpoint, images, ckpt)["theta"]).float()
+    with torch.no_grad():
+        return model.stn.grid(theta).double().numpy()
+
+
+def with_grids(path: Path, work: Path) -> Path:
+    """A copy of an exported file whose GridSample grids are extra outputs (GRID_PREFIX + i):
+    ``verify.with_grid_outputs`` for ONNX; for an IR, the same made with OpenVINO's own
+    ``add_outputs`` (its rt_info, and so its precision, kept)."""
+    from stn_deploy.export.verify import with_grid_outputs
+
+    if path.suffix != ".xml":
+        dst = work / f"{path.stem}-grids.onnx"
+        with_grid_outputs(path, dst)
+        return dst
+    from stn_deploy.backends.ov import import_openvino
+
+    ov = import_openvino()
+    model = ov.Core().read_model(str(path))
+    samplers = [op for op in model.get_ordered_ops() if op.get_type_name() == "GridSample"]
+    for i, op in enumerate(samplers):
+        out = model.add_outputs([op.input_value(1)])[0]
+        out.get_tensor().set_names({f"{GRID_PREFIX}{i}"})
+    dst = work / f"{path.stem}-grids.xml"
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    return dst
+
+
+def grid_shift_px(variant: dict[str, Any], images: np.ndarray, ref: np.ndarray | None,
+                  work: Path) -> float | None:
+    """Largest shift (px) of any sampling point of the last GridSample (the one that feeds the
+    classifier) from PyTorch's, on the runtime that verified the variant."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.harness import EVAL_BATCH, run_batched
+
+    if ref is None or variant.get("status") != "ok":
+        return None
+    copy = with_grids(Path(variant["path"]), work)
+    with create_runner(variant["backend"], copy) as runner:
+        got = run_batched(runner, images, EVAL_BATCH)
+    names = sorted((k for k in got if k.startswith(GRID_PREFIX)),
+                   key=lambda k: int(k[len(GRID_PREFIX):]))
+    if not names:
+        return None
+    diff = np.abs(got[names[-1]].astype(np.float64) - ref)
+    h, w = ref.shape[1:3]  # a normalised grid unit is half the image's width (x) or height (y)
+    return float(max((diff[..., 0] * w / 2).max(), (diff[..., 1] * h / 2).max()))
+
+
+# ---------------------------------------------------------------------------------- speed
+
+def speed_plan(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each speed row with the file it runs, or why it cannot run."""
+    plan = []
+    for row in SPEED_ROWS:
+        done = [variants[k] for k in row.variants if variants[k].get("status") == "ok"]
+        entry: dict[str, Any] = {"key": row.key, "label": row.label, "backend": row.backend,
+                                 "f32": row.f32, "options": row.options, "rounds": {}}
+        if done:
+            entry.update(variant=done[0]["key"], path=done[0]["path"], status="ok")
+        else:
+            first = variants[row.variants[0]]
+            entry.update(status="skipped", reason=f"{first['label']} not exported: "
+                                                  f"{first.get('reason')}")
+        plan.append(entry)
+    return plan
+
+
+def measure_round(plan: list[dict[str, Any]], args: argparse.Namespace,
+                  images: np.ndarray, threads: int) -> None:
+    """One round: every runnable row at every batch size, in turn, through the harness."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.harness import measure_latency
+
+    for row in plan:
+        for batch in args.batch_sizes:
+            if row["status"] != "ok":
+                break
+            hint = ({"hint": "latency" if batch == 1 else "throughput"}
+                    if row["backend"] == "openvino" else {})
+            try:
+                with create_runner(row["backend"], row["path"], threads=threads,
+                                   **row["options"], **hint) as runner:
+                    stats = measure_latency(runner, batch, iterations=args.iterations,
+                                            warmup=args.warmup, sample=images)
+                    row["computed"] = computed_in(runner)
+            except StnDeployError as e:  # e.g. a runtime that refuses the file here
+                row.update(status="skipped", reason=str(e))
+                log(f"  {row['label']}: skipped: {e}")
+                break
+            row["rounds"].setdefault(str(batch), []).append(
+                {"p50_ms": stats.p50_ms, "ips": stats.throughput_ips})
+
+
+def computed_in(runner: Any) -> str:
+    """What the row computed in: OpenVINO's inference precision (an INT8 graph's float parts
+    run in it), else the file's precision."""
+    said = runner.describe().get("inference_precision")
+    if said is None:
+        return str(runner.precision)
+    return f"int8, float parts {said}" if runner.precision == "int8" else str(said)
+
+
+def summarise_speed(plan: list[dict[str, Any]]) -> None:
+    """Median p50 and img/s over the rounds per batch size; b1 / b256 for the targets."""
+    for row in plan:
+        row["median"] = {b: {"p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+                             "ips": float(np.median([r["ips"] for r in rs]))}
+                         for b, rs in row["rounds"].items()}
+        row["b1_p50_ms"] = row["median"].get("1", {}).get("p50_ms")
+        row["b256_ips"] = row["median"].get("256", {}).get("ips")
+
+
+# ------------------------------------------------------------------------------ markdown
+
+def _f(v: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def variants_table(variants: list[dict[str, Any]], note: str) -> list[str]:
+    lines = [f"## Variants (verified against PyTorch FP32 on {note})", "",
+             "| Variant | Verified on | Images | Accuracy (PyTorch -> variant) | Agreement | "
+             "Theta shift (px) | Grid shift (px) | Bound (px) | Theta spread (px) | Status |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for v in variants:
+        if v["status"] != "ok":
+            lines.append(f"| {v['label']} | - | - | - | - | - | - | - | - | "
+                         f"{v['status']}: {v['reason']} |")
+            continue
+        on = v["backend"] + (f" (computed in {v['computed']})" if v.get("computed") else "")
+        acc = (f"{v['accuracy_ref']:.2f}% -> {v['accuracy']:.2f}%"
+               if v.get("accuracy") is not None else "-")
+        lines.append(f"| {v['label']} | {on} | {v['samples']} | {acc} | "
+                     f"{v['agreement_pct']:.2f}% | {_f(v['theta_px'], '.2g')} | "
+                     f"{_f(v.get('grid_px'), '.2g')} | {_f(v['bound_px'], 'g')} | "
+                     f"{_f(v['theta_spread_px'], '.2f')} | "
+                     f"{'passed' if v['passed'] else 'FAILED'}"
+                     f"{'; ' + ' '.join(v['notes']) if v['notes'] else ''} |")
+    return lines
+
+
+def speed_table(plan: list[dict[str, Any]], rounds: int) -> list[str]:
+    by_key = {r["key"]: r for r in plan}
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a is not None and b else "-"
+
+    lines = [f"## Speed (end-to-end, median of {rounds} alternating rounds)", "",
+             "| Row | File | Computed in | b1 p50 ms | b1 p50 / same runtime f32 | b256 img/s | "
+             "b256 / OpenVINO f32 | b256 / same runtime f32 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    ov = by_key.get("ov-f32", {})
+    for r in plan:
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | skipped: {r['reason']} | - | - | - | - | - | - |")
+            continue
+        same = by_key.get(r["f32"], {})
+        lines.append(f"| {r['label']} | {r['variant']} | {r.get('computed') or '-'} | "
+                     f"{_f(r['b1_p50_ms'], '.3f')} | "
+                     f"{ratio(r['b1_p50_ms'], same.get('b1_p50_ms'))} | "
+                     f"{_f(r['b256_ips'], ',.0f')} | "
+                     f"{ratio(r['b256_ips'], ov.get('b256_ips'))} | "
+                     f"{ratio(r['b256_ips'], same.get('b256_ips'))} |")
+    return lines
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Targets", "", "| Target | Value | Goal | Verdict |", "|---|---:|---|---|"]
+    lines += [f"| {r['what']} | {_f(r['value'], target_format(r))} | {r['goal']} | "
+              f"{r['status']} |" for r in rows]
+    return lines
+
+
+def target_format(row: dict[str, Any]) -> str:
+    """Ratios and accuracy to two decimals; pixel shifts to two significant digits."""
+    return ".2g" if row["target"].endswith("_px") else ".2f"
+
+
+def markdown(doc: dict[str, Any], plan: list[dict[str, Any]]) -> str:
+    s = doc["settings"]
+    head = [f"# Precision targets on {doc['data']}", "",
+            f"Checkpoint `{doc['checkpoint']}`; {s['threads']} threads per runtime; "
+            f"{s['calib_samples'] or 'all'} calibration images; CPU ISA: "
+            f"{', '.join(doc['isa']) or 'no AVX2'}."]
+    if s["quick"]:
+        head.append("**Quick run: the timings prove the script works; they measure nothing.**")
+    tail = ["", "OpenVINO: batch 1 under the LATENCY hint, larger batches under THROUGHPUT; the "
+            "f32 row forces INFERENCE_PRECISION_HINT=f32. Ratios of b1 are p50 over p50 (lower "
+            "is faster), of b256 img/s over img/s. The OpenVINO INT8 row runs the INT8 IR when "
+            "it was exported, else the NNCF ONNX. Grid shift: the last GridSample's grid on the "
+            "runtime that verified the variant, against PyTorch's."]
+    return "\n".join([*head, "", *variants_table(doc["variants"], doc["data"]), "",
+                      *speed_table(plan, s["rounds"]), "", *targets_table(doc["targets"]),
+                      *tail]) + "\n"
+
+
+# ----------------------------------------------------------------------------------- main
+
+def data_note(args: argparse.Namespace, split_note: str) -> str:
+    """--data-note, else "CIFAR-10 (JPEG copy)" for a folder of CIFAR-10's classes, else the
+    split the export names ("the digits test split")."""
+    if args.data_note:
+        return args.data_note
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.config import CIFAR10_CLASSES
+
+    names = set(load_checkpoint(args.checkpoint).config.class_names or ())
+    if args.data_dir is not None and names == set(CIFAR10_CLASSES):
+        return f"{CIFAR_NOTE} test split"
+    return split_note.removeprefix("the ")
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Export and verify every variant, measure grids and speed, judge the targets."""
+    from stn_deploy.backends.base import available_cpus
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.harness import cpu_isa
+
+    threads = args.threads or available_cpus()
+    variants: dict[str, dict[str, Any]] = {}
+    for v in VARIANTS:
+        log(f"export {v.label}")
+        variants[v.key] = export_variant(v, args, work)
+        if v.key == "fp32-onnx" and variants[v.key]["status"] != "ok":
+            raise StnDeployError(f"the FP32 export failed: {variants[v.key]['reason']}")
+    data = eval_images(args)
+    ref = pytorch_grid(args.checkpoint, data.images)
+    for v in variants.values():
+        try:
+            v["grid_px"] = grid_shift_px(v, data.images, ref, work)
+        except (StnDeployError, RuntimeError) as e:  # OpenVINO raises RuntimeErrors
+            v["grid_px"], v["grid_px_reason"] = None, f"grid not measured: {e}"
+    plan = speed_plan(variants)
+    for i in range(args.rounds):
+        log(f"speed round {i + 1} of {args.rounds}")
+        measure_round(plan, args, data.images, threads)
+    summarise_speed(plan)
+    note, isa = data_note(args, data.note), cpu_isa()
+    targets = judge(Figures({r["key"]: r for r in plan}, variants, note), isa)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    doc = {"checkpoint": str(args.checkpoint), "data": note, "isa": isa,
+           "settings": {**settings, "threads": threads},
+           "variants": [{k: x for k, x in v.items() if k != "path"} for v in variants.values()],
+           "speed": plan, "targets": targets}
+    return doc, plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _provenance import write_results
+    from stn_deploy.errors import StnDeployError
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="stn-precision-") as tmp:
+            doc, plan = run(args, Path(tmp))
+            for row in plan:
+                row.pop("path", None)  # a temporary file, gone after the run
+    except StnDeployError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    json_path, md_path = write_results(NAME, doc, markdown(doc, plan), folder=args.results_dir)
+    log(f"wrote {json_path} and {md_path}")
+    for t in doc["targets"]:
+        print(f"{t['what']}: {_f(t['value'], target_format(t))} ({t['goal']}): {t['status']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
