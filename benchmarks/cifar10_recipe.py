@@ -156,6 +156,20 @@ def long_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def stn_health(metrics: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """The STN's health: the complete run's final measurement, or, for a run in progress
+    (its metrics.json has none yet), the last epoch's headline in the same shape."""
+    if metrics.get("stn_health") is not None:
+        return {"stn_health": metrics["stn_health"],
+                "stn_health_rts": metrics.get("stn_health_rts")}
+    stn, rts = last.get("stn") or {}, last.get("stn_rts") or {}
+    keys = ("collapsed", "theta_spread_px", "dead_fraction")
+    return {"stn_health": {k: stn.get(k) for k in keys},
+            "stn_health_rts": {**{k: rts.get(k) for k in keys},
+                               "undone": {"rotation": rts.get("rotation_undone"),
+                                          "scale": rts.get("scale_undone")}} if rts else None}
+
+
 def summary(run_dir: Path, data_dir: Path, ablations: Path, evaluate: bool) -> dict[str, Any]:
     """Everything the results file says, from the run folder as it stands. The ONNX is
     exported and evaluated once the run is complete, or before then when ``evaluate`` (a
@@ -173,7 +187,7 @@ def summary(run_dir: Path, data_dir: Path, ablations: Path, evaluate: bool) -> d
         "parameters": metrics["parameters"], "epochs_done": ckpt.epoch, "epochs": epochs,
         "complete": done, "curve": curve(ckpt.history), "long_schedule": long_rows(ckpt.history),
         "ablations": ablation_rows(ablations),
-        "stn_health": metrics.get("stn_health"), "stn_health_rts": metrics.get("stn_health_rts"),
+        **stn_health(metrics, ckpt.history[-1]),
     }
     if done or evaluate:
         onnx_path = export_onnx(run_dir, data_dir)

@@ -211,6 +211,29 @@ def test_cli_export_verifies_and_writes(digits_checkpoint: Path, tmp_path: Path)
     assert meta["precision"] == "fp32" and len(meta["source_sha256"]) == 64
 
 
+def test_rgb_model_without_its_data_is_verified_on_digits_as_rgb(tiny_folder_checkpoint: Path,
+                                                                 tmp_path: Path) -> None:
+    """A model trained on colour photos the user does not have (the shipped CIFAR-10 one)
+    still exports verified: parity with PyTorch on the embedded digits as RGB, said so. INT8
+    would calibrate colour photos' scales on grey digits: refused, nothing written."""
+    import json
+
+    out = tmp_path / "rgb.onnx"
+    r = CliRunner().invoke(cli, ["export", str(tiny_folder_checkpoint), "--out", str(out),
+                                 "--verify-samples", "64"])
+    assert r.exit_code == 0, r.output
+    assert "on the embedded digits test split as RGB (model data not given: parity" in r.output
+    report = json.loads(read_metadata(out)["verification"])
+    assert report["passed"] and report["samples"] == 64 and report["agreement"] == 1.0
+    assert report["accuracy_ref"] is None  # digits' labels are not the model's classes
+
+    r = CliRunner().invoke(cli, ["export", str(tiny_folder_checkpoint), "--precision", "int8",
+                                 "--out", str(tmp_path / "int8.onnx")])
+    assert r.exit_code == 1
+    assert "Error: INT8 calibration needs real imagefolder images: pass --data-dir" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.onnx"]
+
+
 def test_cli_failed_verification_writes_nothing(digits_checkpoint: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from stn_deploy.export import verify

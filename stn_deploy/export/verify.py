@@ -236,19 +236,27 @@ def compare(got: dict[str, np.ndarray], reference: dict[str, np.ndarray],
 
 def verification_data(config: ModelConfig, split: str, data_dir: str | Path | None,
                       samples: int | None) -> tuple[ImageSet, str]:
-    """Real images for ``config``: its own dataset, else the embedded digits (parity only)
-    when the channel count fits, else an error saying what to pass. ``samples``: a seeded
-    draw of that many (None or 0: the whole split)."""
+    """Real images for ``config``: its own dataset, else the embedded digits (parity only:
+    the exported file computes what PyTorch computes on real images, no accuracy), grey or
+    as RGB, so that a model trained on data the user does not have (a shipped pretrained
+    one) still exports verified. INT8 calibration (``split`` "train") on another dataset's
+    RGB images would set the scales of colour photos from grey digits: refused.
+    ``samples``: a seeded draw of that many (None or 0: the whole split)."""
     from stn_deploy.data import model_split
 
     note = f"{config.dataset} {split} split"
     name = config.dataset
     if name not in ("digits", "fashion-mnist") and data_dir is None:
-        if config.in_channels != 1:
-            raise StnDeployError(f"verification needs real {config.dataset} images: pass "
-                                 "--data-dir with that dataset")
-        name, note = "digits", f"embedded digits {split} split (model data not given)"
+        if config.in_channels != 1 and split != "test":
+            raise StnDeployError(f"INT8 calibration needs real {config.dataset} images: pass "
+                                 "--data-dir (or --calib-dir) with that dataset")
+        grey = "" if config.in_channels == 1 else " as RGB"
+        name, note = "digits", (f"embedded digits {split} split{grey} (model data not given: "
+                                "parity with PyTorch only, no accuracy)")
     data = model_split(config, split, data_dir if name == config.dataset else None, name=name)
+    if name != config.dataset and data.images.shape[1] == 1 and config.in_channels == 3:
+        data = ImageSet(data.images.expand(-1, 3, -1, -1).contiguous(), data.labels,
+                        data.classes)
     if int(data.images.shape[1]) != config.in_channels:
         raise StnDeployError(f"{note} has {data.images.shape[1]} channels, the model expects "
                              f"{config.in_channels}")

@@ -56,11 +56,11 @@ def model_card(record: dict[str, Any]) -> str:
         f"- The STN transforms: theta spread {record['onnx_theta_spread_px']:.3f} px on the "
         f"test images (ONNX Runtime; collapsed: {health.get('collapsed')}).",
     ]
-    if undone:
+    parts = [f"{pct(undone[k])} of the {k}" for k in ("rotation", "scale", "translation")
+             if undone.get(k) is not None]
+    if parts:
         lines.append(f"- On the RTS-distorted copy of the test split it undoes "
-                     f"{pct(undone.get('rotation'))} of the rotation, "
-                     f"{pct(undone.get('scale'))} of the scale and "
-                     f"{pct(undone.get('translation'))} of the translation.")
+                     f"{', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]}.")
     lines += [
         "", "## Recipe", "",
         f"`{record['command']}` ({_epochs(record)}; resumable with `--resume`; "
