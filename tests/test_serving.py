@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -606,6 +607,15 @@ def test_a_repository_without_its_model_and_a_port_in_use_are_one_line(
 
 
 @NEEDS_SERVER
+def _metrics_text(url: str) -> str:
+    """Triton's metrics page, or "" while its listener is not up yet (it may open after the
+    HTTP endpoint reports ready: a refused connection then is not the server failing)."""
+    try:
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return ""
+
+
 def test_loadtest_names_a_server_killed_mid_run(served_onnx: Path) -> None:
     port, pgid, server, _ = _serving(served_onnx)
     try:
@@ -617,8 +627,7 @@ def test_loadtest_names_a_server_killed_mid_run(served_onnx: Path) -> None:
         metrics = f"http://127.0.0.1:{port + 2}/metrics"
         deadline = time.monotonic() + 60  # the client loads its local reference first
         while time.monotonic() < deadline and client.poll() is None and not re.search(
-                r'^nv_inference_request_success{[^}]*} [1-9]',
-                urllib.request.urlopen(metrics, timeout=5).read().decode(), re.M):
+                r'^nv_inference_request_success{[^}]*} [1-9]', _metrics_text(metrics), re.M):
             time.sleep(0.2)
         os.killpg(pgid, signal.SIGKILL)  # tritonserver crashes
         _, err = client.communicate(timeout=40)
