@@ -302,4 +302,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from stn_deploy.errors import StnDeployError
+
+    try:
+        main()
+    except (StnDeployError, subprocess.CalledProcessError) as e:  # one line, not a traceback
+        sys.exit(f"Error: {e}")
