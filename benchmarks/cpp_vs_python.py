@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -71,7 +72,7 @@ def build_cpp(build_dir: Path) -> Path:
 
 
 def python_runner(model: Path, threads: int) -> tuple[Any, str]:
-    """helper B's OpenVINO runner if present; else a plain openvino.Core loop (said so)."""
+    """The product's OpenVINO runner if it imports; else a plain openvino.Core loop (said so)."""
     try:
         from stn_deploy.backends import create_runner
 
@@ -99,7 +100,8 @@ def python_runner(model: Path, threads: int) -> tuple[Any, str]:
         return Plain(), f"plain openvino.Core loop (stn_deploy.backends unavailable: {e})"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; --quick shrinks runs and rounds so the script proves it works in seconds."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--onnx", type=Path, help="model (default: export a random-init digits model)")
     ap.add_argument("--runs", type=int, default=2000)
@@ -108,33 +110,41 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200 runs, 1 round")
     ap.add_argument("--build-dir", type=Path, default=CPP / "build" / "bench")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpp_vs_python")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.rounds = 200, 1
-    if shutil.which("cmake") is None:
-        sys.exit("Error: cmake not found")
-    threads = args.threads or len(os.sched_getaffinity(0))
+    return args
 
-    from stn_deploy.artifacts import config_from_onnx
+
+def random_digits_onnx(folder: Path) -> Path:
+    """A random-init digits model (seed 0) as ONNX: latency does not depend on the weights, so
+    the script runs without a trained checkpoint."""
+    import torch
+
+    from stn_deploy.data import load_dataset
     from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+    from stn_deploy.model import build_model
+
+    torch.manual_seed(0)
+    return export_onnx(build_model(load_dataset("digits").config).eval(),
+                       folder / "digits_random.onnx", OnnxOptions(opset=17))
+
+
+def write_test_image(model: Path, folder: Path) -> tuple[Any, np.ndarray, Path]:
+    """(config, image, file): one random uint8 image (seed 0) at the model's input size, also
+    written as PGM/PPM, so both sides classify the same pixels."""
+    from stn_deploy.artifacts import config_from_onnx
     from stn_deploy.pnm import write_pnm
 
-    exe = build_cpp(args.build_dir)
-    tmp = Path(tempfile.mkdtemp(prefix="cpp-vs-python-"))
-    model = args.onnx
-    if model is None:
-        from stn_deploy.data import load_dataset
-        from stn_deploy.model import build_model
-
-        import torch
-
-        torch.manual_seed(0)
-        model = export_onnx(build_model(load_dataset("digits").config).eval(),
-                            tmp / "digits_random.onnx", OnnxOptions(opset=17))
     config = config_from_onnx(model)
     c, h, w = config.input_shape
     img = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
-    image_path = write_pnm(tmp / ("x.ppm" if c == 3 else "x.pgm"), img)
+    return config, img, write_pnm(folder / ("x.ppm" if c == 3 else "x.pgm"), img)
+
+
+def preprocessor(model: Path, config: Any) -> tuple[bool, Callable[[np.ndarray], np.ndarray]]:
+    """(embedded, preprocess): the Python side's HWC uint8 -> NCHW input, the same work the
+    C++ side does (nothing but a batch axis when the model embeds its preprocessing)."""
     from stn_deploy.artifacts import read_metadata
 
     embedded = read_metadata(model).get("preprocess") == "embedded"
@@ -147,7 +157,13 @@ def main() -> None:
         return ((x.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0) - mean)
                 / std).astype(np.float32)
 
-    runner, python_kind = python_runner(model, threads)
+    return embedded, preprocess
+
+
+def python_paths(runner: Any, img: np.ndarray, preprocess: Callable[[np.ndarray], np.ndarray]
+                 ) -> tuple[Callable[[], None], Callable[[], object]]:
+    """(end_to_end, inference_only) on the Python side, matching Classifier::classify
+    (normalise, infer, softmax) and Classifier::infer_raw (infer on a preprocessed input)."""
     pre = preprocess(img)
 
     def end_to_end() -> None:
@@ -155,28 +171,40 @@ def main() -> None:
         e = np.exp(logits - logits.max(1, keepdims=True))
         e / e.sum(1, keepdims=True)
 
+    return end_to_end, lambda: runner.infer(pre)
+
+
+def alternating_rounds(cpp_cmd: list[str], runs: int, n_rounds: int,
+                       end_to_end: Callable[[], None],
+                       inference_only: Callable[[], object]) -> dict[str, list[dict[str, float]]]:
+    """Per round, the C++ bench then the Python timings, so load from other processes hits
+    both sides alike; a failing stn_classify ends the script with its own message."""
     rounds: dict[str, list[dict[str, float]]] = {k: [] for k in
                                                  ("cpp_e2e", "cpp_infer", "py_e2e", "py_infer")}
-    for _ in range(args.rounds):
-        r = subprocess.run([str(exe), str(model), str(image_path), "--json", "--bench",
-                            str(args.runs), "--threads", str(threads)],
-                           capture_output=True, text=True)
+    for _ in range(n_rounds):
+        r = subprocess.run(cpp_cmd, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(r.stderr.strip())
         bench = json.loads(r.stdout)["bench"]
         rounds["cpp_e2e"].append(bench["end_to_end_ms"])
         rounds["cpp_infer"].append(bench["inference_ms"])
-        rounds["py_e2e"].append(time_runs(args.runs, end_to_end))
-        rounds["py_infer"].append(time_runs(args.runs, lambda: runner.infer(pre)))
-    runner.deactivate()
-    shutil.rmtree(tmp, ignore_errors=True)
+        rounds["py_e2e"].append(time_runs(runs, end_to_end))
+        rounds["py_infer"].append(time_runs(runs, inference_only))
+    return rounds
 
-    def med(key: str) -> dict[str, float]:
-        return {s: statistics.median(r[s] for r in rounds[key]) for s in ("p50", "p99", "mean")}
 
-    import openvino
+def median_over_rounds(rounds: dict[str, list[dict[str, float]]], key: str) -> dict[str, float]:
+    """p50, p99 and mean of one path, each the median over the rounds (see the module doc)."""
+    return {s: statistics.median(r[s] for r in rounds[key]) for s in ("p50", "p99", "mean")}
 
-    result = {
+
+def result_doc(args: argparse.Namespace, model: Path, input_shape: tuple[int, ...],
+               embedded: bool, threads: int, python_kind: str,
+               rounds: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """The JSON: settings, the median figures per side and mode, and every round's figures."""
+    c, h, w = input_shape
+    med = partial(median_over_rounds, rounds)
+    return {
         "load_average_start": os.getloadavg(), "model": str(model),
         "input": [c, h, w], "embedded_preprocess": embedded, "batch": 1,
         "runs": args.runs, "rounds": args.rounds, "threads": threads,
@@ -185,17 +213,25 @@ def main() -> None:
                "python": {"end_to_end": med("py_e2e"), "inference_only": med("py_infer")}},
         "per_round": rounds,
     }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The markdown: how it was measured, then one table line per side."""
+    import openvino
+
+    c, h, w = result["input"]
     ms = result["ms"]
     md = [
         "# C++ vs Python, OpenVINO CPU, batch 1",
         "",
         f"Load average at start {result['load_average_start'][0]:.1f}. "
-        f"OpenVINO {openvino.__version__}, {threads} inference threads, hint LATENCY, f32.",
-        f"Model: {Path(str(model)).name}, input {c}x{h}x{w}"
-        f"{' (uint8, preprocessing embedded)' if embedded else ''}. "
-        f"{args.runs} runs after warm-up, median of {args.rounds} alternating rounds; "
+        f"OpenVINO {openvino.__version__}, {result['threads']} inference threads, hint LATENCY, "
+        "f32.",
+        f"Model: {Path(result['model']).name}, input {c}x{h}x{w}"
+        f"{' (uint8, preprocessing embedded)' if result['embedded_preprocess'] else ''}. "
+        f"{result['runs']} runs after warm-up, median of {result['rounds']} alternating rounds; "
         "nearest-rank percentiles.",
-        f"Python side: {python_kind}.",
+        f"Python side: {result['python_runner']}.",
         "",
         "| path | end-to-end p50 (ms) | end-to-end p99 (ms) | inference-only p50 (ms) "
         "| inference-only p99 (ms) |",
@@ -207,8 +243,31 @@ def main() -> None:
                   f"| {i['p99']:.4f} |")
     md += ["", "End-to-end: uint8 image -> normalise -> infer -> softmax. Inference only: "
            "preprocessed input, inference call alone.", ""]
-    write_results(args.out.name, result, "\n".join(md), folder=args.out.parent)
-    print("\n".join(md))
+    return "\n".join(md)
+
+
+def main() -> None:
+    """Build stn_classify, time both sides in alternating rounds, write and print the results."""
+    args = parse_args()
+    if shutil.which("cmake") is None:
+        sys.exit("Error: cmake not found")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    exe = build_cpp(args.build_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="cpp-vs-python-"))
+    model = args.onnx if args.onnx is not None else random_digits_onnx(tmp)
+    config, img, image_path = write_test_image(model, tmp)
+    embedded, preprocess = preprocessor(model, config)
+    runner, python_kind = python_runner(model, threads)
+    end_to_end, inference_only = python_paths(runner, img, preprocess)
+    cpp_cmd = [str(exe), str(model), str(image_path), "--json", "--bench", str(args.runs),
+               "--threads", str(threads)]
+    rounds = alternating_rounds(cpp_cmd, args.runs, args.rounds, end_to_end, inference_only)
+    runner.deactivate()
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = result_doc(args, model, config.input_shape, embedded, threads, python_kind, rounds)
+    md = markdown(result)
+    write_results(args.out.name, result, md, folder=args.out.parent)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ harness, every target judged for the ISA of the CPU it ran on.
 
 Variants (each ``stn_deploy.export.pipeline.run_export`` with the theta output, verified on the
 evaluation images, so each report gives accuracy, top-1 agreement and theta's shift in pixels
-against its bound): FP32 ONNX; INT8 ONNX by ONNX Runtime's quantizer; INT8 ONNX by NNCF with
-the STN-aware scope (the default quantizer for --target openvino); OpenVINO IR FP32, bf16 and
+against its bound): FP32 ONNX; INT8 ONNX by ONNX Runtime's quantizer; INT8 ONNX by NNCF (the
+default quantizer for --target openvino; STN-aware scope, or the whole STN float where that
+moves theta past INT8's bound, as the export decides); OpenVINO IR FP32, bf16 and
 INT8. The export verifies a checkpoint's theta but not its sampling grid (it compares grids
 only for a user's module), so the grid shift is measured here: the exported file with its
 grid as an extra output, on the runtime that verified it, against PyTorch's grid.
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stn_deploy.export.request import CALIB_SAMPLES
 
 NAME = "precision_targets"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,7 +66,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fp32-onnx", "FP32 ONNX", {"format": "onnx", "precision": "fp32"}),
     Variant("int8-ort", "INT8 ONNX (onnxruntime quantizer)",
             {"format": "onnx", "precision": "int8", "quantizer": "onnxruntime"}),
-    Variant("int8-nncf", "INT8 ONNX (NNCF, STN-aware scope)",
+    Variant("int8-nncf", "INT8 ONNX (NNCF)",
             {"format": "onnx", "precision": "int8", "target": "openvino"}, ("nncf",)),
     Variant("ir-fp32", "OpenVINO IR FP32", {"format": "openvino", "precision": "fp32"},
             ("openvino",)),
@@ -177,6 +180,15 @@ def _speed_row(t: SpeedTarget, fig: Figures, isa: list[str]) -> dict[str, Any]:
             "status": status, "kind": "speed"}
 
 
+def short_reason(key: str, v: dict[str, Any]) -> str | None:
+    """A variant's reason as a target or speed row repeats it: whole if short, else a
+    pointer to the variant's own row (a failed verification is a paragraph)."""
+    why = v.get("reason")
+    if why is None or len(why) <= 60:
+        return why
+    return f"{key} {v.get('status', 'failed')}, see Variants"
+
+
 def _accuracy_rows(key: str, v: dict[str, Any], note: str) -> list[dict[str, Any]]:
     """The four accuracy targets of one INT8 variant (no ISA needed: judged everywhere)."""
     bound = v.get("bound_px")
@@ -189,7 +201,7 @@ def _accuracy_rows(key: str, v: dict[str, Any], note: str) -> list[dict[str, Any
     for field_name, what, op, goal in checks:
         value = v.get(field_name)
         if value is None or goal is None:
-            why = v.get(f"{field_name}_reason") or v.get("reason") or f"no {field_name}"
+            why = v.get(f"{field_name}_reason") or short_reason(key, v) or f"no {field_name}"
             status = "not measured: " + why
         else:
             status = "met" if _holds(value, op, goal) else "missed"
@@ -230,7 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ImageFolder with train/ and test/ (default: the checkpoint's dataset)")
     p.add_argument("--data-note", default=None, help="what the data is, beside every figure "
                    f"[default: {CIFAR_NOTE!r} for CIFAR-10's classes, else the split's name]")
-    p.add_argument("--calib-samples", type=sample_count, default=300, help="N or all [300]")
+    p.add_argument("--calib-samples", type=sample_count, default=CALIB_SAMPLES,
+                   help=f"N or all [{CALIB_SAMPLES}, export's default]")
     p.add_argument("--eval-samples", type=sample_count, default=None, help="N or all [all]")
     p.add_argument("--batch-sizes", default="1,256", help="[1,256]")
     p.add_argument("--iterations", type=int, default=200, help="timed runs a round [200]")
@@ -293,7 +306,8 @@ def export_variant(v: Variant, args: argparse.Namespace, work: Path) -> dict[str
             "accuracy_drop": rep.accuracy_drop, "agreement_pct": 100 * rep.agreement,
             "theta_px": rep.theta_max_px, "theta_spread_px": rep.theta_spread_px,
             "bound_px": rep.tolerances.theta_px, "passed": rep.passed,
-            "notes": [*rep.notes, *(line for line in result.lines if line.startswith("INT8 by"))],
+            "notes": [*rep.notes, *(line for line in result.lines
+                                    if line.startswith(("INT8 by", "NNCF:")))],
             "lines": result.lines}
 
 
@@ -381,7 +395,7 @@ def speed_plan(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             first = variants[row.variants[0]]
             entry.update(status="skipped", reason=f"{first['label']} not exported: "
-                                                  f"{first.get('reason')}")
+                                                  f"{short_reason(first['key'], first)}")
         plan.append(entry)
     return plan
 
@@ -456,7 +470,7 @@ def variants_table(variants: list[dict[str, Any]], note: str) -> list[str]:
                      f"{_f(v.get('grid_px'), '.2g')} | {_f(v['bound_px'], 'g')} | "
                      f"{_f(v['theta_spread_px'], '.2f')} | "
                      f"{'passed' if v['passed'] else 'FAILED'}"
-                     f"{'; ' + ' '.join(v['notes']) if v['notes'] else ''} |")
+                     f"{'; ' + '; '.join(v['notes']) if v['notes'] else ''} |")
     return lines
 
 

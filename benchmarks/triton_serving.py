@@ -1,29 +1,41 @@
 """Served (tritonserver, one hop) against in-process throughput and latency, same runner, same
-threads, same run; the earlier PyTriton figures beside them.
+threads, same run; PyTriton (two hops) beside them.
 
 Why it exists: serving is worth its cost only if the server adds little to the runner. Here,
 on loopback only:
 - ``stn-deploy serve`` starts the [serve] extra's tritonserver on a Python-backend model that
   runs the runner inside Triton's stub (one hop); ``loadtest`` drives it closed-loop at each
   concurrency and open-loop at request rates (Poisson arrivals, latency from the scheduled
-  send time), over HTTP with JSON and with Triton's binary tensor extension (and gRPC if
-  asked); Triton's metrics give the batch its dynamic batcher formed at each level, and
+  send time), over HTTP with JSON and with Triton's binary tensor extension, and gRPC;
+  the closed-loop levels run in alternating rounds (see measure); Triton's metrics give the batch its dynamic batcher formed at each level, and
   each level records the load generator's own CPU per request (it shares the machine);
-- the same runner with the same threads is timed in this process, while the server idles, at
-  batch 1 and at every batch size the batcher formed;
+- the same runner with the same threads is timed in this process after each round, while the
+  server idles, at batch 1 and at every batch size the batcher formed;
 - the server is overloaded (far more in flight than --max-queue holds) and must lose nothing
   and be ready after; SIGTERM must stop it (exit 0, tritonserver's process group gone) within
   a few seconds; a second server is SIGKILLed mid-run and loadtest must say so in one line.
 The targets are computed, not judged: each has its value, goal and met.
 
-PyTriton's path (stub -> proxy -> our process) is no longer in stn-deploy, so it is not
-re-measured: its figures are read from the results file of the run that measured it
-(``--pytriton-results``, by default the results file this script writes, which carries them
-forward) and shown with their date and machine.
+PyTriton's path (stub -> proxy -> our process) is no longer in stn-deploy. With
+``--pytriton-python`` (an interpreter that has nvidia-pytriton 0.7, numpy<2 and onnxruntime)
+``_pytriton_server.py`` serves the same model with the same ONNX Runtime settings and is
+measured in the same rounds (binary); without it, an earlier run's PyTriton figures are read
+from ``--pytriton-results`` (by default the results file this script writes, which carries
+them forward) and shown with their date and machine.
 
-Run it on a quiet machine (server, client and in-process timing share the CPUs):
+Run it on a quiet machine (server, client and in-process timing share the CPUs), about 12
+minutes with the defaults:
 
-    .venv/bin/python benchmarks/triton_serving.py export/demo/stn-opset16-fp32.onnx
+    .venv/bin/python benchmarks/triton_serving.py export/demo/stn-opset16-fp32.onnx \
+        --pytriton-python /tmp/pyt/bin/python
+
+and on the uint8-input model that ``serve CHECKPOINT`` and ``triton-repo`` make of a checkpoint
+(JSON bodies of pixels, not of float32 text; results/triton_serving_u8.*):
+
+    .venv/bin/stn-deploy export export/demo/train/last.pt --embed-preprocess --opset 16 \
+        --out export/demo/stn-opset16-u8.onnx
+    .venv/bin/python benchmarks/triton_serving.py export/demo/stn-opset16-u8.onnx --rounds 5 \
+        --pytriton-python /tmp/pyt/bin/python --out benchmarks/results/triton_serving_u8
 
 Writes benchmarks/results/triton_serving.{json,md} (--out elsewhere). ``--duration 1`` is a
 smoke run of every step in about a minute, not a measurement.
@@ -36,6 +48,7 @@ import json
 import os
 import queue
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -53,6 +66,7 @@ from stn_deploy.serving.triton_repo import default_prefix
 DEFAULT_MODEL = RESULTS.parents[1] / "export" / "demo" / "stn-opset16-fp32.onnx"
 START_TIMEOUT_S = 180.0
 SIGTERM_GOAL_S = 5.0  # "within a few seconds"
+PYTRITON_PORT_OFFSET = 30
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,21 +85,33 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--concurrency", default="1,8,32", help="closed-loop levels (1 and 32 "
                     "are the targets' levels)")
-    ap.add_argument("--protocols", default="json,binary", help="json, binary, grpc")
+    ap.add_argument("--protocols", default="json,binary,grpc", help="json, binary, grpc")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of every "
+                    "protocol and level, then the runner in process; figures are medians")
     ap.add_argument("--rates", default="auto", help="open-loop request rates/s, comma-separated;"
                     " auto: 50%% and 80%% of the best closed-loop rate; none: skip")
     ap.add_argument("--arrivals", choices=("constant", "poisson"), default="poisson")
     ap.add_argument("--overload-concurrency", type=int, default=256)
-    ap.add_argument("--duration", type=float, default=10.0,
+    ap.add_argument("--duration", type=float, default=8.0,
                     help="seconds per level and per in-process batch size")
+    ap.add_argument("--pytriton-python", type=Path, default=None,
+                    help="an interpreter with nvidia-pytriton 0.7, numpy<2 and onnxruntime: "
+                         "PyTriton serves the same model in the same rounds (binary, port + 30;"
+                         " see _pytriton_server.py); without it, --pytriton-results' figures")
     ap.add_argument("--pytriton-results", type=Path, default=RESULTS / "triton_serving.json",
-                    help="results file holding the earlier PyTriton run's figures")
+                    help="results file holding an earlier PyTriton run's figures")
     ap.add_argument("--out", type=Path, default=RESULTS / "triton_serving")
     args = ap.parse_args()
     args.levels = tuple(int(v) for v in args.concurrency.split(","))
     args.protocol_list = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if not {1, 32} <= set(args.levels):
         ap.error("--concurrency must include 1 and 32: the targets are at those levels")
+    if args.pytriton_python and args.backend != "onnxruntime":
+        ap.error("--pytriton-python compares onnxruntime only (the baseline's runner)")
+    if args.pytriton_python and not args.pytriton_python.is_file():
+        ap.error(f"--pytriton-python {args.pytriton_python}: no such interpreter")
     if not args.model.is_file():
         ap.error(f"{args.model} not found (make demo writes the default)")
     args.threads = args.threads or default_threads(args.instances)
@@ -220,38 +246,151 @@ def open_rates(args: argparse.Namespace, closed: list[dict[str, Any]]) -> list[f
         return []
     if args.rates != "auto":
         return [float(r) for r in args.rates.split(",")]
-    best = max(r.get("throughput_ips") or 0.0 for r in closed)
+    best = max(r.get("throughput_ips") or 0.0 for r in closed if r["server"] == "one-hop")
     return [round(f * best) for f in (0.5, 0.8) if round(f * best) > 0]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Every level from one server without a queue bound, then the in-process figures while
-    it idles, then SIGTERM; the overload and killed-server checks on servers of their own.
+    """The closed-loop levels in ``--rounds`` alternating rounds on one server without a queue
+    bound, the in-process figures of each round timed right after it while the server idles;
+    then the open-loop rates, SIGTERM, and the overload and killed-server checks on servers of
+    their own.
+
+    Rounds: this 2-core VM's speed drifts by tens of percent over minutes, so one pass per
+    protocol compares phases, not protocols (one run's binary c1 p99 was 4.2 ms; alternating
+    A/B rounds on the same server gave 2.2-2.6 ms). Each round runs every protocol (in a
+    rotated order) and then the runner in process; a figure is the median over rounds, and
+    each served / in process ratio is taken within its round.
 
     Unbounded because a bound (max_queue_size) turns off the dynamic batcher's prefetching,
     and its wait for a free instance then misses its wake-up now and then and sits out a
     0.5 s timeout with a full batch queued (tritonserver 2.51): every closed-loop level from
     concurrency 8 on had 0.5 s stalls; the overload check needs the bound to reject."""
     server, pgid, _ = start_server(args, args.port)
+    pytriton = start_pytriton(args) if args.pytriton_python else None
     try:
-        closed = load(args, args.port, concurrency=args.levels, protocols=args.protocol_list)
+        rounds = [one_round(args, i, pytriton is not None) for i in range(args.rounds)]
+        closed = combine([r["closed_loop"] for r in rounds], "concurrency")
+        inproc = combine_in_process([r["in_process"] for r in rounds])
         rates = open_rates(args, closed)
         opened = load(args, args.port, rates=tuple(rates), arrivals=args.arrivals,
                       protocols=args.protocol_list) if rates else []
-        sizes = sorted({1, *(max(1, round(r["mean_batch"])) for r in closed + opened
-                             if r.get("mean_batch"))})
-        inproc = in_process(args, sizes)
+        for r in opened:
+            r["server"] = "one-hop"
+        if opened:
+            attach(opened, in_process(args, sorted({batch_of(r) or 1 for r in opened})))
         stop = sigterm(server, pgid)
     finally:
         stop_group(server, pgid)
-    for r in closed + opened:
-        b = max(1, round(r["mean_batch"])) if r.get("mean_batch") else None
+        if pytriton is not None:
+            stop_group(pytriton, pytriton.pid)
+    return {"rounds": args.rounds, "closed_loop": closed, "open_loop": opened,
+            "in_process": inproc, "in_process_rounds": [r["in_process"] for r in rounds],
+            "overload": overload(args), "sigterm": stop, "killed_mid_run": kill_mid_run(args)}
+
+
+def one_round(args: argparse.Namespace, i: int, pytriton: bool) -> dict[str, Any]:
+    """Every protocol at every closed-loop level (round i starts at protocol i), PyTriton's
+    binary levels if it runs, then the runner in process at batch 1 and at each batch the
+    batchers formed in this round."""
+    k = i % len(args.protocol_list)
+    protocols = args.protocol_list[k:] + args.protocol_list[:k]
+    closed = load(args, args.port, concurrency=args.levels, protocols=protocols)
+    for r in closed:
+        r["server"] = "one-hop"
+    if pytriton:
+        for r in load(args, args.port + PYTRITON_PORT_OFFSET, concurrency=args.levels,
+                      protocols=("binary",)):
+            closed.append({**r, "server": "pytriton"})
+    inproc = in_process(args, sorted({1, *(b for r in closed if (b := batch_of(r)))}))
+    attach(closed, inproc)
+    for r in closed:
+        r["round"] = i
+    return {"closed_loop": closed, "in_process": inproc}
+
+
+def start_pytriton(args: argparse.Namespace) -> subprocess.Popen[str]:
+    """_pytriton_server.py under --pytriton-python, in a process group of its own, once it
+    says it is serving; the script ends with its last lines if it does not start."""
+    server = subprocess.Popen(
+        [str(args.pytriton_python), str(Path(__file__).with_name("_pytriton_server.py")),
+         str(args.model), "--name", args.name, "--port",
+         str(args.port + PYTRITON_PORT_OFFSET), "--threads", str(args.threads),
+         "--max-batch-size", str(args.max_batch_size)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert server.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=pump, args=(server.stdout, lines), daemon=True).start()
+    said = rest_until(lines, "serving", START_TIMEOUT_S)
+    if said and said[-1].strip() == "serving":
+        return server
+    stop_group(server, server.pid)
+    sys.exit(f"PyTriton did not start: {''.join(said[-5:])}")
+
+
+def rest_until(lines: queue.Queue[str], last: str, timeout_s: float) -> list[str]:
+    """A server's output lines up to one that is ``last``, its end, or the timeout."""
+    said, deadline = [], time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            said.append(lines.get(timeout=left))
+        except queue.Empty:
+            break
+        if not said[-1] or said[-1].strip() == last:
+            break
+    return said
+
+
+def batch_of(row: dict[str, Any]) -> int | None:
+    """The batch the batcher formed for a row, rounded to a size the runner can be timed at."""
+    return max(1, round(row["mean_batch"])) if row.get("mean_batch") else None
+
+
+def attach(rows: list[dict[str, Any]], inproc: dict[int, dict[str, Any]]) -> None:
+    """Each row's in-process img/s at the batch it formed, and served over that."""
+    for r in rows:
+        b = batch_of(r)
         ref = inproc[b]["throughput_ips"] if b else None
         r["in_process_batch"], r["in_process_ips"] = b, ref
         r["served_over_in_process"] = (r["throughput_ips"] / ref
                                        if ref and r.get("throughput_ips") else None)
-    return {"closed_loop": closed, "open_loop": opened, "in_process": inproc,
-            "overload": overload(args), "sigterm": stop, "killed_mid_run": kill_mid_run(args)}
+
+
+MEDIANS = ("throughput_ips", "p50_ms", "p90_ms", "p99_ms", "mean_batch", "in_process_ips",
+           "served_over_in_process", "client_cpu_pct", "client_cpu_us")
+SUMS = ("requests", "answered", "errors", "rejected", "lost")
+
+
+def combine(rounds: list[list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
+    """One row per protocol and level: the median of each figure over the rounds, counts
+    summed, the lowest agreement; each round's own figures kept under "per_round"."""
+    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for rows in rounds:
+        for r in rows:
+            groups.setdefault((r["server"], r["protocol"], r[key]), []).append(r)
+    out = []
+    for (server, protocol, value), rows in groups.items():  # round 0's order
+        row: dict[str, Any] = {"server": server, "protocol": protocol, key: value}
+        for name in MEDIANS:
+            xs = [r[name] for r in rows if r.get(name) is not None]
+            row[name] = float(statistics.median(xs)) if xs else None
+        row.update({name: sum(r.get(name) or 0 for r in rows) for name in SUMS})
+        agree = [r["agreement_pct"] for r in rows if r.get("agreement_pct") is not None]
+        row["agreement_pct"] = min(agree) if agree else None
+        row["in_process_batch"] = batch_of(row)
+        row["per_round"] = [{n: r.get(n) for n in ("round", "throughput_ips", "p99_ms",
+                                                     "mean_batch", "served_over_in_process")}
+                            for r in rows]
+        out.append(row)
+    return out
+
+
+def combine_in_process(rounds: list[dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Per batch size, the median of each timing over the rounds that measured it."""
+    sizes = sorted({b for r in rounds for b in r})
+    return {b: {name: float(statistics.median([r[b][name] for r in rounds if b in r]))
+                for name in ("throughput_ips", "p50_ms", "p99_ms")} | {
+                "rounds": sum(b in r for r in rounds)} for b in sizes}
 
 
 def overload(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,19 +429,24 @@ def targets(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, dict[str, 
     where they depend on it."""
     out: dict[str, dict[str, Any]] = {}
     p99_b1 = m["in_process"][1]["p99_ms"]
+    b1_rounds = ", ".join(f"{r[1]['p99_ms']:.2f}" for r in m["in_process_rounds"])
     for proto in args.protocol_list:
-        rows = {r["concurrency"]: r for r in m["closed_loop"] if r["protocol"] == proto}
+        rows = {r["concurrency"]: r for r in m["closed_loop"]
+                if r["protocol"] == proto and r["server"] == "one-hop"}
         c32, c1 = rows[32], rows[1]
         ratio = c32.get("served_over_in_process")
         out[f"c32_served_over_in_process_{proto}"] = target(
             None if ratio is None else round(100 * ratio, 1), ">= 75 %",
             ratio is not None and ratio >= 0.75,
-            at=f"batch formed {c32.get('mean_batch') or 0:.2f}, in process at batch "
+            at=f"median of rounds {rounds_of(c32, 'served_over_in_process', 100, '.1f')}; "
+               f"batch formed {c32.get('mean_batch') or 0:.2f}, in process at batch "
                f"{c32.get('in_process_batch')}")
         p99 = c1.get("p99_ms")
         out[f"c1_p99_ms_{proto}"] = target(
             None if p99 is None else round(p99, 3), f"<= 2 x {p99_b1:.3f} + 1 ms",
-            p99 is not None and p99 <= 2 * p99_b1 + 1)
+            p99 is not None and p99 <= 2 * p99_b1 + 1,
+            at=f"median of rounds {rounds_of(c1, 'p99_ms', 1, '.2f')}; in process: median "
+               f"of rounds {b1_rounds}")
     over = m["overload"]
     out["overload_none_lost"] = target(
         f"{over['answered']} answered, {over['rejected']} rejected, {over['errors']} errors, "
@@ -319,12 +463,19 @@ def targets(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, dict[str, 
         f"{len(k['client_error_lines'])} line(s)", "one line, non-zero, no hang",
         not k["hung"] and k["client_exit_code"] not in (0, None)
         and len(k["client_error_lines"]) == 1)
-    rows = [r for r in m["closed_loop"] + m["open_loop"] if r.get("answered")]
+    rows = [r for r in m["closed_loop"] + m["open_loop"]
+            if r.get("answered") and r["server"] == "one-hop"]
     out["served_agrees_with_local"] = target(
         min(r["agreement_pct"] for r in rows), "100 % top-1 agreement on every level (so the "
         "served accuracy is the local runner's on the same images)",
         all(r["agreement_pct"] == 100.0 for r in rows))
     return out
+
+
+def rounds_of(row: dict[str, Any], name: str, scale: float, spec: str) -> str:
+    """A combined row's per-round values of one figure, as the results show them."""
+    return ", ".join("-" if r.get(name) is None else format(scale * r[name], spec)
+                     for r in row["per_round"])
 
 
 def pytriton_reference(path: Path) -> dict[str, Any] | None:
@@ -370,15 +521,43 @@ def served_table(rows: list[dict[str, Any]], key: str) -> list[str]:
     return out
 
 
+def this_run_pytriton(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any] | None:
+    """This run's PyTriton rows in the form pytriton_reference reads, so that a later run
+    without --pytriton-python carries them forward with their date and machine."""
+    rows = [r for r in m["closed_loop"] if r["server"] == "pytriton"]
+    if not rows:
+        return None
+    from stn_deploy.harness import system_info
+
+    system = system_info()
+    return {"source": "this run", "same_run": True,
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "cpu": f"{system['cpu']} ({system['cpu_isa']})", "cpus": system["cpus_available"],
+            "model": args.model.name, "backend": args.backend,
+            "protocol": "binary (HTTP), the same rounds as the one-hop rows",
+            "in_process_b1_p99_ms": m["in_process"][1]["p99_ms"],
+            "rows": [{"concurrency": r["concurrency"], "throughput_ips": r["throughput_ips"],
+                      "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                      "batch_formed": r["mean_batch"],
+                      "served_over_in_process_pct": None if r["served_over_in_process"] is None
+                      else 100 * r["served_over_in_process"]} for r in rows]}
+
+
 def comparison(ref: dict[str, Any] | None, closed: list[dict[str, Any]]) -> list[str]:
-    """The PyTriton run's rows beside this run's binary rows, at the same concurrencies."""
+    """PyTriton's rows (this run's, or an earlier run's) beside this run's one-hop binary
+    rows, at the same concurrencies."""
     if ref is None:
-        return ["No PyTriton figures found (--pytriton-results): nothing to compare."]
-    ours = {r["concurrency"]: r for r in closed if r["protocol"] == "binary"}
-    out = [f"PyTriton (stub -> proxy -> runner process), not re-measured: {ref['date']} on "
-           f"{ref['cpu']} ({ref['cpus']} CPUs), {ref['model']}, {ref['backend']}, "
-           f"{ref['protocol']}; from {ref['source']}. Another day and possibly another "
-           "machine: compare the ratios to in process, not the raw img/s.", "",
+        return ["No PyTriton figures (--pytriton-python to measure them, --pytriton-results "
+                "to read an earlier run's): nothing to compare."]
+    ours = {r["concurrency"]: r for r in closed
+            if r["protocol"] == "binary" and r["server"] == "one-hop"}
+    when = ("measured in this run, in the same rounds, same runner and threads (its own "
+            "interpreter: PyTriton 0.7 needs numpy<2)" if ref.get("same_run") else
+            f"not re-measured: {ref['date']} on {ref['cpu']} ({ref['cpus']} CPUs), "
+            f"{ref['model']}, {ref['backend']}, {ref['protocol']}; from {ref['source']}. "
+            "Another day and possibly another machine: compare the ratios to in process, "
+            "not the raw img/s")
+    out = [f"PyTriton (stub -> proxy -> runner process), {when}.", "",
            "| Concurrency | PyTriton img/s | p50 ms | p99 ms | served / in process | "
            "one hop (binary) img/s | p50 ms | p99 ms | served / in process |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -395,9 +574,9 @@ def comparison(ref: dict[str, Any] | None, closed: list[dict[str, Any]]) -> list
 
 def markdown(args: argparse.Namespace, m: dict[str, Any], goals: dict[str, Any],
              ref: dict[str, Any] | None) -> str:
-    inproc = ["| Batch | img/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"] + [
-        f"| {b} | {s['throughput_ips']:.0f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} |"
-        for b, s in m["in_process"].items()]
+    inproc = ["| Batch | img/s | p50 ms | p99 ms | Rounds |", "|---:|---:|---:|---:|---:|"] + [
+        f"| {b} | {s['throughput_ips']:.0f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | "
+        f"{s['rounds']} |" for b, s in m["in_process"].items()]
     over, k = m["overload"], m["killed_mid_run"]
     goal_md = ["| Target | Value | Goal | Met |", "|---|---|---|---|"] + [
         f"| {name} | {t['value']}{' (' + t['at'] + ')' if 'at' in t else ''} | {t['goal']} | "
@@ -408,18 +587,23 @@ def markdown(args: argparse.Namespace, m: dict[str, Any], goals: dict[str, Any],
         f"{args.max_batch_size} --instances {args.instances} "
         f"--threads {args.threads}`: tritonserver from the nvidia-pytriton wheel, the runner "
         "inside its Python-backend stub. Server, load generator and in-process timing on the "
-        f"same machine, loopback; {args.duration:g} s per level; batch-1 requests. No queue "
+        f"same machine, loopback; {args.rounds} alternating rounds of {args.duration:g} s per "
+        "level (each round: every protocol, PyTriton if measured, then the runner in process; "
+        "a figure is the median over rounds, each round's own in the JSON); batch-1 "
+        "requests. No queue "
         "bound for the levels (with one, Triton's batcher stalls 0.5 s at times); the "
         f"overload check runs on a server of its own with --max-queue {args.max_queue}.", "",
         *goal_md, "",
-        "In process, the same runner with the same threads, end to end, timed while the "
-        "server idled:", "", *inproc, "",
+        "In process, the same runner with the same threads, end to end, timed after each "
+        "round while the servers idled (medians over the rounds that formed that batch):", "",
+        *inproc, "",
         "Closed loop (each client sends its next request when the last is answered). Batch "
         "formed: images per execution from Triton's metrics; served / in process: served img/s "
         "over the in-process img/s at that batch (rounded); client CPU: the load generator's "
         "own CPU time over the level (100% = one core) and per request sent: CPU the server "
         "did not get, since both share this machine:", "",
-        *served_table(m["closed_loop"], "concurrency"), "",
+        *served_table([r for r in m["closed_loop"] if r["server"] == "one-hop"],
+                      "concurrency"), "",
         *([f"Open loop ({args.arrivals} arrivals; latency from each request's scheduled send "
            "time, so time spent queueing counts; below the server's capacity, served / in "
            "process is the offered load over capacity, not the server's cost):", "",
@@ -441,6 +625,7 @@ def main() -> None:
     args = parse_args()
     ref = pytriton_reference(args.pytriton_results)  # read before the results are rewritten
     m = measure(args)
+    ref = this_run_pytriton(args, m) or ref
     goals = targets(args, m)
     doc = {"model": str(args.model), "backend": args.backend, "threads": args.threads,
            "instances": args.instances, "max_batch_size": args.max_batch_size,

@@ -203,7 +203,7 @@ class StnHealth:
                     if within is not None and within - self.undone[key] >= WITHIN_CLASS_SHOWN:
                         parts[-1] += f" ({pct(within)} within each class)"
         if self.dead_fraction is not None:
-            parts.append(f"dead units {pct(self.dead_fraction)}")
+            parts.append(f"dead regressor ReLUs {pct(self.dead_fraction)}")
         if self.rts_copy_spread_px is not None:
             parts.append(f"{self.rts_copy_spread_px:.2f} px on an RTS-distorted copy")
         if self.collapsed:

@@ -199,4 +199,4 @@ def test_leaky_stn_reports_no_dead_units() -> None:
         model.stn.regressor[0].bias.fill_(-1e3)
     h = measure(model, bundle.test.images, applied=bundle.test.applied)
     assert isinstance(h, StnHealth) and h.dead_fraction is None
-    assert "dead units" not in h.summary() and h.headline()["dead_fraction"] is None
+    assert "dead regressor" not in h.summary() and h.headline()["dead_fraction"] is None

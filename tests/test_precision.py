@@ -123,3 +123,21 @@ def test_two_pass_stn_stays_float_in_fp16_and_int8(digits_bundle, tmp_path: Path
     q = quantize_int8(path, tmp_path / "two-int8.onnx", digits_bundle.train.images[:64], config)
     assert count_qdq(q) > 10
     _float_stn(q)
+
+
+def test_int8_calibration_prints_nothing(digits_bundle, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """ONNX Runtime's percentile calibrator prints its progress; the export's stdout is its
+    own (and may be ``--json -``). An image count no batch size divides calibrates too."""
+    import torch
+
+    from stn_deploy.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(digits_bundle.config).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", OnnxOptions(opset=17))
+    capsys.readouterr()
+    q = quantize_int8(path, tmp_path / "q.onnx", digits_bundle.train.images[:37],
+                      digits_bundle.config)
+    assert count_qdq(q) > 10
+    assert capsys.readouterr().out == ""

@@ -29,6 +29,7 @@ from stn_deploy.export.request import (ExportRequest, OptionError, Plan, fit_sou
 
 if TYPE_CHECKING:
     from stn_deploy.config import ModelConfig
+    from stn_deploy.export.nncf_quant import NncfResult
     from stn_deploy.export.sources import Source
     from stn_deploy.export.verify import Images, Reference, VerifyReport
 
@@ -68,8 +69,9 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> Expor
         meta.update(health.metadata)
         final = precision_variant(req, plan, source, fp32, data, lines, meta)
         if final != fp32:  # bf16 is the FP32 graph: OpenVINO computes it in bf16
-            report = verified(f"{plan.precision.upper()} ONNX ({float_part(plan)} in FP32)", final,
-                              reference, data, source.config, plan.precision, lines)
+            what = f"{plan.precision.upper()} ONNX ({float_part(plan, meta)} in FP32)"
+            report = verified(what, final, reference, data, source.config, plan.precision,
+                              lines)
         check_for_target(final, plan.target, lines)
         finish_metadata(final, plan, report, data, meta)
         if plan.format == "trt":
@@ -183,8 +185,11 @@ def precision_variant(req: ExportRequest, plan: Plan, source: "Source", fp32: Pa
                               reduce_range=seven, keep_float=keep)
 
 
-def float_part(plan: Plan) -> str:
-    return "regressor, grid, sampler" if plan.quantizer == "nncf" else "STN path"
+def float_part(plan: Plan, meta: dict[str, str]) -> str:
+    """What stayed float, for the verification heading: NNCF's STN-aware scope quantizes the
+    localization convolutions unless it had to fall back to the whole STN path."""
+    stn_aware = plan.quantizer == "nncf" and meta.get("nncf_scope") != "stn-float"
+    return "regressor, grid, sampler" if stn_aware else "STN path"
 
 
 def keep_float_nodes(req: ExportRequest, fp32: Path) -> list[str]:
@@ -207,32 +212,69 @@ def keep_float_nodes(req: ExportRequest, fp32: Path) -> list[str]:
 
 def nncf_variant(plan: Plan, source: "Source", fp32: Path, calib: "Images", data: "Images",
                  lines: list[str], meta: dict[str, str], keep: list[str]) -> Path:
-    """NNCF's INT8 with the STN-aware scope; with --max-accuracy-drop, accuracy-controlled on
-    half the verification images."""
+    """NNCF's INT8 with the STN-aware scope, or with the whole STN path float when that scope
+    moves theta past INT8's bound on the verification images (``nncf_scope``); with
+    --max-accuracy-drop, accuracy-controlled on half the verification images, in that scope."""
     from stn_deploy.export import nncf_quant
-    from stn_deploy.export.verify import TOLERANCES
 
     out = fp32.with_name("int8.onnx")
     meta["weight_bits"] = "8"
-    if plan.max_accuracy_drop is None:
+    result = nncf_quant.quantize_nncf(fp32, out, calib.images, source.config, keep_float=keep)
+    scope = nncf_scope(fp32, out, data, source.config, lines)
+    if plan.max_accuracy_drop is not None:
+        result = accuracy_controlled(plan.max_accuracy_drop, source, fp32, out, calib, data,
+                                     lines, meta, keep, scope)
+    elif scope != "stn-aware":
         result = nncf_quant.quantize_nncf(fp32, out, calib.images, source.config,
-                                          keep_float=keep)
-    else:
-        images, labels = nncf_quant.held_out(data.images, data.labels)
-        bound = TOLERANCES["int8"].theta_px or 0.1
-        result = nncf_quant.quantize_nncf_controlled(
-            fp32, out, calib.images, images, labels, source.config, plan.max_accuracy_drop,
-            bound, keep_float=keep)
-        meta["accuracy_control"] = (f"max drop {plan.max_accuracy_drop:g} points on "
-                                    f"{len(images)} held-out images: {result.drop:.2f} reached; "
-                                    f"grid shift <= {bound:g} px")
-        meta["nncf_kept_float"] = ",".join(result.kept_float)
-        lines.append(f"accuracy control: {meta['accuracy_control']}; kept float by NNCF: "
-                     f"{', '.join(result.kept_float) or 'none'}")
+                                          keep_float=keep, scope=scope)
+    meta["nncf_scope"] = scope
     meta["nncf_ignored_scope"] = ",".join(result.ignored)
-    lines.append(f"INT8 by NNCF, 8-bit weights; float (regressor, theta, grid, sampler"
-                 f"{', --keep-float' if keep else ''}): {len(result.ignored)} nodes")
+    what = ("regressor, theta, grid, sampler" if scope == "stn-aware"
+            else "the whole STN path: localization, regressor, theta, grid, sampler")
+    lines.append(f"INT8 by NNCF, 8-bit weights (the first convolution's at half range); "
+                 f"float ({what}{', --keep-float' if keep else ''}): {len(result.ignored)} nodes")
     return result.path
+
+
+def nncf_scope(fp32: Path, quantized: Path, data: "Images", config: "ModelConfig",
+               lines: list[str]) -> str:
+    """"stn-aware" when NNCF's STN-aware ``quantized`` keeps theta within INT8's bound on the
+    verification images, else "stn-float", with one line giving both numbers (why:
+    ``nncf_quant``'s docstring)."""
+    from stn_deploy.export import nncf_quant
+    from stn_deploy.export.verify import TOLERANCES
+
+    bound = TOLERANCES["int8"].theta_px
+    shift = nncf_quant.theta_shift(fp32, quantized, data.images, config)
+    if bound is None or shift is None or shift.moved_px <= bound:
+        return "stn-aware"
+    lines.append(f"NNCF: quantizing the localization convolutions moved theta by "
+                 f"{shift.moved_px:.2g} px (bound {bound:g} px; theta's spread "
+                 f"{shift.spread_px:.2f} px, on {shift.images} verification images): kept the "
+                 "whole STN path float instead")
+    return "stn-float"
+
+
+def accuracy_controlled(max_drop: float, source: "Source", fp32: Path, out: Path,
+                        calib: "Images", data: "Images", lines: list[str],
+                        meta: dict[str, str], keep: list[str], scope: str) -> "NncfResult":
+    """--max-accuracy-drop: NNCF's accuracy control on half the verification images, from
+    ``scope`` (the plain quantization's theta shift chose it)."""
+    from stn_deploy.export import nncf_quant
+    from stn_deploy.export.verify import TOLERANCES
+
+    images, labels = nncf_quant.held_out(data.images, data.labels)
+    bound = TOLERANCES["int8"].theta_px or 0.1
+    result = nncf_quant.quantize_nncf_controlled(
+        fp32, out, calib.images, images, labels, source.config, max_drop, bound,
+        keep_float=keep, scope=scope)
+    meta["accuracy_control"] = (f"max drop {max_drop:g} points on "
+                                f"{len(images)} held-out images: {result.drop:.2f} reached; "
+                                f"grid shift <= {bound:g} px")
+    meta["nncf_kept_float"] = ",".join(result.kept_float)
+    lines.append(f"accuracy control: {meta['accuracy_control']}; kept float by NNCF: "
+                 f"{', '.join(result.kept_float) or 'none'}")
+    return result
 
 
 def check_for_target(path: Path, target: str, lines: list[str]) -> None:

@@ -9,6 +9,8 @@ faster on ONNX Runtime and OpenVINO.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -132,10 +134,22 @@ def weights_need_7_bits(isa: Sequence[str] | None = None) -> bool:
     return "VNNI" not in (cpu_isa() if isa is None else isa)
 
 
+# Activation ranges: this percentile of |activation| over the calibration images, not the
+# maximum (MinMax). Measured on the shipped cifar10-stn, 7-bit weights (no VNNI), STN path
+# float, per-channel, 500 calibration images: over six disjoint draws of training images,
+# top-1 agreement with FP32 on 5,000 other training images was 98.36-98.82% (mean 98.59) with
+# MinMax and 98.68-99.00% (mean 98.83) with this percentile, never lower on the same draw
+# (+0.24 points on average); on the 10,000 test images 98.37-98.68% against 98.63-98.75%,
+# accuracy drop 0.06-0.19 points. MinMax sets each range from the one largest activation the
+# draw happens to contain; 99.99 gave less (98.76 where 99.999 gave 99.00), entropy nothing.
+CALIB_PERCENTILE = 99.999
+
+
 def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: ModelConfig, *,
                   per_channel: bool = True, keep_stn_float: bool = True,
                   reduce_range: bool | None = None, keep_float: Sequence[str] = ()) -> Path:
-    """Static QDQ INT8, calibrated on real images; symmetric (zero point 0) as TensorRT needs.
+    """Static QDQ INT8, calibrated on real images (``CALIB_PERCENTILE``); symmetric (zero point
+    0) as TensorRT needs.
 
     Weights use 7 bits (``reduce_range``) where the CPU lacks VNNI, 8 where it has it
     (None: decided here by ``weights_need_7_bits``). ``keep_float``: more nodes left in
@@ -160,7 +174,9 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
     embed = _input_is_uint8(model)
     input_name = model.graph.input[0].name
     static = model.graph.input[0].type.tensor_type.shape.dim[0]
-    step = static.dim_value if static.HasField("dim_value") else 32
+    # One image a batch on a dynamic batch: ONNX Runtime's percentile calibrator stacks every
+    # batch's activations into one array, so batches must be of one size (same ranges).
+    step = static.dim_value if static.HasField("dim_value") else 1
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -178,16 +194,19 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
     with tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp:
         named = Path(work) / "named.onnx"
         onnx.save(model, str(named))
-        quantize_static(
-            str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            per_channel=per_channel, reduce_range=seven,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=exclude,
-            # Biases stay float: TensorRT's DequantizeLinear takes no INT32 input.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "QuantizeBias": False},
-        )
+        # The percentile calibrator prints its progress on stdout: the export's is its own
+        # (and may be --json -).
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                per_channel=per_channel, reduce_range=seven,
+                calibrate_method=CalibrationMethod.Percentile,
+                nodes_to_exclude=exclude,
+                # Biases stay float: TensorRT's DequantizeLinear takes no INT32 input.
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "QuantizeBias": False, "CalibPercentile": CALIB_PERCENTILE},
+            )
         q = onnx.load(str(tmp))
         if keep_float:  # an excluded node still reads a QDQ'd tensor another node needs
             float_inputs(q, keep_float, model)
