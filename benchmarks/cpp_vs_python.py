@@ -200,12 +200,13 @@ def median_over_rounds(rounds: dict[str, list[dict[str, float]]], key: str) -> d
 
 def result_doc(args: argparse.Namespace, model: Path, input_shape: tuple[int, ...],
                embedded: bool, threads: int, python_kind: str,
-               rounds: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+               rounds: dict[str, list[dict[str, float]]],
+               load_average: tuple[float, float, float]) -> dict[str, Any]:
     """The JSON: settings, the median figures per side and mode, and every round's figures."""
     c, h, w = input_shape
     med = partial(median_over_rounds, rounds)
     return {
-        "load_average_start": os.getloadavg(), "model": str(model),
+        "load_average_start": load_average, "model": str(model),
         "input": [c, h, w], "embedded_preprocess": embedded, "batch": 1,
         "runs": args.runs, "rounds": args.rounds, "threads": threads,
         "python_runner": python_kind,
@@ -252,6 +253,7 @@ def main() -> None:
     if shutil.which("cmake") is None:
         sys.exit("Error: cmake not found")
     threads = args.threads or len(os.sched_getaffinity(0))
+    load_average = os.getloadavg()  # before the build and the rounds load the machine
     exe = build_cpp(args.build_dir)
     tmp = Path(tempfile.mkdtemp(prefix="cpp-vs-python-"))
     model = args.onnx if args.onnx is not None else random_digits_onnx(tmp)
@@ -264,7 +266,8 @@ def main() -> None:
     rounds = alternating_rounds(cpp_cmd, args.runs, args.rounds, end_to_end, inference_only)
     runner.deactivate()
     shutil.rmtree(tmp, ignore_errors=True)
-    result = result_doc(args, model, config.input_shape, embedded, threads, python_kind, rounds)
+    result = result_doc(args, model, config.input_shape, embedded, threads, python_kind, rounds,
+                        load_average)
     md = markdown(result)
     write_results(args.out.name, result, md, folder=args.out.parent)
     print(md)

@@ -583,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                                        folder=args.out.parent)
     log(f"wrote {json_path} and {md_path}")
     for k, t in targets.items():
-        print(f"{k}: {rep._fmt(t['value'], '.3f')} (target {t['target']}; {t.get('best')})")
+        where = f"; {t['best']}" if t.get("best") else ""
+        print(f"{k}: {rep._fmt(t['value'], '.3f')} (target {t['target']}{where})")
     print(f"peak: {doc['peak']['derivation']}")
     return 0
 
