@@ -206,7 +206,9 @@ def result_doc(args: argparse.Namespace, model: Path, input_shape: tuple[int, ..
     c, h, w = input_shape
     med = partial(median_over_rounds, rounds)
     return {
-        "load_average_start": load_average, "model": str(model),
+        "load_average_start": load_average,
+        "model": str(args.onnx) if args.onnx is not None
+        else "a random-init digits model (seed 0), written and removed by the script",
         "input": [c, h, w], "embedded_preprocess": embedded, "batch": 1,
         "runs": args.runs, "rounds": args.rounds, "threads": threads,
         "python_runner": python_kind,
@@ -256,16 +258,21 @@ def main() -> None:
     load_average = os.getloadavg()  # before the build and the rounds load the machine
     exe = build_cpp(args.build_dir)
     tmp = Path(tempfile.mkdtemp(prefix="cpp-vs-python-"))
-    model = args.onnx if args.onnx is not None else random_digits_onnx(tmp)
-    config, img, image_path = write_test_image(model, tmp)
-    embedded, preprocess = preprocessor(model, config)
-    runner, python_kind = python_runner(model, threads)
-    end_to_end, inference_only = python_paths(runner, img, preprocess)
-    cpp_cmd = [str(exe), str(model), str(image_path), "--json", "--bench", str(args.runs),
-               "--threads", str(threads)]
-    rounds = alternating_rounds(cpp_cmd, args.runs, args.rounds, end_to_end, inference_only)
-    runner.deactivate()
-    shutil.rmtree(tmp, ignore_errors=True)
+    runner = None
+    try:  # a failing stn_classify exits mid-round: the runner and the folder go either way
+        model = args.onnx if args.onnx is not None else random_digits_onnx(tmp)
+        config, img, image_path = write_test_image(model, tmp)
+        embedded, preprocess = preprocessor(model, config)
+        runner, python_kind = python_runner(model, threads)
+        end_to_end, inference_only = python_paths(runner, img, preprocess)
+        cpp_cmd = [str(exe), str(model), str(image_path), "--json", "--bench", str(args.runs),
+                   "--threads", str(threads)]
+        rounds = alternating_rounds(cpp_cmd, args.runs, args.rounds, end_to_end,
+                                    inference_only)
+    finally:
+        if runner is not None:
+            runner.deactivate()
+        shutil.rmtree(tmp, ignore_errors=True)
     result = result_doc(args, model, config.input_shape, embedded, threads, python_kind, rounds,
                         load_average)
     md = markdown(result)
