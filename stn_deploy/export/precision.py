@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -157,10 +158,8 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
 
     ``calib_images`` are uint8 NCHW; a graph with embedded preprocessing gets them as uint8
     NHWC, otherwise normalised exactly as in training."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-
-    from stn_deploy.data import normalize
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     if calib_images.dtype != torch.uint8 or calib_images.dim() != 4:
         raise StnDeployError("calibration images must be uint8 NCHW")
@@ -171,25 +170,6 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
     check_keep_float(model, keep_float)
     exclude = sorted({*(stn_path_nodes(model) if keep_stn_float else []), *keep_float})
     seven = weights_need_7_bits() if reduce_range is None else reduce_range
-    embed = _input_is_uint8(model)
-    input_name = model.graph.input[0].name
-    static = model.graph.input[0].type.tensor_type.shape.dim[0]
-    # One image a batch on a dynamic batch: ONNX Runtime's percentile calibrator stacks every
-    # batch's activations into one array, so batches must be of one size (same ranges).
-    step = static.dim_value if static.HasField("dim_value") else 1
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.starts = iter(range(0, len(calib_images) - step + 1 if static.HasField(
-                "dim_value") else len(calib_images), step))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            start = next(self.starts, None)
-            if start is None:
-                return None
-            chunk = calib_images[start:start + step]
-            x = chunk.permute(0, 2, 3, 1).contiguous() if embed else normalize(chunk, config)
-            return {input_name: x.numpy()}
 
     with tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp:
         named = Path(work) / "named.onnx"
@@ -198,7 +178,8 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
         # (and may be --json -).
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
-                str(named), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                str(named), str(tmp), _calibration_reader(model, calib_images, config),
+                quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 per_channel=per_channel, reduce_range=seven,
                 calibrate_method=CalibrationMethod.Percentile,
@@ -213,6 +194,37 @@ def quantize_int8(src: Path, dst: Path, calib_images: torch.Tensor, config: Mode
         _copy_metadata(model, q, "int8")
         onnx.save(q, str(tmp))
     return Path(dst)
+
+
+def _calibration_reader(model: onnx.ModelProto, calib_images: torch.Tensor,
+                        config: ModelConfig) -> Any:
+    """ONNX Runtime's calibration input: ``calib_images`` (uint8 NCHW) in the graph's static
+    batch, else one image a batch (the percentile calibrator stacks every batch's activations
+    into one array, so the batches must be of one size), as uint8 NHWC for a graph with
+    embedded preprocessing, else normalised exactly as in training."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from stn_deploy.data import normalize
+
+    embed = _input_is_uint8(model)
+    input_name = model.graph.input[0].name
+    static = model.graph.input[0].type.tensor_type.shape.dim[0]
+    step = static.dim_value if static.HasField("dim_value") else 1
+    last = len(calib_images) - step + 1 if static.HasField("dim_value") else len(calib_images)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, last, step))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            chunk = calib_images[start:start + step]
+            x = chunk.permute(0, 2, 3, 1).contiguous() if embed else normalize(chunk, config)
+            return {input_name: x.numpy()}
+
+    return Reader()
 
 
 def count_qdq(path: str | os.PathLike[str]) -> int:
