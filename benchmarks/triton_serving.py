@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -130,32 +131,49 @@ def pump(stream: IO[str], lines: queue.Queue[str]) -> None:
 Server = tuple[subprocess.Popen[str], int, queue.Queue[str]]
 
 
+def spawn(cmd: list[str]) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
+    """``cmd`` in a process group of its own, its output lines pumped into a queue."""
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    assert server.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=pump, args=(server.stdout, lines), daemon=True).start()
+    return server, lines
+
+
+def read_until(lines: queue.Queue[str], done: Callable[[str], bool],
+               timeout_s: float) -> list[str]:
+    """A server's output lines (newlines stripped) up to the first that is ``done``, its end
+    (the pump's ""), or the timeout."""
+    said: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            text = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if not text:
+            break
+        said.append(text.rstrip("\n"))
+        if done(said[-1]):
+            break
+    return said
+
+
 def start_server(args: argparse.Namespace, port: int, max_queue: int = 0) -> Server:
     """``stn-deploy serve`` once it says it is serving, tritonserver's pid (its own process
     group) and serve's further output lines; the script ends with serve's last lines if it
     does not start. ``max_queue`` 0: no queue bound (see measure)."""
-    server = subprocess.Popen(
+    server, lines = spawn(
         [sys.executable, "-m", "stn_deploy", "serve", str(args.model), "--backend", args.backend,
          "--port", str(port), "--max-batch-size", str(args.max_batch_size),
          "--max-queue", str(max_queue), "--instances", str(args.instances),
-         "--threads", str(args.threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert server.stdout is not None
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=pump, args=(server.stdout, lines), daemon=True).start()
-    deadline, said = time.monotonic() + START_TIMEOUT_S, []
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            said.append(lines.get(timeout=left))
-        except queue.Empty:
-            break
-        if "tritonserver pid " in said[-1]:
-            return server, int(said[-1].split("tritonserver pid ")[1].split(";")[0]), lines
-        if not said[-1]:  # its output ended: it exited
-            break
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
-    sys.exit(f"serve did not start (exit {server.returncode}): {''.join(said[-5:])}")
+         "--threads", str(args.threads)])
+    said = read_until(lines, lambda text: "tritonserver pid " in text, START_TIMEOUT_S)
+    if said and "tritonserver pid " in said[-1]:
+        return server, int(said[-1].split("tritonserver pid ")[1].split(";")[0]), lines
+    stop_group(server, server.pid)
+    sys.exit(f"serve did not start (exit {server.returncode}): {' '.join(said[-5:])}")
 
 
 def load(args: argparse.Namespace, port: int, **kw: Any) -> list[dict[str, Any]]:
@@ -168,17 +186,8 @@ def load(args: argparse.Namespace, port: int, **kw: Any) -> list[dict[str, Any]]
 
 
 def rest(lines: queue.Queue[str], timeout_s: float = 10.0) -> list[str]:
-    """serve's output lines up to its end (the pump's ""), or what came within the timeout."""
-    out, deadline = [], time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            text = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if not text:
-            break
-        out.append(text.rstrip("\n"))
-    return out
+    """serve's output lines up to its end, or what came within the timeout."""
+    return read_until(lines, lambda _: False, timeout_s)
 
 
 def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[int, dict[str, Any]]:
@@ -267,8 +276,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     0.5 s timeout with a full batch queued (tritonserver 2.51): every closed-loop level from
     concurrency 8 on had 0.5 s stalls; the overload check needs the bound to reject."""
     server, pgid, _ = start_server(args, args.port)
-    pytriton = start_pytriton(args) if args.pytriton_python else None
-    try:
+    pytriton = None
+    try:  # a PyTriton that does not start must not leave the one-hop server running
+        pytriton = start_pytriton(args) if args.pytriton_python else None
         rounds = [one_round(args, i, pytriton is not None) for i in range(args.rounds)]
         closed = combine([r["closed_loop"] for r in rounds], "concurrency")
         inproc = combine_in_process([r["in_process"] for r in rounds])
@@ -311,34 +321,17 @@ def one_round(args: argparse.Namespace, i: int, pytriton: bool) -> dict[str, Any
 
 def start_pytriton(args: argparse.Namespace) -> subprocess.Popen[str]:
     """_pytriton_server.py under --pytriton-python, in a process group of its own, once it
-    says it is serving; the script ends with its last lines if it does not start."""
-    server = subprocess.Popen(
+    says it is serving; the script ends with its last line (the error) if it does not start."""
+    server, lines = spawn(
         [str(args.pytriton_python), str(Path(__file__).with_name("_pytriton_server.py")),
          str(args.model), "--name", args.name, "--port",
          str(args.port + PYTRITON_PORT_OFFSET), "--threads", str(args.threads),
-         "--max-batch-size", str(args.max_batch_size)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert server.stdout is not None
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=pump, args=(server.stdout, lines), daemon=True).start()
-    said = rest_until(lines, "serving", START_TIMEOUT_S)
+         "--max-batch-size", str(args.max_batch_size)])
+    said = read_until(lines, lambda text: text.strip() == "serving", START_TIMEOUT_S)
     if said and said[-1].strip() == "serving":
         return server
     stop_group(server, server.pid)
-    sys.exit(f"PyTriton did not start: {''.join(said[-5:])}")
-
-
-def rest_until(lines: queue.Queue[str], last: str, timeout_s: float) -> list[str]:
-    """A server's output lines up to one that is ``last``, its end, or the timeout."""
-    said, deadline = [], time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            said.append(lines.get(timeout=left))
-        except queue.Empty:
-            break
-        if not said[-1] or said[-1].strip() == last:
-            break
-    return said
+    sys.exit(f"PyTriton did not start: {said[-1].strip() if said else 'no output'}")
 
 
 def batch_of(row: dict[str, Any]) -> int | None:

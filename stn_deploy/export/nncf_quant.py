@@ -248,23 +248,14 @@ def theta_shift(fp32: Path, quantized: Path, images: np.ndarray,
 
 def _outputs(model: onnx.ModelProto, names: list[str],
              feeds: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors ``names`` over all ``feeds`` (float64), made graph outputs of a copy."""
-    import onnxruntime as ort
-    from onnx import helper
+    """The tensors ``names`` over all ``feeds`` (float64), read as debug compare reads them
+    (a copy of the graph with them as outputs, ``debug.taps``)."""
+    from stn_deploy.debug.taps import OrtTaps
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                             for n in names if n not in have)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(copy.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    runs = [sess.run(names, {name: feed}) for feed in feeds]
-    return {n: np.concatenate([r[i] for r in runs]).astype(np.float64)
-            for i, n in enumerate(names)}
+    taps = OrtTaps(model, names, "the theta check's copy of the graph")
+    name = model.graph.input[0].name
+    runs = [taps.run({name: feed}) for feed in feeds]
+    return {n: np.concatenate([r[n] for r in runs]).astype(np.float64) for n in names}
 
 
 # ------------------------------------------------------------------------ accuracy control
