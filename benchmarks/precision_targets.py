@@ -12,13 +12,19 @@ evaluation images, so each report gives accuracy, top-1 agreement and theta's sh
 against its bound): FP32 ONNX; INT8 ONNX by ONNX Runtime's quantizer; INT8 ONNX by NNCF (the
 default quantizer for --target openvino; STN-aware scope, or the whole STN float where that
 moves theta past INT8's bound, as the export decides); OpenVINO IR FP32, bf16 and
-INT8. The export verifies a checkpoint's theta but not its sampling grid (it compares grids
+INT8; and, on CPUs with AVX512_BF16 or AMX, that INT8 IR with OpenVINO computing its float
+parts in bf16 instead of f32 (the openvino runner's ``compute="bf16"``, ``bench --ov-precision
+bf16``), held to INT8's bounds like the files. Where the STN path is float (the CIFAR-10
+model's case), those float parts are the localization convolutions, which bf16 speeds up on
+AMX; ``benchmarks/nncf_scope.py`` has why they cannot be INT8 and what bf16 does to theta. The
+export verifies a checkpoint's theta but not its sampling grid (it compares grids
 only for a user's module), so the grid shift is measured here: the exported file with its
 grid as an extra output, on the runtime that verified it, against PyTorch's grid.
 
 Speed rows (``harness.measure_latency`` on ``backends.create_runner``, end-to-end: host numpy
 in, host numpy out): ONNX Runtime FP32 and INT8; OpenVINO f32 (INFERENCE_PRECISION_HINT forced
-to f32, so a bf16-capable CPU does not report bf16 as FP32), bf16 and INT8 (NNCF). OpenVINO
+to f32, so a bf16-capable CPU does not report bf16 as FP32), bf16, INT8 (NNCF) and INT8 with
+bf16 float parts (skipped, with the runner's reason, on CPUs without bf16). OpenVINO
 runs batch 1 under its LATENCY hint and larger batches under THROUGHPUT. Speed on shared VMs
 drifts 20-30% in phases, so every row is measured in --rounds rounds that visit every row in
 turn, and each figure is the median over the rounds.
@@ -75,7 +81,22 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ir-int8", "OpenVINO IR INT8 (NNCF)", {"format": "openvino", "precision": "int8"},
             ("openvino", "nncf")),
 )
-INT8_VARIANTS = ("int8-ort", "int8-nncf", "ir-int8")
+# A variant that is a runtime setting, not a file: the INT8 IR with OpenVINO computing its float
+# parts (the STN path NNCF left float) in bf16 (the openvino runner's ``compute`` option),
+# verified here the way export verifies a file. Only CPUs with AVX512_BF16 or AMX run it.
+@dataclass(frozen=True)
+class ComputedVariant:
+    key: str
+    label: str
+    file: str  # the exported variant it runs
+    options: dict[str, Any]
+
+
+COMPUTED_VARIANTS: tuple[ComputedVariant, ...] = (
+    ComputedVariant("ir-int8-bf16", "OpenVINO IR INT8 (NNCF), float parts bf16", "ir-int8",
+                    {"compute": "bf16"}),
+)
+INT8_VARIANTS = ("int8-ort", "int8-nncf", "ir-int8", "ir-int8-bf16")
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,8 @@ SPEED_ROWS: tuple[SpeedRow, ...] = (
              {"precision": "fp32"}),
     SpeedRow("ov-bf16", "OpenVINO bf16", "openvino", ("ir-bf16",), "ov-f32"),
     SpeedRow("ov-int8", "OpenVINO INT8 (NNCF)", "openvino", ("ir-int8", "int8-nncf"), "ov-f32"),
+    SpeedRow("ov-int8-bf16", "OpenVINO INT8 (NNCF), float parts bf16", "openvino",
+             ("ir-int8",), "ov-f32", {"compute": "bf16"}),
 )
 
 
@@ -136,6 +159,19 @@ SPEED_TARGETS: tuple[SpeedTarget, ...] = (
                 "b1_p50_ms", "<=", 0.75, INT8_ISA),
     SpeedTarget("ort_int8_vs_fp32", "ONNX Runtime INT8 / FP32, batch 256 img/s", "ort-int8",
                 "ort-fp32", "b256_ips", ">=", 1.0, ("VNNI",)),
+    # The same INT8 IR with its float parts in bf16: the AMX targets again (bf16 needs
+    # AVX512_BF16 or AMX; the b1 target wherever INT8 is fast: where bf16 does not run,
+    # the row is not measured and says why).
+    SpeedTarget("ov_int8_bf16_vs_f32_amx", "OpenVINO INT8, float parts bf16 / OpenVINO f32, "
+                "batch 256 img/s", "ov-int8-bf16", "ov-f32", "b256_ips", ">=", 3.5, ("AMX",)),
+    SpeedTarget("ov_int8_bf16_vs_bf16_amx", "OpenVINO INT8, float parts bf16 / OpenVINO bf16, "
+                "batch 256 img/s (never slower)", "ov-int8-bf16", "ov-bf16", "b256_ips", ">=",
+                1.0, ("AMX",)),
+    SpeedTarget("ov_int8_bf16_vs_bf16_amx_goal", "OpenVINO INT8, float parts bf16 / OpenVINO "
+                "bf16, batch 256 img/s (goal)", "ov-int8-bf16", "ov-bf16", "b256_ips", ">=",
+                1.25, ("AMX",)),
+    SpeedTarget("ov_int8_bf16_b1", "OpenVINO INT8, float parts bf16 / f32, batch-1 p50",
+                "ov-int8-bf16", "ov-f32", "b1_p50_ms", "<=", 0.75, INT8_ISA),
 )
 MAX_DROP_POINTS = 0.3
 MIN_AGREEMENT_PCT = 98.5
@@ -311,6 +347,37 @@ def export_variant(v: Variant, args: argparse.Namespace, work: Path) -> dict[str
             "lines": result.lines}
 
 
+def verify_computed(c: ComputedVariant, exported: dict[str, Any], data: Any,
+                    reference: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
+    """``c``'s file run with ``c.options`` on the images every export verified on, held to
+    INT8's bounds against the same PyTorch reference (``verify.compare``): the row reads as
+    an exported variant's does. Skipped where the file was not exported or the runner refuses
+    the setting on this CPU (bf16 without AVX512_BF16 or AMX)."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.errors import StnDeployError
+    from stn_deploy.export.verify import INT8, compare
+    from stn_deploy.harness import EVAL_BATCH, run_batched
+    from stn_deploy.report import computes_in
+
+    row: dict[str, Any] = {"key": c.key, "label": c.label, "request": {"file": c.file,
+                                                                      **c.options}}
+    if exported.get("status") != "ok":
+        return {**row, "status": "skipped", "reason": f"{exported['label']} not exported"}
+    try:
+        with create_runner(exported["backend"], exported["path"], **c.options) as runner:
+            got = run_batched(runner, data.images, EVAL_BATCH)
+            computed = computes_in(runner.describe(), runner.precision)
+    except StnDeployError as e:
+        return {**row, "status": "skipped", "reason": str(e)}
+    rep = compare(got, reference, data.labels, config, INT8)
+    return {**row, "status": "ok", "path": exported["path"], "options": c.options,
+            "backend": exported["backend"], "computed": computed, "samples": rep.samples,
+            "accuracy_ref": rep.accuracy_ref, "accuracy": rep.accuracy_onnx,
+            "accuracy_drop": rep.accuracy_drop, "agreement_pct": 100 * rep.agreement,
+            "theta_px": rep.theta_max_px, "theta_spread_px": rep.theta_spread_px,
+            "bound_px": INT8.theta_px, "passed": rep.passed, "notes": []}
+
+
 # ---------------------------------------------------------------------------------- grids
 
 def eval_images(args: argparse.Namespace) -> Any:
@@ -370,7 +437,7 @@ def grid_shift_px(variant: dict[str, Any], images: np.ndarray, ref: np.ndarray |
     if ref is None or variant.get("status") != "ok":
         return None
     copy = with_grids(Path(variant["path"]), work)
-    with create_runner(variant["backend"], copy) as runner:
+    with create_runner(variant["backend"], copy, **variant.get("options", {})) as runner:
         got = run_batched(runner, images, EVAL_BATCH)
     names = sorted((k for k in got if k.startswith(GRID_PREFIX)),
                    key=lambda k: int(k[len(GRID_PREFIX):]))
@@ -522,7 +589,8 @@ def markdown(doc: dict[str, Any], plan: list[dict[str, Any]]) -> str:
     tail = ["", "OpenVINO: batch 1 under the LATENCY hint, larger batches under THROUGHPUT; the "
             "f32 row forces INFERENCE_PRECISION_HINT=f32. Ratios of b1 are p50 over p50 (lower "
             "is faster), of b256 img/s over img/s. The OpenVINO INT8 row runs the INT8 IR when "
-            "it was exported, else the NNCF ONNX. Grid shift: the last GridSample's grid on the "
+            "it was exported, else the NNCF ONNX; its float parts compute in f32, and in bf16 in "
+            "the row that says so. Grid shift: the last GridSample's grid on the "
             "runtime that verified the variant, against PyTorch's."]
     return "\n".join([*head, "", *variants_table(doc["variants"], doc["data"]), "",
                       *speed_table(plan, s["rounds"]), "", *targets_table(doc["targets"]),
@@ -559,6 +627,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         if v.key == "fp32-onnx" and variants[v.key]["status"] != "ok":
             raise StnDeployError(f"the FP32 export failed: {variants[v.key]['reason']}")
     data = eval_images(args)
+    computed_variants(variants, args, data)
     ref = pytorch_grid(args.checkpoint, data.images)
     for v in variants.values():
         try:
@@ -578,6 +647,21 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
            "variants": [{k: x for k, x in v.items() if k != "path"} for v in variants.values()],
            "speed": plan, "targets": targets}
     return doc, plan
+
+
+def computed_variants(variants: dict[str, dict[str, Any]], args: argparse.Namespace,
+                      data: Any) -> None:
+    """Verify each COMPUTED_VARIANTS entry against PyTorch, as the exports were."""
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.verify import torch_reference
+
+    ckpt = load_checkpoint(args.checkpoint)
+    reference = None
+    for c in COMPUTED_VARIANTS:
+        log(f"verify {c.label}")
+        if reference is None:
+            reference = torch_reference(args.checkpoint, data.images, ckpt)
+        variants[c.key] = verify_computed(c, variants[c.file], data, reference, ckpt.config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ from typing import Any
 from stn_deploy.artifacts import model_kind, onnx_precision, read_ir_metadata
 from stn_deploy.errors import StnDeployError
 from stn_deploy.harness import BenchSettings, EvalData, Reference
-from stn_deploy.names import DEFAULT_PRECISION
+from stn_deploy.names import DEFAULT_PRECISION, OV_PRECISIONS
 from stn_deploy.report import not_accelerated
+
 
 
 @dataclass
@@ -34,12 +35,18 @@ class BenchRequest:
     eval_samples: int | None = None  # None: the whole test split; 0: no evaluation
     device: str | None = None  # torch device; TensorRT plans run on cuda:0
     ov_hint: str = "latency"
-    ov_precision: str = "f32"  # "bf16": OpenVINO computes FP32 files in bfloat16 (a bf16 IR
-    # computes in bf16 by its own metadata, where the CPU has bf16)
+    ov_precision: str = "fp32"  # "bf16": OpenVINO computes the float parts of FP32, FP16 and
+    # INT8 files in bfloat16 (a bf16 IR computes in bf16 by its own metadata, where the CPU has
+    # bf16); see ov_compute
     progress: bool = False  # a progress bar on stderr
     # The models were picked by default; this says what to run first when a named backend
     # found none of its kind among them (see plan_rows).
     missing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ov_precision not in OV_PRECISIONS:  # refused, not run as fp32
+            raise StnDeployError(f"ov_precision must be one of {', '.join(OV_PRECISIONS)}, "
+                                 f"not {self.ov_precision!r}")
 
 
 class _Inputs:
@@ -80,17 +87,24 @@ class _Inputs:
         """A runner with the request's options; each runner takes those it declares."""
         from stn_deploy.backends import create_runner
 
-        bf16 = (name == "openvino" and req.ov_precision == "bf16"
-                and stored_precision(path) == "fp32")
         checkpoint = self.checkpoint(path) if model_kind(path) == "checkpoint" else None
         return create_runner(name, path, threads=req.settings.threads, device=req.device,
-                             hint=req.ov_hint, precision="bf16" if bf16 else None,
+                             hint=req.ov_hint, compute=ov_compute(name, path, req.ov_precision),
                              checkpoint=checkpoint)
 
 
+def ov_compute(backend: str, path: Path, ov_precision: str) -> str | None:
+    """The openvino runner's ``compute`` for ``--ov-precision``: bf16 for the float parts of
+    FP32, FP16 and INT8 files (an FP32 file's row is then labelled bf16, an INT8 or FP16
+    file's keeps its label and says it computed in bf16); None for a bf16 IR, bf16 by its own
+    metadata, and for fp32, the files' own compute."""
+    if backend != "openvino" or ov_precision != "bf16" or stored_precision(path) == "bf16":
+        return None
+    return "bf16"
+
+
 def stored_precision(path: Path) -> str:
-    """The precision an ONNX file or OpenVINO IR records (``--ov-precision bf16`` applies to
-    FP32 files only; a bf16 IR is bf16 by its own metadata)."""
+    """The precision an ONNX file or OpenVINO IR records."""
     if model_kind(path) == "openvino":
         return read_ir_metadata(path).get("precision") or DEFAULT_PRECISION
     return onnx_precision(path)

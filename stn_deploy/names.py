@@ -21,6 +21,8 @@ TRT_ALIASES: Final = MappingProxyType({"tensorrt": TRT, "engine": TRT})
 # Every precision a model is exported, run or reported in; each command and runner accepts the
 # ones it can honour, spelled like this.
 PRECISIONS: Final = ("fp32", "fp16", "bf16", "int8")
+# What OpenVINO may compute a file's float parts in when asked (bench --ov-precision).
+OV_PRECISIONS: Final = ("fp32", "bf16")
 # What a model without a recorded precision is, and what a runner computes in unless told.
 DEFAULT_PRECISION: Final = "fp32"
 

@@ -21,7 +21,8 @@ bumps the version)::
       "results": [{
           "model": str, "model_kind": "checkpoint"|"onnx"|"plan"|"openvino", "source_model":
           str|null (the checkpoint an ONNX was exported from for this row), "backend": str,
-          "precision": "fp32"|"fp16"|"bf16"|"int8" (the file's, or --ov-precision bf16's),
+          "precision": "fp32"|"fp16"|"bf16"|"int8" (the file's; an FP32 file's under
+          --ov-precision bf16 is bf16, an INT8 or FP16 file's stays its own),
           "status": "ok"|"skipped"|"error"|"failed",
           "reason": str|null, "device": str|null, "library_version": str|null,
           "runtime": {threads, provider/hint/streams/..., "inference_precision" (openvino: what

@@ -6,7 +6,11 @@ bench's Precision column and the JSON say which it was on this CPU.
 
 The tests that judge bf16 itself need a CPU on which OpenVINO computes bf16 and are skipped,
 naming the CPU's ISA, where it has none; the ones about a CPU without bf16 are skipped on one
-that has it."""
+that has it.
+
+The openvino runner's ``compute`` option (``bench --ov-precision bf16``) asks OpenVINO to
+compute the float parts of FP16 and INT8 files in bf16, their rows keeping the file's label;
+a CPU without bf16 refuses it in one line rather than running f32 under a bf16 request."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from stn_deploy.cli import cli
+from stn_deploy.data import DataBundle
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -70,6 +75,24 @@ def _verification(path: Path) -> dict[str, Any]:
     return json.loads(read_ir_metadata(path)["verification"])
 
 
+@pytest.fixture
+def asked_hints(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The INFERENCE_PRECISION_HINT of every compile the openvino runner makes, in order."""
+    import stn_deploy.backends.ov as ov_runner
+
+    hints: list[str] = []
+    real = ov_runner.compile_config
+
+    def spy(hint: str, threads: int, precision: str, compute: str | None = None
+            ) -> dict[str, Any]:
+        config = real(hint, threads, precision, compute)
+        hints.append(config["INFERENCE_PRECISION_HINT"])
+        return config
+
+    monkeypatch.setattr(ov_runner, "compile_config", spy)
+    return hints
+
+
 def test_the_ir_keeps_fp32_weights_and_says_bf16(irs: dict[str, tuple[Path, str]]) -> None:
     from stn_deploy.artifacts import read_ir_metadata
 
@@ -83,22 +106,13 @@ def test_the_ir_keeps_fp32_weights_and_says_bf16(irs: dict[str, tuple[Path, str]
 
 
 def test_the_runner_takes_bf16_from_the_file(irs: dict[str, tuple[Path, str]],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             asked_hints: list[str]) -> None:
     """No option: the file's metadata makes the runner compile with bf16, and it reports what
     OpenVINO computed in (bf16 where the CPU has it, f32 elsewhere)."""
     import numpy as np
 
-    import stn_deploy.backends.ov as ov_runner
     from stn_deploy.backends import runner_class
 
-    configs: list[dict[str, Any]] = []
-    real = ov_runner.compile_config
-
-    def spy(hint: str, threads: int, precision: str) -> dict[str, Any]:
-        configs.append(real(hint, threads, precision))
-        return configs[-1]
-
-    monkeypatch.setattr(ov_runner, "compile_config", spy)
     computed = {}
     for precision in ("bf16", "fp32"):
         with runner_class("openvino")(irs[precision][0]) as runner:
@@ -106,7 +120,7 @@ def test_the_runner_takes_bf16_from_the_file(irs: dict[str, tuple[Path, str]],
             computed[precision] = runner.describe()["inference_precision"]
             out = runner.infer(np.zeros((2, *runner.input_spec.shape[1:]), np.float32))
         assert out["logits"].shape[0] == 2
-    assert [c["INFERENCE_PRECISION_HINT"] for c in configs] == ["bf16", "f32"]
+    assert asked_hints == ["bf16", "f32"]
     assert computed == {"bf16": "bf16" if HAS_BF16 else "f32", "fp32": "f32"}
 
 
@@ -204,3 +218,168 @@ def test_bf16_elsewhere_is_refused_saying_what_to_use(fmt: str, tiny_checkpoint:
     with pytest.raises(OptionError, match=r"^precision=: .*use format='openvino'$"):
         stn_deploy.export_model(tiny_checkpoint, format=fmt, precision="bf16", out=out)
     assert not out.exists()
+
+
+# --- compute="bf16": the float parts of FP16 and INT8 files ---------------------------------
+
+@pytest.fixture(scope="module")
+def files(irs: dict[str, tuple[Path, str]], tiny_checkpoint: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The untrained digits model as INT8 ONNX and INT8 IR (onnxruntime's quantizer, the STN
+    path kept float), FP16 ONNX, and the FP32 and bf16 IRs."""
+    out = tmp_path_factory.mktemp("compute")
+    written = {"fp32-ir": irs["fp32"][0], "bf16-ir": irs["bf16"][0]}
+    int8 = ("--precision", "int8", "--quantizer", "onnxruntime", "--calib-samples", 64)
+    for name, args in (("int8-onnx", ("--format", "onnx", *int8)),
+                       ("int8-ir", ("--format", "openvino", *int8)),
+                       ("fp16-onnx", ("--format", "onnx", "--precision", "fp16"))):
+        path = out / (f"{name}.xml" if name.endswith("-ir") else f"{name}.onnx")
+        code, text = _export(tiny_checkpoint, *args, "--with-theta", "--out", path,
+                             "--verify-samples", 32)
+        assert code == 0, text
+        written[name] = path
+    return written
+
+
+def _images(bundle: DataBundle, n: int = 64) -> Any:
+    from stn_deploy.harness import normalize_np
+
+    return normalize_np(bundle.test.images[:n].numpy(), bundle.config)
+
+
+def test_the_compute_option_is_refused_by_name(files: dict[str, Path]) -> None:
+    from stn_deploy.backends import create_runner, runner_class
+    from stn_deploy.errors import StnDeployError
+
+    with pytest.raises(StnDeployError,
+                       match=r"^openvino compute must be one of f32, bf16, not 'fp16'$"):
+        create_runner("openvino", files["int8-onnx"], compute="fp16")
+    with pytest.raises(StnDeployError, match=r"^openvino: precision='bf16' computes in bf16 and "
+                       r"compute='f32' in f32: ask for one$"):
+        create_runner("openvino", files["fp32-ir"], precision="bf16", compute="f32")
+    # compute is OpenVINO's option: another runner given it directly refuses it by name.
+    with pytest.raises(StnDeployError, match=r"^onnxruntime takes no option compute$"):
+        runner_class("onnxruntime")(files["int8-onnx"], compute="bf16")
+
+
+def test_bench_request_refuses_an_unknown_ov_precision(files: dict[str, Path]) -> None:
+    from stn_deploy.bench import BenchRequest, ov_compute
+    from stn_deploy.errors import StnDeployError
+
+    with pytest.raises(StnDeployError, match=r"^ov_precision must be one of fp32, bf16, "
+                       r"not 'f16'$"):
+        BenchRequest(models=[files["int8-onnx"]], ov_precision="f16")
+    assert ov_compute("openvino", files["int8-onnx"], "bf16") == "bf16"
+    assert ov_compute("openvino", files["fp16-onnx"], "bf16") == "bf16"
+    assert ov_compute("openvino", files["bf16-ir"], "bf16") is None  # bf16 by its metadata
+    assert ov_compute("openvino", files["int8-ir"], "fp32") is None
+    assert ov_compute("onnxruntime", files["int8-onnx"], "bf16") is None
+
+
+@pytest.mark.parametrize("name", ["int8-onnx", "int8-ir", "fp16-onnx"])
+def test_compute_f32_is_the_files_own_and_says_f32(name: str, files: dict[str, Path],
+                                                    asked_hints: list[str],
+                                                    digits_bundle: DataBundle) -> None:
+    """f32 is what FP16 and INT8 files compute their float parts in anyway: asking for it
+    gives the same outputs as not asking, and the row keeps the file's label."""
+    import numpy as np
+
+    from stn_deploy.backends import create_runner
+
+    x, outputs = _images(digits_bundle), []
+    for compute in (None, "f32"):
+        with create_runner("openvino", files[name], compute=compute, threads=1) as runner:
+            assert runner.precision == name.split("-")[0]
+            assert runner.describe()["inference_precision"] == "f32"
+            outputs.append(runner.infer(x))
+    assert asked_hints == ["f32", "f32"]
+    for key in ("logits", "theta"):
+        np.testing.assert_array_equal(outputs[0][key], outputs[1][key])
+
+
+def test_compute_f32_forces_f32_on_a_bf16_ir(files: dict[str, Path],
+                                            asked_hints: list[str]) -> None:
+    """The IR stays labelled bf16 and says it computed in f32 (what bench's Precision column
+    then shows as "bf16 (computes fp32)")."""
+    from stn_deploy.backends import create_runner
+
+    with create_runner("openvino", files["bf16-ir"], compute="f32", threads=1) as runner:
+        assert runner.precision == "bf16"
+        assert runner.describe()["inference_precision"] == "f32"
+    assert asked_hints == ["f32"]
+
+
+@needs_no_bf16
+@pytest.mark.parametrize("name, label", [("int8-onnx", "int8"), ("int8-ir", "int8"),
+                                         ("fp16-onnx", "fp16"), ("fp32-ir", "bf16")])
+def test_without_bf16_a_callers_bf16_is_one_line(name: str, label: str,
+                                                 files: dict[str, Path],
+                                                 asked_hints: list[str]) -> None:
+    """compute="bf16" is asked of OpenVINO (not guessed from the CPU), and when OpenVINO
+    computes f32 instead the runner refuses rather than running f32 under a bf16 request. On
+    an FP32 file it is the bf16 row (precision="bf16"), refused the same way."""
+    from stn_deploy.backends import create_runner
+    from stn_deploy.errors import StnDeployError
+
+    runner = create_runner("openvino", files[name], compute="bf16", threads=1)
+    assert runner.precision == label
+    stored = name.split("-")[0]
+    line = (f"openvino bf16: this CPU has no bf16 support (OpenVINO computes in f32); run the "
+            f"{stored} file without bf16")
+    with pytest.raises(StnDeployError) as refused:
+        runner.activate()
+    assert str(refused.value) == line and not runner.is_active
+    assert asked_hints == ["bf16"]
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", ["int8-onnx", "int8-ir"])
+def test_on_a_bf16_cpu_int8_computes_its_float_parts_in_bf16(name: str,
+                                                            files: dict[str, Path],
+                                                            digits_bundle: DataBundle) -> None:
+    """The row stays int8, OpenVINO says it computed in bf16, and the result is close to
+    the f32 run but not the same (bf16 keeps 8 bits of mantissa)."""
+    import numpy as np
+
+    from stn_deploy.backends import create_runner
+
+    x, outputs = _images(digits_bundle), {}
+    for compute in ("f32", "bf16"):
+        with create_runner("openvino", files[name], compute=compute, threads=1) as runner:
+            assert runner.precision == "int8"
+            assert runner.describe()["inference_precision"] == compute
+            outputs[compute] = runner.infer(x)
+    f32, bf16 = outputs["f32"], outputs["bf16"]
+    assert (f32["logits"].argmax(1) == bf16["logits"].argmax(1)).mean() >= 0.9
+    assert max(np.abs(f32[k] - bf16[k]).max() for k in ("logits", "theta")) > 0
+
+
+def test_bench_ov_precision_bf16_reaches_int8_and_fp16_files(files: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """--ov-precision bf16 is no longer dropped for INT8 and FP16 files: their rows keep
+    their label and compute in bf16, or, on a CPU without bf16, are one error line each, as
+    an FP32 file's bf16 row is."""
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    names = ("int8-onnx", "int8-ir", "fp16-onnx")
+    r = CliRunner().invoke(cli, ["bench", *(str(files[n]) for n in names),
+                                 "--backend", "openvino", "--ov-precision", "bf16",
+                                 "--batch-sizes", "2", "--iterations", "2", "--warmup", "0",
+                                 "--eval-samples", "32", "--json", str(js), "--markdown",
+                                 str(md)])
+    assert "Traceback" not in r.output, r.output
+    rows = json.loads(js.read_text())["results"]
+    assert [row["precision"] for row in rows] == ["int8", "int8", "fp16"]
+    if HAS_BF16:
+        assert r.exit_code == 0, r.output
+        assert all(row["status"] == "ok" for row in rows), rows
+        assert [row["runtime"]["inference_precision"] for row in rows] == ["bf16"] * 3
+        assert "int8 (computes bf16)" in md.read_text()
+        assert "fp16 (computes bf16)" in md.read_text()
+        return
+    assert r.exit_code == 1
+    for name, row in zip(names, rows):
+        stored = name.split("-")[0]
+        line = (f"openvino bf16: this CPU has no bf16 support (OpenVINO computes in f32); "
+                f"run the {stored} file without bf16")
+        assert row["status"] == "error" and row["reason"] == line
+        assert f"error openvino {stored} ({files[name].name}): {line}" in r.output

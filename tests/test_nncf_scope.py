@@ -153,3 +153,77 @@ def test_openvino_ir_int8_takes_the_same_fallback(tiny_checkpoint: Path, tmp_pat
     assert meta["nncf_scope"] == "stn-float" and meta["quantizer"] == "nncf"
     assert out.is_file() and out.with_suffix(".bin").is_file()
     assert json.loads(meta["verification"])["passed"]
+
+
+# ------------------------------------------- one localization convolution quantized alone
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, list[str]]:
+    """The tiny digits model's FP32 graph and its localization convolutions, in order."""
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.onnx_export import OnnxOptions, export_onnx
+    from stn_deploy.export.precision import name_nodes
+
+    out = tmp_path_factory.mktemp("nncf-one-conv") / "fp32.onnx"
+    export_onnx(load_checkpoint(tiny_checkpoint).model(), out, OnnxOptions(opset=17))
+    model = onnx.load(str(out))
+    name_nodes(model)
+    convs = list(_quantized(model, "localization"))
+    assert len(convs) == 4
+    return out, convs
+
+
+def test_one_localization_convolution_quantized_alone(
+        tiny_checkpoint: Path, tiny_fp32: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """NNCF's full bias correction cuts out a sub-model whose inputs name the graph input
+    twice (the quantized convolution's path and the sampler both read it) when exactly one
+    localization convolution is quantized; ONNX Runtime refused that sub-model until
+    ``nncf_quant`` de-duplicated the names. Both NNCF paths, each with another convolution."""
+    from onnx.utils import Extractor
+
+    from stn_deploy.checkpoint import load_checkpoint
+    from stn_deploy.export.nncf_quant import quantize_nncf, quantize_nncf_controlled
+    from stn_deploy.export.verify import verification_data
+
+    src, convs = tiny_fp32
+    config = load_checkpoint(tiny_checkpoint).config
+    calib = verification_data(config, "train", None, 64)[0].images.numpy()
+    held = verification_data(config, "test", None, 32)[0]
+    original = Extractor.extract_model
+
+    first = quantize_nncf(src, tmp_path / "first.onnx", calib, config, keep_float=convs[1:])
+    got = _quantized(onnx.load(str(first.path)), "localization")
+    assert got == {c: c == convs[0] for c in convs}
+
+    # A budget of 100 points is met at once: accuracy control returns its first quantization.
+    last = quantize_nncf_controlled(src, tmp_path / "last.onnx", calib, held.images.numpy(),
+                                    held.labels.numpy(), config, max_drop=100.0, grid_px=1e9,
+                                    keep_float=convs[:-1])
+    got = _quantized(onnx.load(str(last.path)), "localization")
+    assert got == {c: c == convs[-1] for c in convs}
+    assert Extractor.extract_model is original  # the patch lives only while NNCF runs
+
+
+def test_extraction_names_deduplicated_only_inside_and_restored_on_error() -> None:
+    from onnx import TensorProto, helper
+    from onnx.utils import Extractor
+
+    from stn_deploy.export.nncf_quant import _unique_extraction_names
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"], name="add")],
+                              "g", [x], [y])
+    model = helper.make_model(graph)
+    original = Extractor.extract_model
+
+    def names(m: onnx.ModelProto) -> tuple[list[str], list[str]]:
+        return [i.name for i in m.graph.input], [o.name for o in m.graph.output]
+
+    assert names(Extractor(model).extract_model(["x", "x"], ["y", "y"])) == (
+        ["x", "x"], ["y", "y"])  # ONNX's own: one entry per name given
+    with pytest.raises(RuntimeError, match="inside"), _unique_extraction_names():
+        assert names(Extractor(model).extract_model(["x", "x"], ["y", "y"])) == (["x"], ["y"])
+        raise RuntimeError("inside")
+    assert Extractor.extract_model is original

@@ -47,7 +47,8 @@ def test_quick_run_reports_every_variant_speed_row_and_target(digits_checkpoint:
     assert doc["provenance"]["cpu_isa"] == doc["isa"]
 
     variants = {v["key"]: v for v in doc["variants"]}
-    assert list(variants) == [v.key for v in pt.VARIANTS]
+    assert list(variants) == [v.key for v in pt.VARIANTS] + [c.key for c in
+                                                             pt.COMPUTED_VARIANTS]
     fp32 = variants["fp32-onnx"]
     assert fp32["status"] == "ok" and fp32["passed"]
     assert fp32["agreement_pct"] == 100.0 and fp32["samples"] == 256
@@ -55,8 +56,15 @@ def test_quick_run_reports_every_variant_speed_row_and_target(digits_checkpoint:
     assert fp32["grid_px"] is not None and fp32["grid_px"] <= fp32["bound_px"] == 1e-3
     nncf = importlib.util.find_spec("nncf") is not None
     openvino = importlib.util.find_spec("openvino") is not None
-    for key, v in variants.items():
-        needs = next(x.needs for x in pt.VARIANTS if x.key == key)
+    bf16 = "AVX512_BF16" in doc["isa"] or "AMX" in doc["isa"]
+    checked = dict(variants)
+    computed = checked.pop("ir-int8-bf16")
+    if openvino and nncf and not bf16:  # the runner refuses bf16 here, by name
+        assert computed["status"] == "skipped" and "bf16" in computed["reason"]
+    elif openvino and nncf:
+        checked["ir-int8-bf16"] = computed  # held to the same checks below
+    for key, v in checked.items():
+        needs = next((x.needs for x in pt.VARIANTS if x.key == key), ("openvino", "nncf"))
         if (("nncf" in needs and not nncf) or ("openvino" in needs and not openvino)):
             assert v["status"] == "skipped" and "not installed" in v["reason"]
             continue
@@ -70,6 +78,9 @@ def test_quick_run_reports_every_variant_speed_row_and_target(digits_checkpoint:
     speed = {r["key"]: r for r in doc["speed"]}
     assert list(speed) == [r.key for r in pt.SPEED_ROWS]
     assert speed["ov-f32"].get("computed") in ("f32", None)  # None: skipped (no OpenVINO)
+    if openvino and nncf and not bf16:
+        assert speed["ov-int8-bf16"]["status"] == "skipped"
+        assert "bf16" in speed["ov-int8-bf16"]["reason"]
     for row in speed.values():
         if row["status"] == "ok":
             assert set(row["rounds"]) == {"1", "256"}
@@ -109,12 +120,13 @@ def _figures(**changes: Any) -> Any:
              "ort-int8": {"b1_p50_ms": 0.8, "b256_ips": 900.0},
              "ov-f32": {"b1_p50_ms": 1.0, "b256_ips": 1000.0},
              "ov-bf16": {"b1_p50_ms": 0.6, "b256_ips": 3000.0},
-             "ov-int8": {"b1_p50_ms": 0.5, "b256_ips": 3200.0}}
+             "ov-int8": {"b1_p50_ms": 0.5, "b256_ips": 3200.0},
+             "ov-int8-bf16": {"b1_p50_ms": 0.4, "b256_ips": 4000.0}}
     good = {"accuracy_drop": 0.3, "agreement_pct": 98.5, "theta_px": 0.01, "grid_px": 0.1,
             "bound_px": 0.1}
     variants = {"int8-ort": {**good, "accuracy_drop": 0.31, "agreement_pct": 98.4,
                              "grid_px": 0.2},
-                "int8-nncf": good, "ir-int8": good}
+                "int8-nncf": good, "ir-int8": good, "ir-int8-bf16": good}
     for key, value in changes.items():
         speed[key] = value
     return pt.Figures(speed, variants, "digits test split")
@@ -169,6 +181,22 @@ def test_judge_on_amx_holds_int8_to_f32_and_bf16() -> None:
     got = _verdicts(faster, AMX)
     assert got["ov_int8_vs_f32_amx"] == (pytest.approx(4.0), "met")
     assert got["ov_int8_vs_bf16_amx_goal"] == (pytest.approx(4000 / 3000), "met")
+
+
+def test_judge_holds_int8_with_bf16_float_parts_to_the_amx_targets_too() -> None:
+    """The INT8 IR with its float parts in bf16 is judged beside the f32-float-parts row:
+    on AMX against f32 and bf16, and on its own accuracy; where bf16 does not run, its
+    rows are "not measured" with the runner's reason."""
+    got = _verdicts(_figures(), AMX)
+    assert got["ov_int8_bf16_vs_f32_amx"] == (pytest.approx(4.0), "met")
+    assert got["ov_int8_bf16_vs_bf16_amx_goal"] == (pytest.approx(4000 / 3000), "met")
+    assert got["ov_int8_bf16_b1"] == (pytest.approx(0.4), "met")
+    assert got["ir-int8-bf16_theta_px"] == (0.01, "met")
+    assert _verdicts(_figures(), AVX2)["ov_int8_bf16_vs_f32_amx"][1] == (
+        "not judged here: needs AMX")
+    refused = _figures(**{"ov-int8-bf16": {"reason": "openvino bf16: no bf16 on this CPU"}})
+    assert _verdicts(refused, VNNI)["ov_int8_bf16_b1"] == (
+        None, "not measured: openvino bf16: no bf16 on this CPU")
 
 
 def test_a_missing_package_skips_its_variant_and_the_rows_that_run_it(tmp_path: Path) -> None:

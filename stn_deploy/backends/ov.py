@@ -2,13 +2,18 @@
 the IR ``export --format openvino`` writes (those and bf16).
 
 Two settings are made explicit because the defaults are not what a results table implies:
-- ``INFERENCE_PRECISION_HINT``: f32 unless the precision is bf16. On CPUs with AVX512_BF16 or
-  AMX OpenVINO's own default computes an "FP32" model in bfloat16; here that is a row of its
-  own, labelled bf16, with its accuracy and agreement measured like any other. bf16 comes
-  from the caller (``precision="bf16"`` on an FP32 file: refused on a CPU without bf16, since
-  the caller asked for a compute precision this CPU cannot give) or from the file (a bf16 IR,
-  whose metadata says bf16: it runs on any CPU, OpenVINO computing it in f32 where there is
-  no bf16, and ``describe()["inference_precision"]`` says which).
+- ``INFERENCE_PRECISION_HINT``, the precision OpenVINO computes the file's float parts in:
+  f32 unless bf16 is asked for. On CPUs with AVX512_BF16 or AMX OpenVINO's own default
+  computes an "FP32" model in bfloat16; here that is a row of its own, labelled bf16, with its
+  accuracy and agreement measured like any other. bf16 comes from the file (a bf16 IR, whose
+  metadata says bf16: it runs on any CPU, OpenVINO computing it in f32 where there is no
+  bf16, and ``describe()["inference_precision"]`` says which) or from the caller:
+  ``precision="bf16"`` on an FP32 file (the bf16 row), or ``compute="bf16"`` on a file of any
+  precision: the float parts of an FP16 file, and of an INT8 file whose STN path was kept
+  float, then compute in bf16 while the file keeps its label (an INT8 file's row stays int8).
+  A caller's bf16 is refused on a CPU without bf16: it asked for a compute precision this CPU
+  cannot give. bf16 is never chosen for the caller: theta's shift from a bf16 STN path has to
+  be measured on such a CPU first.
 - ``PERFORMANCE_HINT``: LATENCY (one stream using every thread) or THROUGHPUT (several
   streams). Streams only pay off with requests in flight at once, so under THROUGHPUT a batch
   is cut into slices of at most ``SLICE`` images that run on two requests per stream, and the
@@ -38,21 +43,24 @@ from stn_deploy.errors import MissingDependencyError, StnDeployError, error_line
 from stn_deploy.names import DEFAULT_PRECISION
 
 HINTS = ("latency", "throughput")
-# The runner's precision label -> OpenVINO's inference precision for the file's float parts.
+# The runner's precision label -> OpenVINO's inference precision for the file's float parts,
+# unless the runner's ``compute`` option says otherwise: FP16 weights are decompressed and
+# computed in f32, and an INT8 file's float parts (an STN path kept float) are f32 too.
 COMPUTE = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
+COMPUTES = ("f32", "bf16")  # what ``compute`` may ask for
 SLICE = 32  # images per request under THROUGHPUT
 REQUESTS_PER_STREAM = 2
 KEEP_SHAPES = 4  # static compiles kept per runner
 
 
-def compile_config(hint: str, threads: int, precision: str) -> dict[str, Any]:
+def compile_config(hint: str, threads: int, precision: str,
+                   compute: str | None = None) -> dict[str, Any]:
     """The one spelling of how stn-deploy compiles for OpenVINO's CPU plugin (benchmarks that
-    profile OpenVINO add to it)."""
+    profile OpenVINO add to it). ``compute``: the float parts' precision, None: COMPUTE's."""
     return {
         "PERFORMANCE_HINT": hint.upper(),
         "INFERENCE_NUM_THREADS": threads,
-        # fp16 models: OpenVINO decompresses FP16 weights; compute stays f32 on the CPU.
-        "INFERENCE_PRECISION_HINT": COMPUTE[precision],
+        "INFERENCE_PRECISION_HINT": compute or COMPUTE[precision],
     }
 
 
@@ -61,9 +69,19 @@ def import_openvino() -> Any:
 
 
 class OpenVinoRunner(OnnxFileRunner):
+    """Options beyond threads and precision: ``hint`` (latency or throughput) and ``compute``,
+    the precision OpenVINO computes the file's float parts in ("f32" or "bf16"; None: the
+    file's own, COMPUTE). The row keeps the file's precision label, with one exception that
+    keeps one name for one thing: an FP32 file computed in bf16 is the bf16 row, so
+    ``compute="bf16"`` on an FP32 file is ``precision="bf16"`` (and ``precision="bf16"``
+    with ``compute="f32"`` is refused as a contradiction). ``compute="f32"`` on a bf16 IR is
+    allowed: it forces f32 (the row says bf16, computed in fp32), which is how one IR's bf16
+    is compared with its f32 on a CPU that has bf16. A caller's bf16 is refused at
+    activation on a CPU without bf16 (never silently run in f32)."""
+
     name = "openvino"
     supports_compute_only = True
-    OPTIONS = ("hint",)
+    OPTIONS = ("hint", "compute")
 
     @classmethod
     def probe(cls) -> str | None:
@@ -83,8 +101,25 @@ class OpenVinoRunner(OnnxFileRunner):
         if self.precision != stored and not (self.precision == "bf16" and stored == "fp32"):
             raise StnDeployError(f"openvino runs {self.model_path.name} as {stored} (or as bf16 "
                                  f"when the file is fp32), not as {self.precision}")
+        self.compute = self._asked_compute(self.options.get("compute"))
         self.device = self.device or "CPU"
         self._n_requests = 1
+
+    def _asked_compute(self, compute: str | None) -> str | None:
+        """The compute precision the caller asked for (None: the file's own), and the bf16
+        label where an FP32 file is asked to compute in bf16."""
+        compute = str(compute).lower() if compute is not None else None
+        if compute is not None and compute not in COMPUTES:
+            raise StnDeployError(f"openvino compute must be one of {', '.join(COMPUTES)}, "
+                                 f"not {compute!r}")
+        if self.precision != self.stored_precision:  # precision="bf16" over an FP32 file
+            if compute == "f32":
+                raise StnDeployError("openvino: precision='bf16' computes in bf16 and "
+                                     "compute='f32' in f32: ask for one")
+            return "bf16"
+        if compute == "bf16" and self.stored_precision == "fp32":
+            self.precision = "bf16"  # an FP32 file computed in bf16 is the bf16 row
+        return compute
 
     def load_config(self) -> ModelConfig:
         """An ONNX file's metadata, or an IR's (.xml): the same keys, in its rt_info."""
@@ -109,7 +144,7 @@ class OpenVinoRunner(OnnxFileRunner):
     def activate_impl(self) -> None:
         ov = import_openvino()
         core = ov.Core()
-        config = compile_config(self.hint, self.threads, self.precision)
+        config = compile_config(self.hint, self.threads, self.precision, self.compute)
         self._core, self._config, self._ov = core, config, ov
         try:
             self._model = core.read_model(str(self.model_path))
@@ -130,10 +165,10 @@ class OpenVinoRunner(OnnxFileRunner):
         self.output_names = tuple(next((n for n in sorted(o.get_names()) if n in declared),
                                        o.get_any_name()) for o in compiled.outputs)
         computed = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        asked = self.precision != self.stored_precision  # bf16 over an FP32 file
-        if asked and COMPUTE[self.precision] == "bf16" and computed != "bf16":
+        if self.compute == "bf16" and computed != "bf16":  # the caller's bf16, not the file's
             raise StnDeployError(f"openvino bf16: this CPU has no bf16 support (OpenVINO computes"
-                                 f" in {computed}); run the file as fp32")
+                                 f" in {computed}); run the {self.stored_precision} file "
+                                 f"without bf16")
         # A static-batch graph cannot be sliced, so it keeps one request, as LATENCY does.
         streams = int(compiled.get_property("NUM_STREAMS"))
         n = 1 if self.hint == "latency" or batch != -1 else max(1, REQUESTS_PER_STREAM * streams)

@@ -42,8 +42,10 @@ from stn_deploy.commands.options import (DATASET_CHOICES, OV_PRECISION_CHOICES, 
               show_default=True, help="OpenVINO performance hint (throughput: a batch is "
               "split across concurrent requests).")
 @click.option("--ov-precision", type=click.Choice(OV_PRECISION_CHOICES), default="fp32",
-              show_default=True, help="OpenVINO compute precision for FP32 files. bf16 is "
-              "OpenVINO's own default on CPUs with AVX512_BF16 or AMX; its row is labelled bf16.")
+              show_default=True, help="OpenVINO compute precision for the float parts of "
+              "FP32, FP16 and INT8 files (a bf16 IR is bf16 by itself). bf16: an FP32 file's "
+              "row is labelled bf16, an INT8 or FP16 file's keeps its label and says it computes "
+              "bf16; refused on a CPU without AVX512_BF16 or AMX.")
 @device_option
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), default=None,
               help="Evaluation data [default: the model's own dataset].")

@@ -17,7 +17,7 @@ import click
 
 # TensorRT's name, its quiet aliases and the precisions are the library's too: they live in
 # stn_deploy.names, below every layer, and are re-exported here for the commands.
-from stn_deploy.names import PRECISIONS, TRT, TRT_ALIASES
+from stn_deploy.names import OV_PRECISIONS, PRECISIONS, TRT, TRT_ALIASES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,7 +25,7 @@ DATASET_CHOICES = ("digits", "cifar10", "imagefolder", "fashion-mnist")
 PRECISION_CHOICES = PRECISIONS  # the same tuple: a command lists those it honours
 TARGET_CHOICES = ("onnxruntime", "openvino", TRT)  # export/inspect --target
 # OpenVINO's compute precision for FP32 files (its own names are f32/bf16; ours are these).
-OV_PRECISION_CHOICES = ("fp32", "bf16")
+OV_PRECISION_CHOICES = OV_PRECISIONS
 ALL = "all"
 STDOUT = "-"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")

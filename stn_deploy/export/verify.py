@@ -139,6 +139,7 @@ def verify_file(path: str | os.PathLike[str], reference: dict[str, np.ndarray],
     """Run ``path`` on ``backend`` and hold it to ``reference`` (from ``torch_reference``);
     accuracy when labels are given."""
     from stn_deploy.artifacts import load_onnx, model_kind, onnx_opset
+    from stn_deploy.backends import create_runner
     from stn_deploy.harness import EVAL_BATCH, run_batched
     from stn_deploy.report import computes_in
 
@@ -146,7 +147,7 @@ def verify_file(path: str | os.PathLike[str], reference: dict[str, np.ndarray],
         raise StnDeployError("verification images must be uint8 NCHW")
     if len(images_uint8) == 0:
         raise StnDeployError("no verification images")
-    with _runner(backend, path) as runner:
+    with create_runner(backend, path) as runner:
         got = run_batched(runner, images_uint8, EVAL_BATCH)
         computed = computes_in(runner.describe(), runner.precision)
         tolerances, notes = held_to(tolerances, runner.precision, computed, runner.name)
@@ -174,18 +175,6 @@ def held_to(tolerances: Tolerances, precision: str, computed: str | None,
         f"bf16 not judged on this CPU ({isa}; bf16 needs "
         f"{' or '.join(ACCELERATED_BY['bf16'])}): {runtime} computed in {computed}, held to "
         f"{computed.upper()}'s bounds"]
-
-
-def _runner(backend: str, path: str | os.PathLike[str]) -> Any:
-    """The backend's runner on ``path``; an OpenVINO IR opens on the openvino runner class
-    directly (the backend registry lists the kinds each runner reads; IR is not yet among
-    openvino's there)."""
-    from stn_deploy.artifacts import model_kind
-    from stn_deploy.backends import create_runner, runner_class
-
-    if model_kind(path) == "openvino" and backend == "openvino":
-        return runner_class("openvino")(path)
-    return create_runner(backend, path)
 
 
 def compare(got: dict[str, np.ndarray], reference: dict[str, np.ndarray],
