@@ -24,7 +24,6 @@ from stn_deploy.names import DEFAULT_PRECISION, OV_PRECISIONS
 from stn_deploy.report import not_accelerated
 
 
-
 @dataclass
 class BenchRequest:
     models: list[Path]
