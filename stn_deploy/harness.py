@@ -212,6 +212,10 @@ class EvalResult:
     max_abs_logit_diff: float | None = None
     mean_abs_theta_diff: float | None = None  # mean |theta - theta_ref| over all elements
     accuracy_drop_pct: float | None = None  # reference accuracy - this accuracy (points)
+    # The largest shift, over the images, of the sampling points theta's difference from the
+    # reference's makes (health.displacement_px, pixels): the figure export's verification
+    # holds to its theta bound (0.1 px for INT8), so a bench row reads against the same bound.
+    max_theta_shift_px: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,7 +223,10 @@ class EvalResult:
 
 def compare_outputs(outputs: dict[str, np.ndarray], labels: np.ndarray | None,
                     reference: dict[str, np.ndarray] | None = None,
-                    reference_accuracy_pct: float | None = None) -> EvalResult:
+                    reference_accuracy_pct: float | None = None,
+                    image_size: int | None = None) -> EvalResult:
+    """Accuracy against ``labels``, and against ``reference``'s outputs: agreement, logit and
+    theta differences (theta's in pixels too when ``image_size`` is given)."""
     logits = np.asarray(outputs["logits"], dtype=np.float64)
     pred = logits.argmax(axis=1)
     n = int(len(pred))
@@ -234,9 +241,13 @@ def compare_outputs(outputs: dict[str, np.ndarray], labels: np.ndarray | None,
         res.agreement_pct = float((ref_logits.argmax(axis=1) == pred).mean() * 100.0)
         res.max_abs_logit_diff = float(np.abs(ref_logits - logits).max())
         if "theta" in outputs and "theta" in reference:
-            diff = np.abs(np.asarray(reference["theta"], dtype=np.float64)
-                          - np.asarray(outputs["theta"], dtype=np.float64))
-            res.mean_abs_theta_diff = float(diff.mean())
+            delta = (np.asarray(reference["theta"], dtype=np.float64)
+                     - np.asarray(outputs["theta"], dtype=np.float64))
+            res.mean_abs_theta_diff = float(np.abs(delta).mean())
+            if image_size is not None:
+                from stn_deploy.health import displacement_px
+
+                res.max_theta_shift_px = float(displacement_px(delta, image_size).max())
     if reference_accuracy_pct is not None and acc is not None:
         res.accuracy_drop_pct = float(reference_accuracy_pct - acc)
     return res
@@ -461,7 +472,8 @@ def bench_runner(runner: Runner, row: dict[str, Any], settings: BenchSettings,
             outputs = run_batched(runner, data.images, settings.eval_batch)
             row["eval"] = compare_outputs(
                 outputs, data.labels, reference.outputs if reference else None,
-                reference.accuracy_pct if reference else None).to_dict()
+                reference.accuracy_pct if reference else None,
+                runner.config.image_size).to_dict()
             row["eval"]["stn_health"] = stn_health(runner.config, outputs, data.applied)
             tick("eval")
         sample = data.images if data is not None else None

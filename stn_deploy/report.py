@@ -34,7 +34,9 @@ bumps the version)::
           "peak_rss_mb": float|null (peak resident memory over the RSS before the runner was
           created; null = not measurable),
           "eval": {"n", "accuracy_pct", "agreement_pct", "max_abs_logit_diff",
-                   "mean_abs_theta_diff", "accuracy_drop_pct",
+                   "mean_abs_theta_diff", "max_theta_shift_px" (pixels, the largest
+                   sampling-point shift theta's difference from the reference's makes),
+                   "accuracy_drop_pct",
                    "stn_health": null (no theta output) | {"measured": false, "stn": bool,
                                  "reason": str} | stn_deploy.health.StnHealth as a dict
                                  (theta_spread_px, spread, mean_pose, undone,
@@ -72,14 +74,14 @@ CSV_COLUMNS = (
     "schema_version", "model", "model_kind", "backend", "precision", "status", "reason",
     "device", "library_version", "threads", "size_mb", "peak_rss_mb", "eval_n", "accuracy_pct",
     "agreement_pct", "accuracy_drop_pct", "max_abs_logit_diff", "mean_abs_theta_diff",
-    "batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-    "min_ms", "max_ms", "throughput_ips", "stn_theta_spread_px", "stn_collapsed",
-    "not_accelerated",
+    "max_theta_shift_px", "batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms",
+    "p99_ms", "mean_ms", "min_ms", "max_ms", "throughput_ips", "stn_theta_spread_px",
+    "stn_collapsed", "not_accelerated",
 )
 LATENCY_KEYS = ("batch_size", "mode", "iterations", "warmup", "p50_ms", "p90_ms", "p99_ms",
                 "mean_ms", "min_ms", "max_ms", "throughput_ips")
 EVAL_KEYS = ("accuracy_pct", "agreement_pct", "accuracy_drop_pct", "max_abs_logit_diff",
-             "mean_abs_theta_diff")
+             "mean_abs_theta_diff", "max_theta_shift_px")
 
 
 def new_result(model: str, model_kind: str, backend: str, precision: str | None = None,

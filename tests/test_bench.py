@@ -67,11 +67,12 @@ def test_bench_writes_every_output_with_stable_schema(digits_checkpoint: Path, d
         assert r["eval"]["max_abs_logit_diff"] < 1e-3
         # Every row has theta (the checkpoint's ONNX row through its temporary export with
         # theta); the reference against itself is exactly 0, ONNX Runtime within float error.
-        theta_diff = r["eval"]["mean_abs_theta_diff"]
+        theta_diff, shift_px = r["eval"]["mean_abs_theta_diff"], r["eval"]["max_theta_shift_px"]
         if r["backend"] == "torch":
-            assert theta_diff == 0.0
+            assert theta_diff == 0.0 and shift_px == 0.0
         else:
             assert 0.0 <= theta_diff < 1e-5
+            assert 0.0 <= shift_px < 1e-3  # FP32's verification bound, in pixels
         assert r["size_mb"] > 0 and r["device"] and r["library_version"]
         modes = {(lat["batch_size"], lat["mode"]) for lat in r["latency"]}
         assert modes == {(1, "end_to_end"), (1, "compute_only"), (4, "end_to_end"),

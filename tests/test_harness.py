@@ -147,7 +147,13 @@ def test_compare_outputs_accuracy_agreement_diffs() -> None:
     assert ev.agreement_pct == pytest.approx(75.0)
     assert ev.max_abs_logit_diff == pytest.approx(1.0)
     assert ev.mean_abs_theta_diff == pytest.approx(0.025)
+    assert ev.max_theta_shift_px is None  # no image size: no pixels
     assert ev.accuracy_drop_pct == pytest.approx(25.0)
+    # In pixels: a 0.6 change of theta's x-scale moves the 28-px frame's sampling points by
+    # RMS sqrt(0.6^2 / 3) half-widths = 0.346 x 14 px, on that image only.
+    px = H.compare_outputs({"logits": logits, "theta": theta}, labels,
+                           {"logits": ref, "theta": ref_theta}, image_size=28)
+    assert px.max_theta_shift_px == pytest.approx(0.6 / 3 ** 0.5 * 14)
     plain = H.compare_outputs({"logits": logits}, labels)
     assert plain.agreement_pct is None and plain.mean_abs_theta_diff is None
 
