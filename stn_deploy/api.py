@@ -162,9 +162,11 @@ def open_runner(artifact: PathLike, backend: str | None = None, **options: Any) 
 def bench_models(models: Sequence[PathLike], backends: Sequence[str] | str | None = None, *,
           batch_sizes: Sequence[int] = (1, 8, 64, 256), iterations: int | None = 100,
           warmup: int = 10, threads: int | None = None, eval_samples: int | None = None,
-          data_dir: PathLike | None = None) -> dict[str, Any]:
+          data_dir: PathLike | None = None, ov_hint: str = "latency",
+          ov_precision: str = "fp32") -> dict[str, Any]:
     """Every model on every backend (None: the defaults of each model's kind; "all"): the
-    report dict ``stn-deploy bench --json`` writes (schema in ``stn_deploy.report``)."""
+    report dict ``stn-deploy bench --json`` writes (schema in ``stn_deploy.report``).
+    ``ov_hint`` and ``ov_precision``: bench's ``--ov-hint`` and ``--ov-precision``."""
     from stn_deploy.bench import BenchRequest, run_bench
     from stn_deploy.harness import BenchSettings
 
@@ -173,7 +175,8 @@ def bench_models(models: Sequence[PathLike], backends: Sequence[str] | str | Non
     chosen = backends if backends is None or isinstance(backends, str) else tuple(backends)
     return run_bench(BenchRequest(models=[Path(m) for m in models], backends=chosen,
                                   settings=settings, eval_samples=eval_samples,
-                                  data_dir=None if data_dir is None else str(data_dir)))
+                                  data_dir=None if data_dir is None else str(data_dir),
+                                  ov_hint=ov_hint, ov_precision=ov_precision))
 
 
 if TYPE_CHECKING:

@@ -383,3 +383,24 @@ def test_bench_ov_precision_bf16_reaches_int8_and_fp16_files(files: dict[str, Pa
                 f"run the {stored} file without bf16")
         assert row["status"] == "error" and row["reason"] == line
         assert f"error openvino {stored} ({files[name].name}): {line}" in r.output
+
+
+def test_the_python_api_takes_ov_precision_as_bench_does(files: dict[str, Path]) -> None:
+    """``bench_models(..., ov_precision=)`` is bench's --ov-precision: honoured for an INT8
+    file (bf16 where the CPU has it, else that row's one-line refusal), refused by name when
+    unknown."""
+    import stn_deploy
+    from stn_deploy.errors import StnDeployError
+
+    report = stn_deploy.bench_models([files["int8-onnx"]], ["openvino"], batch_sizes=(2,),
+                                     iterations=2, warmup=0, eval_samples=16,
+                                     ov_precision="bf16")
+    (row,) = report["results"]
+    assert row["precision"] == "int8"
+    if HAS_BF16:
+        assert row["status"] == "ok" and row["runtime"]["inference_precision"] == "bf16"
+    else:
+        assert row["status"] == "error" and row["reason"].startswith(
+            "openvino bf16: this CPU has no bf16 support")
+    with pytest.raises(StnDeployError, match=r"^ov_precision must be one of fp32, bf16"):
+        stn_deploy.bench_models([files["int8-onnx"]], ["openvino"], ov_precision="f16")
