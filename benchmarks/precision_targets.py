@@ -336,46 +336,40 @@ def export_variant(v: Variant, args: argparse.Namespace, work: Path) -> dict[str
         return {**row, "status": "failed", "reason": "; ".join([text[0], *failed])}
     rep = result.report
     assert rep is not None  # run_export always verifies
-    return {**row, "status": "ok", "path": str(result.path), "report": rep.to_dict(),
-            "backend": rep.backend, "computed": rep.computed, "samples": rep.samples,
-            "accuracy_ref": rep.accuracy_ref, "accuracy": rep.accuracy_onnx,
-            "accuracy_drop": rep.accuracy_drop, "agreement_pct": 100 * rep.agreement,
-            "theta_px": rep.theta_max_px, "theta_spread_px": rep.theta_spread_px,
-            "bound_px": rep.tolerances.theta_px, "passed": rep.passed,
-            "notes": [*rep.notes, *(line for line in result.lines
-                                    if line.startswith(("INT8 by", "NNCF:")))],
-            "lines": result.lines}
+    notes = [line for line in result.lines if line.startswith(("INT8 by", "NNCF:"))]
+    return {**row, **report_figures(rep, notes), "path": str(result.path),
+            "report": rep.to_dict(), "lines": result.lines}
+
+
+def report_figures(rep: Any, notes: list[str]) -> dict[str, Any]:
+    """A variant's figures from its verification report (``verify.VerifyReport``)."""
+    return {"status": "ok", "backend": rep.backend, "computed": rep.computed,
+            "samples": rep.samples, "accuracy_ref": rep.accuracy_ref,
+            "accuracy": rep.accuracy_onnx, "accuracy_drop": rep.accuracy_drop,
+            "agreement_pct": 100 * rep.agreement, "theta_px": rep.theta_max_px,
+            "theta_spread_px": rep.theta_spread_px, "bound_px": rep.tolerances.theta_px,
+            "passed": rep.passed, "notes": [*rep.notes, *notes]}
 
 
 def verify_computed(c: ComputedVariant, exported: dict[str, Any], data: Any,
                     reference: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
     """``c``'s file run with ``c.options`` on the images every export verified on, held to
-    INT8's bounds against the same PyTorch reference (``verify.compare``): the row reads as
-    an exported variant's does. Skipped where the file was not exported or the runner refuses
-    the setting on this CPU (bf16 without AVX512_BF16 or AMX)."""
-    from stn_deploy.backends import create_runner
+    INT8's bounds against the same PyTorch reference (``verify.verify_file``): the row reads
+    as an exported variant's does. Skipped where the file was not exported or the runner
+    refuses the setting on this CPU (bf16 without AVX512_BF16 or AMX)."""
     from stn_deploy.errors import StnDeployError
-    from stn_deploy.export.verify import INT8, compare
-    from stn_deploy.harness import EVAL_BATCH, run_batched
-    from stn_deploy.report import computes_in
+    from stn_deploy.export.verify import INT8, verify_file
 
     row: dict[str, Any] = {"key": c.key, "label": c.label, "request": {"file": c.file,
                                                                       **c.options}}
     if exported.get("status") != "ok":
         return {**row, "status": "skipped", "reason": f"{exported['label']} not exported"}
     try:
-        with create_runner(exported["backend"], exported["path"], **c.options) as runner:
-            got = run_batched(runner, data.images, EVAL_BATCH)
-            computed = computes_in(runner.describe(), runner.precision)
+        rep = verify_file(exported["path"], reference, data.images, data.labels, config, INT8,
+                          exported["backend"], c.options)
     except StnDeployError as e:
         return {**row, "status": "skipped", "reason": str(e)}
-    rep = compare(got, reference, data.labels, config, INT8)
-    return {**row, "status": "ok", "path": exported["path"], "options": c.options,
-            "backend": exported["backend"], "computed": computed, "samples": rep.samples,
-            "accuracy_ref": rep.accuracy_ref, "accuracy": rep.accuracy_onnx,
-            "accuracy_drop": rep.accuracy_drop, "agreement_pct": 100 * rep.agreement,
-            "theta_px": rep.theta_max_px, "theta_spread_px": rep.theta_spread_px,
-            "bound_px": INT8.theta_px, "passed": rep.passed, "notes": []}
+    return {**row, **report_figures(rep, []), "path": exported["path"], "options": c.options}
 
 
 # ---------------------------------------------------------------------------------- grids
@@ -656,11 +650,9 @@ def computed_variants(variants: dict[str, dict[str, Any]], args: argparse.Namesp
     from stn_deploy.export.verify import torch_reference
 
     ckpt = load_checkpoint(args.checkpoint)
-    reference = None
+    reference = torch_reference(args.checkpoint, data.images, ckpt)
     for c in COMPUTED_VARIANTS:
         log(f"verify {c.label}")
-        if reference is None:
-            reference = torch_reference(args.checkpoint, data.images, ckpt)
         variants[c.key] = verify_computed(c, variants[c.file], data, reference, ckpt.config)
 
 

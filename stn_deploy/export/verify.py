@@ -135,9 +135,10 @@ def torch_reference(checkpoint: str | os.PathLike[str], images_uint8: np.ndarray
 
 def verify_file(path: str | os.PathLike[str], reference: dict[str, np.ndarray],
                 images_uint8: np.ndarray, labels: np.ndarray | None, config: ModelConfig,
-                tolerances: Tolerances = FP32, backend: str = "onnxruntime") -> VerifyReport:
-    """Run ``path`` on ``backend`` and hold it to ``reference`` (from ``torch_reference``);
-    accuracy when labels are given."""
+                tolerances: Tolerances = FP32, backend: str = "onnxruntime",
+                options: dict[str, Any] | None = None) -> VerifyReport:
+    """Run ``path`` on ``backend`` (with runner ``options``, e.g. OpenVINO's ``compute``) and
+    hold it to ``reference`` (from ``torch_reference``); accuracy when labels are given."""
     from stn_deploy.artifacts import load_onnx, model_kind, onnx_opset
     from stn_deploy.backends import create_runner
     from stn_deploy.harness import EVAL_BATCH, run_batched
@@ -147,7 +148,7 @@ def verify_file(path: str | os.PathLike[str], reference: dict[str, np.ndarray],
         raise StnDeployError("verification images must be uint8 NCHW")
     if len(images_uint8) == 0:
         raise StnDeployError("no verification images")
-    with create_runner(backend, path) as runner:
+    with create_runner(backend, path, **(options or {})) as runner:
         got = run_batched(runner, images_uint8, EVAL_BATCH)
         computed = computes_in(runner.describe(), runner.precision)
         tolerances, notes = held_to(tolerances, runner.precision, computed, runner.name)
