@@ -92,7 +92,7 @@ def onnx_accuracy(onnx_path: Path, data_dir: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     from stn_deploy.data import load_split
-    from stn_deploy.health import theta_spread_px
+    from stn_deploy.health import at_rest_fraction, theta_spread_px
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     config = json.loads(session.get_modelmeta().custom_metadata_map["stn_deploy.config"])
@@ -107,10 +107,11 @@ def onnx_accuracy(onnx_path: Path, data_dir: Path) -> dict[str, Any]:
                        session.run(None, {name: (images[i:i + 500] - mean) / std})))
         logits.append(out["logits"])
         thetas.append(out["theta"])
-    labels = test.labels.numpy()
+    labels, theta = test.labels.numpy(), np.concatenate(thetas)
     correct = int((np.concatenate(logits).argmax(1) == labels).sum())
     return {"images": int(len(labels)), "correct": correct, "accuracy": correct / len(labels),
-            "theta_spread_px": theta_spread_px(np.concatenate(thetas), config["image_size"])}
+            "theta_spread_px": theta_spread_px(theta, config["image_size"]),
+            "theta_at_rest": at_rest_fraction(theta, config["image_size"])}
 
 
 def export_onnx(run_dir: Path, data_dir: Path) -> Path:
@@ -211,7 +212,8 @@ def markdown(res: dict[str, Any]) -> str:
         o = res["onnx"]
         lines += [f"**Shipped ONNX, ONNX Runtime alone, {o['images']:,} test images: "
                   f"{100 * o['accuracy']:.2f}%**; theta spread {o['theta_spread_px']:.3f} px "
-                  "(theta depends on the input).", ""]
+                  "(theta depends on the input); theta at rest (within 0.01 px of its median) on "
+                  f"{100 * o['theta_at_rest']:.1f}% of the test images.", ""]
     rts = (res.get("stn_health_rts") or {}).get("undone") or {}
     if rts:
         lines += [f"STN on the RTS-distorted test copy: {100 * rts['rotation']:.0f}% of the "
@@ -248,6 +250,7 @@ def ship(run_dir: Path, res: dict[str, Any], prov: dict[str, Any], folder: Path 
              "test_accuracy": last["test_acc"], "onnx_accuracy": res["onnx"]["accuracy"],
              "onnx_images": res["onnx"]["images"],
              "onnx_theta_spread_px": res["onnx"]["theta_spread_px"],
+             "onnx_theta_at_rest": res["onnx"]["theta_at_rest"],
              "stn_health": res["stn_health"], "stn_health_rts": res["stn_health_rts"],
              "recipe_values": res["recipe_values"], "trained": prov["time"][:10]}
     shipped = ship_files(RECIPE, run_dir / "last.pt", run_dir / res["onnx"]["file"], facts,

@@ -146,6 +146,17 @@ def theta_spread_px(theta: np.ndarray, image_size: int) -> float:
     return float(math.sqrt((rms ** 2).mean()))
 
 
+def at_rest_fraction(theta: np.ndarray, image_size: int, tol_px: float = 0.01) -> float:
+    """The share of images whose theta lies within ``tol_px`` of the median theta. A ReLU
+    regressor whose hidden layer is all zero for an image outputs exactly its bias, whatever
+    the image: this counts those images (once they are the majority, the median is that
+    bias). A small spread can mean a small move on every image or none on most; this says
+    which, so a card does not call an STN that rests on 90% of images one that "moves little"."""
+    t = np.asarray(theta, dtype=np.float64).reshape(-1, 2, 3)
+    shift = displacement_px(t - np.median(t, axis=0, keepdims=True), image_size)
+    return float((shift <= tol_px).mean())
+
+
 def compose(applied: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Distortion D then the STN's theta: output pixel -> undistorted image, per image."""
     def homogeneous(t: np.ndarray) -> np.ndarray:

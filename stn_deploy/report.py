@@ -241,7 +241,7 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "size_mb": _fmt(row.get("size_mb"), ".2f"),
             "accuracy": _fmt(ev.get("accuracy_pct"), ".2f", "%"),
             "agreement": _fmt(ev.get("agreement_pct"), ".2f", "%"),
-            "max_diff": _fmt(ev.get("max_abs_logit_diff"), ".2e"),
+            "theta_shift": _fmt(ev.get("max_theta_shift_px"), ".2g", " px"),
             "stn": stn_text(ev.get("stn_health")),
             "p50": (_fmt(small["p50_ms"], ".3f") + f" (b{small['batch_size']})") if small else "-",
             "throughput": (_fmt(large["throughput_ips"], ",.0f") + f" (b{large['batch_size']})")
@@ -252,7 +252,8 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, str]]:
 
 HEADERS = (("backend", "Backend"), ("model", "Model"), ("precision", "Precision"),
            ("status", "Status"), ("size_mb", "Size (MB)"), ("accuracy", "Accuracy"),
-           ("agreement", "Agreement"), ("stn", "STN theta spread"), ("p50", "p50 ms e2e"),
+           ("agreement", "Agreement"), ("theta_shift", "Theta shift"),
+           ("stn", "STN theta spread"), ("p50", "p50 ms e2e"),
            ("throughput", "img/s e2e"))
 
 
@@ -297,6 +298,11 @@ def footnotes(report: dict[str, Any]) -> list[str]:
                      + ", so expect no speed-up over fp32 here.")
     notes.append("p50: end-to-end (host input to host output) median latency at the smallest "
                  "batch; img/s: batch / mean end-to-end latency at the largest batch.")
+    if any((r.get("eval") or {}).get("max_theta_shift_px") is not None
+           for r in report["results"]):
+        notes.append("Theta shift: the largest move, over the images, of a sampling point "
+                     "between this row's theta and the reference's, in pixels (the figure "
+                     "export's verification bounds).")
     if any(((r.get("eval") or {}).get("stn_health") or {}).get("theta_spread_px") is not None
            for r in report["results"]):
         notes.append("STN theta spread: how far, RMS over the images and the frame, each "

@@ -87,6 +87,11 @@ def test_bench_writes_every_output_with_stable_schema(digits_checkpoint: Path, d
     assert len(lines) == 3 * 4  # one line per row, batch size and mode
     md = (out / "b.md").read_text()
     assert md.startswith("| Backend |") and "Reference for agreement" in md
+    # The theta shift is in the table a user reads, not only in the JSON: 0 for the reference.
+    head, _, *rows = md.splitlines()
+    column = head.split(" | ").index("Theta shift")
+    torch_row = next(r for r in rows if r.startswith("| torch |"))
+    assert torch_row.split(" | ")[column] == "0 px"
     assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -52,10 +52,12 @@ def test_a_stopped_run_continues_and_reports_its_progress(digits_folders: dict[s
     record = model.record
     assert (record["epochs"], record["epochs_planned"], record["complete"]) == (2, 300, False)
     assert record["onnx_images"] == 40 and 0 <= record["onnx_accuracy"] <= 1
+    assert 0 <= record["onnx_theta_at_rest"] <= 1
     card = model.card.read_text()
     assert card == model_card(record)
     assert "**Training in progress**: these are the weights after epoch 2 of the recipe's 300" \
         in card and "(2 of its 300 epochs so far;" in card
+    assert "of the (upright) test images theta rests" in card
     assert torch.load(model.checkpoint, weights_only=True)["epoch"] == 2
 
 

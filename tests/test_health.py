@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from stn_deploy.data import load_dataset, rts_thetas
-from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, compose, decompose,
-                               displacement_px, from_dict, measure)
+from stn_deploy.health import (COLLAPSE_PX, NotMeasured, StnHealth, assess, at_rest_fraction,
+                               compose, decompose, displacement_px, from_dict, measure)
 from stn_deploy.model import build_model
 
 
@@ -33,6 +33,21 @@ def test_decompose_recovers_rotation_scale_and_shift() -> None:
     assert parts["log_aniso"] == pytest.approx([0.0, 0.0], abs=1e-12)
     assert parts["shear"] == pytest.approx([0.0, 0.0], abs=1e-12)
     assert parts["tx"] == pytest.approx([0.1, 0.3]) and parts["ty"] == pytest.approx([-0.2, 0.0])
+
+
+def test_at_rest_counts_the_images_a_relu_regressor_leaves_at_its_bias() -> None:
+    # A regressor (hidden ReLU, then linear) whose hidden layer is zero on 7 of 10 images:
+    # those 7 get exactly its bias; the other 3 move by at least 0.5 px.
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(10, 4))
+    features[:7] = -np.abs(features[:7])  # all negative: ReLU gives zero
+    weight, bias = rng.normal(size=(4, 6)), np.array([1.0, 0, 0, 0, 1.0, 0])
+    theta = np.maximum(features, 0) @ weight + bias
+    moved = displacement_px(theta[7:] - bias, 32)
+    assert moved.min() > 0.5
+    assert at_rest_fraction(theta, 32) == pytest.approx(0.7)
+    # Every image moved a little (no rest): nothing counts, though the spread is small.
+    assert at_rest_fraction(theta + rng.normal(scale=0.01, size=theta.shape), 32) < 0.2
 
 
 def test_displacement_is_in_pixels() -> None:

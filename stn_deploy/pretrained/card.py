@@ -61,6 +61,10 @@ def model_card(record: dict[str, Any]) -> str:
     if parts:
         lines.append(f"- On the RTS-distorted copy of the test split it undoes "
                      f"{', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]}.")
+    if record.get("onnx_theta_at_rest") is not None:
+        lines.append(f"- On {pct(record['onnx_theta_at_rest'])} of the (upright) test images "
+                     "theta rests: it stays within 0.01 px of its median, the value the "
+                     "regressor gives when the localization net finds nothing to undo.")
     lines += [
         "", "## Recipe", "",
         f"`{record['command']}` ({_epochs(record)}; resumable with `--resume`; "
