@@ -28,6 +28,7 @@ import numpy as np
 from stn_deploy.backends.base import Runner, available_cpus, cpu_name
 from stn_deploy.config import ModelConfig
 from stn_deploy.errors import StnDeployError
+from stn_deploy.health import NO_STN, NotMeasured, assess, displacement_px
 
 END_TO_END = "end_to_end"
 COMPUTE_ONLY = "compute_only"
@@ -245,8 +246,6 @@ def compare_outputs(outputs: dict[str, np.ndarray], labels: np.ndarray | None,
                      - np.asarray(outputs["theta"], dtype=np.float64))
             res.mean_abs_theta_diff = float(np.abs(delta).mean())
             if image_size is not None:
-                from stn_deploy.health import displacement_px
-
                 res.max_theta_shift_px = float(displacement_px(delta, image_size).max())
     if reference_accuracy_pct is not None and acc is not None:
         res.accuracy_drop_pct = float(reference_accuracy_pct - acc)
@@ -444,8 +443,6 @@ class Reference:
 def stn_health(config: ModelConfig, outputs: dict[str, np.ndarray],
                applied: np.ndarray | None) -> dict[str, Any] | None:
     """The STN's health from this runner's own thetas (None: the graph has no theta output)."""
-    from stn_deploy.health import NO_STN, NotMeasured, assess
-
     if not config.use_stn:
         return NotMeasured(NO_STN).to_dict()
     theta = outputs.get("theta")
