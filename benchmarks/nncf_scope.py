@@ -15,10 +15,10 @@ on this CPU (not OpenVINO's kernels): the localization net in bfloat16 with the 
 f32, then both in bfloat16; theta's shift from the f32 model's (``health.displacement_px``).
 NNCF as the export runs it (full bias correction, ``nncf_quant.FAST_BIAS_CORRECTION``),
 calibrated on a seeded draw of the train split (the export's own, ``verify.verification_data``).
-Writes benchmarks/results/nncf_scope.{json,md}.
+Writes benchmarks/results/nncf_scope.{json,md} (or --results-dir).
 Usage: python benchmarks/nncf_scope.py [--checkpoint stn_deploy/pretrained/cifar10-stn.pt]
        [--onnx FP32.onnx] [--data-dir ~/.cache/stn-deploy/cifar10-jpeg] [--calib-samples 500]
-       [--eval-samples all]
+       [--eval-samples all] [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import onnx
 import torch
 from torch import nn
 
-from _provenance import write_results
+from _provenance import RESULTS, write_results
 from precision_targets import sample_count
 from stn_deploy.checkpoint import load_checkpoint
 from stn_deploy.config import ModelConfig
@@ -218,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=sample_count, default=500)
     p.add_argument("--eval-samples", type=sample_count, default=None,
                    help="test images theta is measured on: N or all [default: all]")
-    p.add_argument("--out", default="nncf_scope", help="results name under benchmarks/results")
+    p.add_argument("--out", default="nncf_scope", help="results name under --results-dir")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
            "nncf_rows": nncf, "bf16_rows": bf16, "bf16_note": BF16_NOTE,
            "conclusion": conclusion(nncf, bf16, float(INT8.theta_px))}
     text = markdown(doc)
-    write_results(args.out, doc, text)
+    write_results(args.out, doc, text, args.results_dir)
     print(text)
 
 

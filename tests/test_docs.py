@@ -182,3 +182,30 @@ def test_shown_options_exist(path: Path) -> None:
              for e in shown_line_errors(line)]
     assert not wrong, (f"{path.relative_to(ROOT)} shows options the CLI does not take: "
                        + ", ".join(sorted(set(wrong))))
+
+
+def test_shipped_model_figures_agree_with_its_record() -> None:
+    """The shipped model's accuracy and STN health, as the README's results summary and the
+    results page state them, are those its record measured (the ONNX file by ONNX Runtime
+    alone), and the record's recipe is the named recipe users train with."""
+    import json
+
+    from stn_deploy.pretrained.card import model_card
+    from stn_deploy.training.options import RECIPES
+
+    folder = ROOT / "stn_deploy" / "pretrained"
+    for record_path in sorted(folder.glob("*.json")):
+        record = json.loads(record_path.read_text())
+        name = record["name"]
+        accuracy = f"{100 * record['onnx_accuracy']:.2f}%"
+        rotation = f"{100 * record['stn_health_rts']['undone']['rotation']:.0f}% of the rotation"
+        assert (folder / f"{name}.md").read_text() == model_card(record)
+        assert record["recipe_values"] == json.loads(json.dumps(RECIPES[record["recipe"]]))
+        for doc in (README, ROOT / "docs" / "results.md"):
+            rows = [line for line in doc.read_text().splitlines()
+                    if line.startswith("|") and f"`{name}`" in line and "shipped" in line
+                    and "INT8" not in line]
+            assert rows, f"{doc.name} has no row for the shipped {name}"
+            for row in rows:
+                assert accuracy in row and rotation in row, (doc.name, row)
+                assert record["data"] in row, (doc.name, row)

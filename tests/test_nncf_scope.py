@@ -227,3 +227,47 @@ def test_extraction_names_deduplicated_only_inside_and_restored_on_error() -> No
         assert names(Extractor(model).extract_model(["x", "x"], ["y", "y"])) == (["x"], ["y"])
         raise RuntimeError("inside")
     assert Extractor.extract_model is original
+
+
+# ------------------------------------------------- benchmarks/nncf_scope.py end to end
+
+def test_scope_benchmark_measures_every_scope_and_bf16_path(tiny_checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    """The script behind the results page's NNCF-scope table, on the tiny digits model: one
+    row per localization convolution quantized alone, all quantized, and the whole STN path
+    float (which leaves theta exactly as FP32's); two bf16 rows; the conclusion built from
+    the rows it prints; nothing written outside --results-dir."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "nncf_scope.py"
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(tiny_checkpoint),
+                           "--data-note", "digits", "--calib-samples", "64",
+                           "--eval-samples", "64", "--out", "scope",
+                           "--results-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scope.json", "scope.md"]
+    doc = json.loads((tmp_path / "scope.json").read_text())
+    bound = doc["bound_px"]
+
+    rows = doc["nncf_rows"]
+    assert [r["scope"] for r in rows] == ["stn-aware"] * 5 + ["stn-float"]
+    assert [len(r["keep_float"]) for r in rows] == [3, 3, 3, 3, 0, 0]
+    assert rows[-1]["theta_shift_max_px"] < 1e-4  # no STN node quantized: FP32's theta
+    for r in rows:
+        assert r["images"] == 64 == doc["eval_images"]
+        assert r["within_bound"] == (r["theta_shift_max_px"] <= bound)
+        assert r["theta_spread_px"] == pytest.approx(doc["theta_spread_px_pytorch"], rel=1e-3)
+    assert [r["bf16"] for r in doc["bf16_rows"]] == [["localization"],
+                                                      ["localization", "regressor"]]
+    for r in doc["bf16_rows"]:
+        assert r["theta_shift_max_px"] >= r["theta_shift_p99_px"] >= r["theta_shift_median_px"]
+        assert 0.0 <= r["unchanged_share"] <= 1.0
+
+    partial_ok = any(r["within_bound"] for r in rows[:-1])
+    opening = "A partial NNCF scope keeps" if partial_ok else "No partial NNCF scope keeps"
+    assert doc["conclusion"].startswith(opening)
+    md = (tmp_path / "scope.md").read_text()
+    assert f"**Conclusion, digits:** {doc['conclusion']}" in md
+    assert md.count("| stn-aware |") == 5 and md.count("| stn-float |") == 1
