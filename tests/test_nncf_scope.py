@@ -10,6 +10,8 @@ import dataclasses
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,9 +239,6 @@ def test_scope_benchmark_measures_every_scope_and_bf16_path(tiny_checkpoint: Pat
     row per localization convolution quantized alone, all quantized, and the whole STN path
     float (which leaves theta exactly as FP32's); two bf16 rows; the conclusion built from
     the rows it prints; nothing written outside --results-dir."""
-    import subprocess
-    import sys
-
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "nncf_scope.py"
     done = subprocess.run([sys.executable, str(script), "--checkpoint", str(tiny_checkpoint),
                            "--data-note", "digits", "--calib-samples", "64",
