@@ -114,6 +114,10 @@ class SpeedRow:
 SPEED_ROWS: tuple[SpeedRow, ...] = (
     SpeedRow("ort-fp32", "ONNX Runtime FP32", "onnxruntime", ("fp32-onnx",), "ort-fp32"),
     SpeedRow("ort-int8", "ONNX Runtime INT8", "onnxruntime", ("int8-ort",), "ort-fp32"),
+    # Not judged: it says whether NNCF's file, the more faithful on CPUs without VNNI, would
+    # cost speed as ONNX Runtime's INT8 default.
+    SpeedRow("ort-int8-nncf", "ONNX Runtime INT8 (NNCF)", "onnxruntime", ("int8-nncf",),
+             "ort-fp32"),
     # precision="fp32" on an FP32 file: the runner sets INFERENCE_PRECISION_HINT=f32.
     SpeedRow("ov-f32", "OpenVINO f32", "openvino", ("ir-fp32",), "ov-f32",
              {"precision": "fp32"}),

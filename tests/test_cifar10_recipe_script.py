@@ -68,3 +68,25 @@ def test_an_unknown_ablation_is_refused_before_training(digits_folders: dict[str
     assert out.returncode != 0
     assert "unknown ablation 'no-such'" in out.stderr
     assert not (tmp_path / "cifar10-stn-ablations-30ep").exists()
+
+
+def test_each_ablation_trains_without_its_component_and_gets_a_row(
+        digits_folders: dict[str, Path], tmp_path: Path) -> None:
+    run_dir, results = tmp_path / "run", tmp_path / "results"
+    common = ["--data-dir", str(digits_folders["data"]), "--run-dir", str(run_dir),
+              "--results-dir", str(results)]
+    assert _script(*common, "--stop-after", "1").returncode == 0  # the run the report reads
+    out = _script(*common, "--ablation", "recipe,no-label-smoothing", "--epochs", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    folder = tmp_path / "cifar10-stn-ablations-1ep"
+    options = {name: json.loads((folder / name / "metrics.json").read_text())["options"]
+               for name in ("recipe", "no-label-smoothing")}
+    assert options["recipe"]["label_smoothing"] > 0  # the recipe smooths; its ablation not
+    assert options["no-label-smoothing"]["label_smoothing"] == 0
+    assert options["recipe"]["epochs"] == options["no-label-smoothing"]["epochs"] == 1
+    rows = json.loads((results / "cifar10_recipe.json").read_text())["ablations"]
+    assert [(r["run"], r["epochs"]) for r in rows] == [("recipe", 1), ("no-label-smoothing", 1)]
+    assert rows[1]["changes"] == {"label-smoothing": 0}
+    assert all(0 <= r["test_acc"] <= 1 and 0 <= r["rts_test_acc"] <= 1 for r in rows)
+    assert "| no-label-smoothing | 1 |" in (results / "cifar10_recipe.md").read_text()
