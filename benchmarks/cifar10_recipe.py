@@ -136,7 +136,7 @@ def ablation_rows(folder: Path) -> list[dict[str, Any]]:
         rts = m.get("stn_health_rts") or {}
         rows.append({"run": name, "changes": ABLATIONS[name], "epochs": last["epoch"],
                      "test_acc": last["test_acc"], "raw_test_acc": last.get("raw_test_acc"),
-                     "rts_test_acc": last.get("rts_test_acc"),
+                     "rts_test_acc": last.get("rts_test_acc"), "train_acc": last["train_acc"],
                      "rotation_undone": (rts.get("undone") or {}).get("rotation"),
                      "theta_spread_px": m["stn_health"]["theta_spread_px"],
                      "collapsed": m["stn_health"]["collapsed"]})
@@ -223,10 +223,12 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [f"| {r['run']} | {pct(r['test_acc'], 2)} |" for r in res["long_schedule"]]
     if res["ablations"]:
         lines += ["", "Short-schedule ablations (each without one component, seed 0):", "",
-                  "| run | epochs | test acc | raw weights | RTS copy | rotation undone | "
-                  "theta spread px |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| run | epochs | test acc | raw weights | RTS copy | train acc (last epoch) | "
+                  "rotation undone | theta spread px |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['run']} | {r['epochs']} | {pct(r['test_acc'], 2)} | "
                   f"{pct(r['raw_test_acc'], 2)} | {pct(r['rts_test_acc'], 2)} | "
+                  f"{pct(r['train_acc'], 2)} | "
                   f"{pct(r['rotation_undone'])} | {r['theta_spread_px']:.3f}"
                   f"{' (COLLAPSED)' if r['collapsed'] else ''} |" for r in res["ablations"]]
     lines += ["", "## Curve", "", "| epoch | test acc | raw weights | RTS copy | rotation undone |"
