@@ -132,11 +132,11 @@ def ablation_rows(folder: Path) -> list[dict[str, Any]]:
         if not metrics.is_file():
             continue
         m = json.loads(metrics.read_text())
-        last = m["history"][-1]
+        last = curve(m["history"][-1:])[0]  # the accuracies, as the curve reads them
         rts = m.get("stn_health_rts") or {}
         rows.append({"run": name, "changes": ABLATIONS[name], "epochs": last["epoch"],
-                     "test_acc": last["test_acc"], "raw_test_acc": last.get("raw_test_acc"),
-                     "rts_test_acc": last.get("rts_test_acc"), "train_acc": last["train_acc"],
+                     **{k: last[k] for k in ("test_acc", "raw_test_acc", "rts_test_acc",
+                                             "train_acc")},
                      "rotation_undone": (rts.get("undone") or {}).get("rotation"),
                      "theta_spread_px": m["stn_health"]["theta_spread_px"],
                      "collapsed": m["stn_health"]["collapsed"]})
