@@ -94,6 +94,25 @@ def test_openvino_is_really_fp32(digits_onnx: Path) -> None:
         create_runner("openvino", digits_onnx, hint="fastest")
 
 
+def test_openvino_names_an_added_output_as_the_file_does(digits_onnx: Path, tmp_path: Path,
+                                                        digits_bundle: DataBundle) -> None:
+    """An output added through an Identity (verification's grid copies) keeps the name the file
+    gives it, not the name of the tensor OpenVINO folded it into, and matches ONNX Runtime."""
+    pytest.importorskip("openvino")
+    from stn_deploy.export.verify import GRID_OUTPUT, with_grid_outputs
+
+    copy = tmp_path / "grids.onnx"
+    assert with_grid_outputs(digits_onnx, copy) == 1
+    x = digits_bundle.test.images[:16].numpy()
+    got = {}
+    for name in ("onnxruntime", "openvino"):
+        with create_runner(name, copy, threads=1) as runner:
+            got[name] = run_batched(runner, x, 16)
+    grid = GRID_OUTPUT.format(0)
+    assert set(got["openvino"]) == set(got["onnxruntime"]) == {"logits", "theta", grid}
+    np.testing.assert_allclose(got["openvino"][grid], got["onnxruntime"][grid], atol=1e-5)
+
+
 def test_openvino_throughput_splits_a_batch_and_keeps_order(digits_onnx: Path,
                                                           digits_bundle: DataBundle) -> None:
     """THROUGHPUT runs slices of a batch concurrently, reusing requests when there are more

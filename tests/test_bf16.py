@@ -105,6 +105,46 @@ def test_the_ir_keeps_fp32_weights_and_says_bf16(irs: dict[str, tuple[Path, str]
     assert 'element_type="bf16"' not in graph and 'element_type="f16"' not in graph
 
 
+def _precise(path: Path) -> dict[str, str]:
+    """The IR's nodes that OpenVINO keeps out of reduced float precision: name -> type."""
+    model = ov.Core().read_model(path)
+    return {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()
+            if "DisablePrecisionConversion_0" in op.get_rt_info()}
+
+
+def test_the_ir_marks_its_stn_path_and_nothing_else(irs: dict[str, tuple[Path, str]]) -> None:
+    """Every float IR carries the mark on the STN path (the localization convolutions through
+    GridSample), none on the classifier, so any OpenVINO app that computes it in bf16 keeps
+    theta and the grid in f32; export says so."""
+    for precision in ("bf16", "fp32"):
+        path, text = irs[precision]
+        marked = _precise(path)
+        model = ov.Core().read_model(path)
+        localization = {op.get_friendly_name() for op in model.get_ordered_ops()
+                        if op.get_type_name() == "Convolution"
+                        and op.get_friendly_name().startswith("/stn/")}
+        assert localization and localization <= set(marked)
+        assert "GridSample" in marked.values() and "MatMul" in marked.values()  # the grid
+        assert not [name for name in marked if "classifier" in name]
+        assert f"the STN path ({len(marked)} nodes) marked precision-sensitive" in text
+
+
+@needs_bf16
+def test_computed_in_bf16_the_stn_path_stays_f32(irs: dict[str, tuple[Path, str]]) -> None:
+    """What the mark is for, read from OpenVINO's compiled graph: the classifier's convolutions
+    in bf16, the localization convolutions, the grid and the sampler in f32."""
+    compiled = ov.Core().compile_model(irs["bf16"][0], "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "bf16"})
+    ran: dict[str, set[str]] = {"stn": set(), "classifier": set()}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info, name = op.get_rt_info(), op.get_friendly_name()
+        kind = info["layerType"].astype(str)
+        if kind in ("Convolution", "GridSample", "MatMul"):
+            part = "stn" if name.startswith("/stn/") else "classifier"
+            ran[part].add(info["runtimePrecision"].astype(str))
+    assert ran == {"stn": {"f32"}, "classifier": {"bf16"}}
+
+
 def test_the_runner_takes_bf16_from_the_file(irs: dict[str, tuple[Path, str]],
                                              asked_hints: list[str]) -> None:
     """No option: the file's metadata makes the runner compile with bf16, and it reports what

@@ -78,6 +78,10 @@ def test_int8_ir_is_nncf_quantized(irs: dict[str, Path]) -> None:
     assert meta["quantizer"] == "nncf"  # --format openvino targets openvino: NNCF's default
     assert 'type="FakeQuantize"' in irs["int8"].read_text()  # OpenVINO's INT8 form of QDQ
     assert 'type="FakeQuantize"' not in irs["fp32"].read_text()
+    # Its float parts are the STN path; computing them in bf16 is bench --ov-precision's
+    # choice, so unlike the float IRs it carries no mark keeping them in f32.
+    assert "DisablePrecisionConversion" not in irs["int8"].read_text()
+    assert "DisablePrecisionConversion" in irs["fp32"].read_text()
 
 
 def test_missing_bin_and_bad_out_are_one_line(irs: dict[str, Path], tmp_path: Path,

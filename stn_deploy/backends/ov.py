@@ -160,8 +160,10 @@ class OpenVinoRunner(OnnxFileRunner):
         self.input_spec = self.graph_input_spec(inp.get_any_name(), batch,
                                                  inp.get_element_type() == ov.Type.u8)
         # A tensor may carry several names once OpenVINO folds a node (FP16 graphs end in a
-        # Cast): keep the one the graph declares as its output.
-        declared = set(self.meta.get("outputs", "").split(","))
+        # Cast; an output added through an Identity): keep the one the graph declares as its
+        # output, from the metadata or, where the file names it alone, the file itself.
+        declared = set(self.meta.get("outputs", "").split(",")) | {
+            next(iter(o.get_names())) for o in self._model.outputs if len(o.get_names()) == 1}
         self.output_names = tuple(next((n for n in sorted(o.get_names()) if n in declared),
                                        o.get_any_name()) for o in compiled.outputs)
         computed = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))

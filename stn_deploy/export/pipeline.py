@@ -349,9 +349,14 @@ def write_ir(onnx_path: Path, plan: Plan, reference: "Reference", data: "Images"
     (the file is the same: it is decided at compile time)."""
     from stn_deploy.artifacts import IR_SECTION, ir_bin_path, read_metadata
     from stn_deploy.backends.ov import import_openvino
+    from stn_deploy.export.precision import mark_stn_path_precise
 
     ov = import_openvino()
     model = ov.convert_model(str(onnx_path))
+    if plan.precision != "int8":  # an INT8 IR's float parts are the STN path: the user's choice
+        marked = mark_stn_path_precise(model)
+        lines.append(f"OpenVINO IR: the STN path ({marked} nodes) marked precision-sensitive, "
+                     f"so a CPU computing in bf16 keeps it in f32")
     for key, value in read_metadata(onnx_path).items():
         model.set_rt_info(value, [IR_SECTION, key])
     model.set_rt_info("openvino", [IR_SECTION, "format"])

@@ -13,14 +13,16 @@ metric PASSED/FAILED beside the bound it had to meet). Measured on a digits mode
 1.2e-7; INT8 QDQ (STN in float, 500 calibration images): 98.9% agreement, drop 0.67 points
 (everything quantized: 98.4%, 1.11 points, theta 4.9e-3). The bounds sit well outside those numbers and well inside "broken".
 
-bf16 (an OpenVINO IR computed in bf16 on CPUs with AVX512_BF16 or AMX) was not measured on a
-bf16 CPU; its bounds come from PyTorch's bf16 on the same digits model (3 epochs, all 450
-test images, 32 px): autocast (bf16 convolutions and matmuls, as OpenVINO's) max |diff|
-0.062, every op in bf16 0.134; agreement 99.3-100%, drop 0.00 points; theta 0.033 px, which
-is bf16's own rounding of theta (8 significant bits: a theta entry near 1 is off by up to
-2^-8, 0.06 px on a 32 px frame), since OpenVINO's bf16, unlike FP16 and INT8 here, runs the
-STN path in bf16 too. An untrained model's near-tied logits agreed on 98.9%. A bf16 IR that
-the runtime computes in f32 (a CPU without bf16) is held to FP32's bounds (``held_to``).
+bf16 (an OpenVINO IR computed in bf16 on CPUs with AVX512_BF16 or AMX) was first bounded from
+PyTorch's bf16 on the same digits model (autocast max |diff| 0.062, every op in bf16 0.134;
+agreement 99.3-100%; theta 0.033 px). Measured since on a bf16 CPU (AMD EPYC Zen 4, AVX512_BF16,
+OpenVINO 2026.4.1) on ``cifar10-stn`` and the 10,000 CIFAR-10 (JPEG copy) test images: max
+|diff| 0.377 with the STN path in bf16 (the IR before it was marked precision-sensitive), 0.24
+with it in f32 (``precision.mark_stn_path_precise``); agreement 99.1-99.5%, drop 0.00-0.08
+points; the worst image's sampling points 0.044 px from PyTorch's (OpenVINO still runs the
+regressor's fully connected layers in bf16). The logits bound is twice the larger max |diff|;
+theta, its STN path in f32 as in FP16 and INT8 files, is held to their 0.1 px. A bf16 IR
+that the runtime computes in f32 (a CPU without bf16) is held to FP32's bounds (``held_to``).
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ FP16 = Tolerances(atol=5e-2, rtol=1e-2, min_agreement=0.99, theta_px=0.1,
 # 1.5 points: a 450-image digits test split moves in 0.22-point steps; measured drop 0.67.
 INT8 = Tolerances(atol=None, rtol=None, min_agreement=0.95, theta_px=0.1,
                   max_accuracy_drop=1.5)
-# bf16 rounds every layer, the STN path included, to 8 significant bits (see above).
-BF16 = Tolerances(atol=0.25, rtol=0.05, min_agreement=0.98, theta_px=0.25,
+# bf16 rounds the classifier's layers (and the regressor's) to 8 significant bits (see above).
+BF16 = Tolerances(atol=0.75, rtol=0.05, min_agreement=0.98, theta_px=0.1,
                   max_accuracy_drop=1.0)
 TOLERANCES = {"fp32": FP32, "fp16": FP16, "bf16": BF16, "int8": INT8}
 
