@@ -531,43 +531,73 @@ def summarise_speed(plan: list[dict[str, Any]]) -> None:
         row["b256_ips"] = row["median"].get("256", {}).get("ips")
 
 
-# Profiled on OpenVINO at the largest batch: the FP32 file in f32 and NNCF's INT8 file (the
-# graph the INT8 IR is converted from), whose float parts are what INT8 cannot speed up.
-PROFILED = ("fp32-onnx", "int8-nncf")
+@dataclass(frozen=True)
+class Profiled:
+    """A runtime's own per-node profile of its f32 and INT8 files at one batch size (None: the
+    largest timed)."""
+
+    key: str
+    runtime: str
+    backend: str
+    f32: str  # variant keys
+    int8: str
+    batch: int | None
+
+
+PROFILED: tuple[Profiled, ...] = (
+    # OpenVINO at the largest batch: NNCF's INT8 file is the graph the INT8 IR is converted
+    # from; its float parts are what INT8 cannot speed up.
+    Profiled("openvino", "OpenVINO", "openvino", "fp32-onnx", "int8-nncf", None),
+    # ONNX Runtime at batch 1, where its INT8 misses its target: which kernels cost it.
+    Profiled("onnxruntime-b1", "ONNX Runtime", "onnxruntime", "fp32-onnx", "int8-ort", 1),
+)
 # AVX-512 VNNI's 8-bit multiply-adds per instruction over AVX-512's f32 FMAs (64 vs 16): the
 # most INT8 can speed a convolution up on a VNNI CPU without AMX.
 VNNI_PEAK = 4.0
+TOP_KERNELS = 6  # the slowest INT8 kernels listed under each profile
 
 
-def stage_profile(variants: dict[str, dict[str, Any]], batch: int, iterations: int,
-                  threads: int) -> dict[str, Any]:
-    """OpenVINO's own per-node counters (``stn-deploy profile``), summed per stage, so the
-    results say where INT8's time goes: a stage kept float costs INT8 what it cost f32, and
-    bounds INT8 / f32 however fast the quantized classifier gets."""
+def stage_profile(variants: dict[str, dict[str, Any]], largest: int, iterations: int,
+                  threads: int) -> list[dict[str, Any]]:
+    """Each ``PROFILED`` runtime's own per-node profile (``stn-deploy profile``), summed per
+    stage, so the results say where INT8's time goes: a stage kept float costs INT8 what it
+    cost f32, and bounds INT8 / f32 however fast the quantized classifier gets. ``iterations``
+    profiled runs at batch 1, a tenth of them at larger batches."""
     from stn_deploy.debug.profiling import profile_model
     from stn_deploy.errors import StnDeployError
 
-    out: dict[str, Any] = {"batch": batch, "backend": "openvino", "files": {}}
-    for key in PROFILED:
-        v = variants[key]
-        if v.get("status") != "ok":
-            out["files"][key] = {"status": "skipped", "reason": f"{v['label']} not exported"}
-            continue
-        try:
-            run = profile_model(v["path"], "openvino", (batch,), iterations=iterations,
-                                threads=threads).runs[0]
-        except StnDeployError as e:  # e.g. OpenVINO not installed
-            out["files"][key] = {"status": "skipped", "reason": str(e)}
-            continue
-        out["files"][key] = {"status": "ok", "label": v["label"], "kernel_ms": run.kernel_ms,
-                             "stage_ms": run.stage_ms}
-    f32, int8 = (out["files"][k] for k in PROFILED)
-    if f32["status"] == int8["status"] == "ok":
-        float_ms = int8["kernel_ms"] - int8["stage_ms"].get("classifier", 0.0)
-        out["int8_vs_f32"] = f32["kernel_ms"] / int8["kernel_ms"]
-        out["ceiling_free_classifier"] = f32["kernel_ms"] / float_ms if float_ms else None
-        classifier_4x = f32["stage_ms"].get("classifier", 0.0) / VNNI_PEAK
-        out["ceiling_vnni_classifier"] = f32["kernel_ms"] / (float_ms + classifier_4x)
+    out = []
+    for p in PROFILED:
+        batch = p.batch or largest
+        runs = iterations if batch == 1 else max(1, iterations // 10)
+        entry: dict[str, Any] = {"key": p.key, "runtime": p.runtime, "batch": batch,
+                                 "files": {}}
+        for role, key in (("f32", p.f32), ("int8", p.int8)):
+            v = variants[key]
+            if v.get("status") != "ok":
+                entry["files"][role] = {"status": "skipped", "reason": f"{v['label']} not "
+                                                                      f"exported"}
+                continue
+            try:
+                run = profile_model(v["path"], p.backend, (batch,), iterations=runs,
+                                    threads=threads).runs[0]
+            except StnDeployError as e:  # e.g. OpenVINO not installed
+                entry["files"][role] = {"status": "skipped", "reason": str(e)}
+                continue
+            entry["files"][role] = {
+                "status": "ok", "variant": key, "label": v["label"],
+                "kernel_ms": run.kernel_ms, "stage_ms": run.stage_ms,
+                "top": [{"name": k.name, "op": k.op_type, "stage": k.stage, "ms": k.ms}
+                        for k in run.kernels[:TOP_KERNELS]]}
+        f32, int8 = entry["files"]["f32"], entry["files"]["int8"]
+        if f32["status"] == int8["status"] == "ok":
+            float_ms = int8["kernel_ms"] - int8["stage_ms"].get("classifier", 0.0)
+            classifier_4x = f32["stage_ms"].get("classifier", 0.0) / VNNI_PEAK
+            entry.update(int8_vs_f32=f32["kernel_ms"] / int8["kernel_ms"],
+                         ceiling_free_classifier=f32["kernel_ms"] / float_ms if float_ms
+                         else None,
+                         ceiling_vnni_classifier=f32["kernel_ms"] / (float_ms + classifier_4x))
+        out.append(entry)
     return out
 
 
@@ -624,30 +654,35 @@ def speed_table(plan: list[dict[str, Any]], rounds: int) -> list[str]:
     return lines
 
 
-def profile_table(prof: dict[str, Any] | None) -> list[str]:
-    if not prof:
-        return []
-    files = prof["files"]
-    f32, int8 = (files[k] for k in PROFILED)
-    head = [f"## Where the time goes (OpenVINO per-node counters, batch {prof['batch']}, "
-            f"latency hint, ms per batch)", ""]
-    if f32["status"] != "ok" or int8["status"] != "ok":
-        return head + [f"not profiled: {f32.get('reason') or int8.get('reason')}", ""]
-    lines = head + [f"| Stage | {f32['label']}, f32 | {int8['label']} | f32 / INT8 | "
-                    f"share of INT8 |", "|---|---:|---:|---:|---:|"]
-    for stage in f32["stage_ms"]:
-        a, b = f32["stage_ms"][stage], int8["stage_ms"].get(stage, 0.0)
-        if a or b:
-            lines.append(f"| {stage} | {a:.2f} | {b:.2f} | {_f(a / b if b else None, '.2f')} "
-                         f"| {b / int8['kernel_ms']:.0%} |")
-    lines.append(f"| all | {f32['kernel_ms']:.2f} | {int8['kernel_ms']:.2f} | "
-                 f"{prof['int8_vs_f32']:.2f} | 100% |")
-    free = _f(prof.get("ceiling_free_classifier"), ".2f")
-    vnni = _f(prof.get("ceiling_vnni_classifier"), ".2f")
-    return lines + ["", f"INT8 / f32 with every other stage as INT8 runs it, if the "
-                        f"classifier ran {VNNI_PEAK:g}x faster than in f32 (VNNI's 8-bit "
-                        f"multiply-add rate over f32's): {vnni}; if it took no time: {free}.",
-                    ""]
+def profile_table(profiles: list[dict[str, Any]] | None) -> list[str]:
+    lines: list[str] = []
+    for prof in profiles or []:
+        f32, int8 = prof["files"]["f32"], prof["files"]["int8"]
+        lines += [f"## Where the time goes: {prof['runtime']}'s per-node profile, batch "
+                  f"{prof['batch']}, ms per batch", ""]
+        if f32["status"] != "ok" or int8["status"] != "ok":
+            lines += [f"not profiled: {f32.get('reason') or int8.get('reason')}", ""]
+            continue
+        lines += [f"| Stage | {f32['label']}, f32 | {int8['label']} | f32 / INT8 | "
+                  f"share of INT8 |", "|---|---:|---:|---:|---:|"]
+        for stage in dict.fromkeys([*f32["stage_ms"], *int8["stage_ms"]]):
+            a, b = f32["stage_ms"].get(stage, 0.0), int8["stage_ms"].get(stage, 0.0)
+            if a or b:
+                lines.append(f"| {stage} | {a:.3f} | {b:.3f} | "
+                             f"{_f(a / b if b else None, '.2f')} | {b / int8['kernel_ms']:.0%} |")
+        lines.append(f"| all | {f32['kernel_ms']:.3f} | {int8['kernel_ms']:.3f} | "
+                     f"{prof['int8_vs_f32']:.2f} | 100% |")
+        free = _f(prof.get("ceiling_free_classifier"), ".2f")
+        vnni = _f(prof.get("ceiling_vnni_classifier"), ".2f")
+        lines += ["", f"INT8 / f32 with every other stage as INT8 runs it, if the classifier "
+                      f"ran {VNNI_PEAK:g}x faster than in f32 (VNNI's 8-bit multiply-add rate "
+                      f"over f32's): {vnni}; if it took no time: {free}. The slowest INT8 "
+                      f"kernels:", "",
+                  "| Kernel | Op | Stage | ms |", "|---|---|---|---:|"]
+        lines += [f"| {k['name']} | {k['op']} | {k['stage']} | {k['ms']:.3f} |"
+                  for k in int8["top"]]
+        lines.append("")
+    return lines
 
 
 def targets_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -726,9 +761,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         log(f"speed round {i + 1} of {args.rounds}")
         measure_round(plan, args, data.images, threads)
     summarise_speed(plan)
-    log("profile OpenVINO per node")
-    profile = stage_profile(variants, max(args.batch_sizes), args.iterations // 10 or 1,
-                            threads)
+    log("profile per node")
+    profile = stage_profile(variants, max(args.batch_sizes), args.iterations, threads)
     note, isa = data_note(args, data.note), cpu_isa()
     targets = judge(Figures({r["key"]: r for r in plan}, variants, note), isa)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

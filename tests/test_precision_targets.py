@@ -81,16 +81,24 @@ def test_quick_run_reports_every_variant_speed_row_and_target(digits_checkpoint:
         assert f"| {v['label']} |" in md
     assert "INT8 by onnxruntime's quantizer" in " ".join(variants["int8-ort"]["notes"])
 
-    profile = doc["profile"]["files"]
-    if openvino and nncf:  # where INT8's time goes, stage by stage, beside f32's
-        for key in pt.PROFILED:
-            assert profile[key]["status"] == "ok", profile[key]
-            stages = profile[key]["stage_ms"]
-            assert stages["classifier"] > 0 and stages["localization"] > 0
-            assert sum(stages.values()) == pytest.approx(profile[key]["kernel_ms"])
-        assert "## Where the time goes" in md and "| classifier |" in md
-    else:
-        assert all(f["status"] == "skipped" for f in profile.values())
+    # Where INT8's time goes, stage by stage beside f32's, on each runtime's own profiler.
+    profiles = {p["key"]: p for p in doc["profile"]}
+    assert list(profiles) == [p.key for p in pt.PROFILED]
+    assert profiles["openvino"]["batch"] == 256 and profiles["onnxruntime-b1"]["batch"] == 1
+    for key, runs in (("openvino", openvino and nncf), ("onnxruntime-b1", True)):
+        files = profiles[key]["files"]
+        if not runs:
+            assert all(f["status"] == "skipped" for f in files.values())
+            continue
+        for f in files.values():
+            assert f["status"] == "ok", f
+            assert f["stage_ms"]["classifier"] > 0 and f["stage_ms"]["localization"] > 0
+            assert sum(f["stage_ms"].values()) == pytest.approx(f["kernel_ms"])
+        top = files["int8"]["top"]
+        assert len(top) == pt.TOP_KERNELS and top == sorted(top, key=lambda k: -k["ms"])
+        runtime = profiles[key]["runtime"]
+        assert f"## Where the time goes: {runtime}'s per-node profile" in md
+    assert "| classifier |" in md
 
     speed = {r["key"]: r for r in doc["speed"]}
     assert list(speed) == [r.key for r in pt.SPEED_ROWS]
