@@ -32,9 +32,10 @@ runs batch 1 under its LATENCY hint and larger batches under THROUGHPUT. Speed o
 drifts 20-30% in phases, so every row is measured in --rounds rounds that visit every row in
 turn, and each figure is the median over the rounds.
 
-Profile: OpenVINO's per-node counters (``stn-deploy profile``) on the FP32 and the NNCF INT8
-file at the largest batch, summed per stage, and what INT8 / f32 would be at most with the
-float stages as they are (``stage_profile``).
+Profiles (``stage_profile``, each runtime's own profiler as ``stn-deploy profile`` reads it):
+OpenVINO on the FP32 and the NNCF INT8 file at the largest batch, ONNX Runtime on its FP32 and
+INT8 files at batch 1; summed per stage, with what INT8 / f32 would be at most with the float
+stages as they are, and the slowest INT8 kernels.
 
 Writes benchmarks/results/precision_targets.{json,md} (or --results-dir).
 """

@@ -69,8 +69,8 @@ def mark_stn_path_precise(model: Any) -> int:
     Why: bf16 keeps 8 significant bits, and unmarked OpenVINO also rounds the grid itself to
     bf16 before sampling. On ``cifar10-stn`` (CIFAR-10 (JPEG copy) test split, Zen 4) that moved
     the worst image's sampling points by 0.13 px, against 0.044 px with the STN path in f32.
-    The plugin still runs the regressor's fully connected layers and
-    the max pools in bf16 (it drops the mark where it fuses them), hence the 0.04 px."""
+    The plugin still runs the regressor's fully connected layers and the max pools in bf16
+    (it drops the mark where it fuses them), hence the 0.044 px."""
     stack = [op.input_value(1).get_node() for op in model.get_ordered_ops()
              if op.get_type_name() == "GridSample"]
     marked = [op for op in model.get_ordered_ops() if op.get_type_name() == "GridSample"]
