@@ -576,8 +576,8 @@ def stage_profile(variants: dict[str, dict[str, Any]], largest: int, iterations:
         for role, key in (("f32", p.f32), ("int8", p.int8)):
             v = variants[key]
             if v.get("status") != "ok":
-                entry["files"][role] = {"status": "skipped", "reason": f"{v['label']} not "
-                                                                      f"exported"}
+                reason = f"{v['label']} not exported"
+                entry["files"][role] = {"status": "skipped", "reason": reason}
                 continue
             try:
                 run = profile_model(v["path"], p.backend, (batch,), iterations=runs,

@@ -71,9 +71,8 @@ def mark_stn_path_precise(model: Any) -> int:
     the worst image's sampling points by 0.13 px, against 0.044 px with the STN path in f32.
     The plugin still runs the regressor's fully connected layers and the max pools in bf16
     (it drops the mark where it fuses them), hence the 0.044 px."""
-    stack = [op.input_value(1).get_node() for op in model.get_ordered_ops()
-             if op.get_type_name() == "GridSample"]
     marked = [op for op in model.get_ordered_ops() if op.get_type_name() == "GridSample"]
+    stack = [op.input_value(1).get_node() for op in marked]
     seen = {op.get_friendly_name() for op in marked}
     while stack:
         op = stack.pop()
